@@ -1,0 +1,259 @@
+"""``aires-bench``: full-graph GCN training epochs with AIRES and the baselines, at one GPU budget.
+
+With no arguments it runs a small embedded default (a tiny synthetic graph, AIRES and the naive
+baseline) in seconds on a CPU-only machine and prints the table. On a GPU, for example::
+
+    aires-bench --dataset products --scale 1 --methods aires,uvm,feature-cache,naive,incore \\
+        --gpu-budget 8GiB --epochs 3 --layers 2 --hidden 256 \\
+        --out bench/results/products-8GiB.json --plot bench/results/products-8GiB.png
+
+Every method (and the ceiling measurements) runs in a process of its own, so each starts with
+clean GPU memory and one method's out-of-memory or crash is recorded (status ``oom``/``error``)
+while the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aires.checks import check_positive_int, parse_size
+from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_method
+from bench.methods.config import BUDGET_SCOPES
+from bench.methods.workload import load_workload
+from bench.report import format_bytes, format_table, plot, validate
+
+__all__ = ["DEFAULT", "main", "parse_args"]
+
+#: The embedded default run: small enough for a CPU in seconds, no data files needed.
+DEFAULT: dict[str, Any] = {
+    "dataset": "products",
+    "scale": 0.001,
+    "methods": "aires,naive",
+    "hidden": 64,
+}
+ALL_METHODS = "aires,uvm,feature-cache,naive,incore"
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line (sizes such as ``8GiB`` become bytes)."""
+    parser = argparse.ArgumentParser(
+        prog="aires-bench",
+        description="Full-graph GCN training: AIRES against UVM, feature caching, naive "
+        "chunking and in-core PyG at the same GPU budget. No arguments: a small CPU demo.",
+    )
+    parser.add_argument("--dataset", help="dataset (cora, ogbn-products, ...) or synthetic "
+                        f"preset with --scale; default: {DEFAULT['dataset']} at scale "
+                        f"{DEFAULT['scale']}")
+    parser.add_argument("--root", help="data root for OGB/Planetoid datasets")
+    parser.add_argument("--scale", type=float, help="size of a synthetic preset (1 = full size)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of graph and weights")
+    parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}; default: "
+                        f"{DEFAULT['methods']} for the demo, else {ALL_METHODS}")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run AIRES without each of its parts: "
+                        + ", ".join(f"aires-{a}" for a in ABLATIONS))
+    parser.add_argument("--gpu-budget", help="GPU bytes per method, e.g. 8GiB (default: none)")
+    parser.add_argument("--budget-scope", choices=BUDGET_SCOPES, default="process",
+                        help="process: the whole process is capped at the budget (default); "
+                        "data: the budget bounds the graph data a method keeps on the GPU")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (default 1)")
+    parser.add_argument("--layers", type=int, default=2, help="GCN layers (default 2)")
+    parser.add_argument("--hidden", type=int, help="hidden channels (default 256; demo 64)")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
+    parser.add_argument("--tile-bytes", default="64MiB",
+                        help="AIRES tile / baseline chunk size (default 64MiB)")
+    parser.add_argument("--aires-order", choices=("transform_first", "auto"),
+                        default="transform_first",
+                        help="AIRES product order: PyG's A(XW) like the baselines (default), or "
+                        "AIRES's cost model")
+    parser.add_argument("--out", help="write the JSON here")
+    parser.add_argument("--plot", help="write the PNG bar chart here")
+    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"),
+                        help="prepared workloads, tile stores, ceiling scratch file")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds per method before it is stopped (default 1800)")
+    parser.add_argument("--copy-bytes", default="1GiB", help="size of the h2d ceiling copies")
+    parser.add_argument("--disk-bytes", help="size of the disk ceiling file (GPU 1GiB, CPU 64MiB)")
+    args = parser.parse_args(argv)
+    demo = args.dataset is None
+    if demo:
+        args.dataset, args.scale = DEFAULT["dataset"], DEFAULT["scale"]
+    args.methods = _methods(args.methods or (DEFAULT["methods"] if demo else ALL_METHODS))
+    if args.ablation:
+        args.methods += [f"aires-{a}" for a in ABLATIONS if f"aires-{a}" not in args.methods]
+    if args.hidden is None:
+        args.hidden = DEFAULT["hidden"] if demo else 256
+    for name in ("epochs", "layers", "hidden"):
+        check_positive_int(getattr(args, name), f"--{name}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.scale is not None and not args.scale > 0:
+        raise ValueError(f"--scale must be positive, got {args.scale}")
+    if args.gpu_budget is not None:
+        args.gpu_budget = parse_size(args.gpu_budget, "--gpu-budget")
+    args.tile_bytes = parse_size(args.tile_bytes, "--tile-bytes")
+    args.copy_bytes = parse_size(args.copy_bytes, "--copy-bytes")
+    gpu = torch.cuda.is_available()
+    args.disk_bytes = parse_size(args.disk_bytes or ("1GiB" if gpu else "64MiB"), "--disk-bytes")
+    args.device = "cuda" if gpu else "cpu"
+    return args
+
+
+def _methods(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--methods: no method named in {spec!r}")
+    for name in names:
+        check_method(name)
+    return list(dict.fromkeys(names))
+
+
+def _child_env() -> dict[str, str]:
+    """Environment of the subprocesses: this checkout importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run_child(module: str, config: Path, out: Path, timeout: float) -> tuple[dict | None, str]:
+    """Run ``python -m module config out``; its JSON result (or None) and its output's tail."""
+    command = [sys.executable, "-m", module, str(config), str(out)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env=_child_env(), check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:g} s"
+    tail = (done.stdout + done.stderr).strip()[-1500:]
+    if out.is_file():
+        return json.loads(out.read_text()), tail
+    return None, f"exited with status {done.returncode} and no result: {tail}"
+
+
+def run_method(args: argparse.Namespace, name: str, workload: Path, scratch: Path) -> MethodResult:
+    """Run one method in a subprocess; a crash or timeout becomes an ``error`` result."""
+    config = MethodConfig(
+        method=name, workload=str(workload), gpu_budget=args.gpu_budget,
+        budget_scope=args.budget_scope, epochs=args.epochs, warmup=args.warmup,
+        layers=args.layers, hidden=args.hidden, lr=args.lr, tile_bytes=args.tile_bytes,
+        seed=args.seed, device=args.device, order=args.aires_order,
+        store_dir=str(Path(args.cache_dir) / "stores"),
+    )
+    config_path, out = scratch / f"{name}.config.json", scratch / f"{name}.result.json"
+    config.dump(config_path)
+    entry, tail = _run_child("bench.methods.run", config_path, out, args.timeout)
+    if entry is None:
+        return MethodResult(status="error", error=tail)
+    return MethodResult.from_json(entry)
+
+
+def _git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def banner(args: argparse.Namespace, facts: dict[str, Any], dataset: dict[str, Any],
+           ceilings: dict[str, Any], cold: bool) -> str:
+    """What ran where: device, driver, torch, disk mode, budgets, graph, ceilings."""
+    def number(value: float | None, unit: str) -> str:
+        return "-" if value is None else f"{value:.2f} {unit}"
+
+    budget = format_bytes(args.gpu_budget) if args.gpu_budget else "none"
+    return "\n".join([
+        f"aires-bench  device: {facts['device']}  driver: {facts.get('driver') or '-'}  "
+        f"torch {facts['torch']} (CUDA {facts['cuda'] or '-'})",
+        f"disk path: {facts['io_mode']}  GPU budget: {budget} (scope: {args.budget_scope})  "
+        f"tile/chunk: {format_bytes(args.tile_bytes)}",
+        f"graph: {dataset['name']}: {dataset['nodes']:,} nodes, {dataset['edges']:,} edges, "
+        f"{dataset['features']} features; GCN {args.layers} layers, hidden {args.hidden}, "
+        f"{args.epochs} timed epochs after {args.warmup} warm-up",
+        f"ceilings: h2d {number(ceilings['h2d_GBps'], 'GB/s')} (pinned), disk read "
+        f"{number(ceilings['disk_read_GBps'], 'GB/s')} ({'cold' if cold else 'page cache'}), "
+        f"in-core SpMM F={args.hidden}: {number(ceilings['incore_spmm_ms'], 'ms')}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``aires-bench``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+    except (ValueError, TypeError) as error:
+        print(f"aires-bench: {error}", file=sys.stderr)
+        return 2
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="aires-bench-") as tmp:
+        scratch = Path(tmp)
+        spec = scratch / "workload.spec.json"
+        spec.write_text(json.dumps({"dataset": args.dataset, "cache_dir": str(cache),
+                                    "root": args.root, "scale": args.scale, "seed": args.seed}))
+        prepared, tail = _run_child("bench.methods.workload", spec, scratch / "workload.json",
+                                    args.timeout)
+        if prepared is None:
+            print(f"aires-bench: preparing {args.dataset!r} failed: {tail}", file=sys.stderr)
+            return 1
+        workload_dir = Path(prepared["path"])
+        dataset = load_workload(workload_dir).describe()
+        probe = scratch / "ceilings.config.json"
+        probe.write_text(json.dumps({
+            "workload": str(workload_dir), "hidden": args.hidden, "copy_bytes": args.copy_bytes,
+            "disk_bytes": args.disk_bytes, "scratch": str(cache),
+        }))
+        measured, tail = _run_child("bench.ceilings", probe, scratch / "ceilings.json",
+                                    args.timeout)
+        if measured is None:
+            print(f"aires-bench: measuring the ceilings failed: {tail}", file=sys.stderr)
+            return 1
+        facts, ceilings = measured["device"], measured["ceilings"]
+        print(banner(args, facts, dataset, ceilings, measured["disk_cold"]), flush=True)
+        results: dict[str, MethodResult] = {}
+        for name in args.methods:
+            print(f"  running {name} ...", end=" ", flush=True)
+            results[name] = run_method(args, name, workload_dir, scratch)
+            print(results[name].status, flush=True)
+    aires_mode = results["aires"].extra.get("io_mode") if "aires" in results else None
+    doc = {
+        "device": facts["device"],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "command": shlex.join(["aires-bench", *argv]),
+        "dataset": dataset,
+        "gpu_budget_bytes": args.gpu_budget,
+        "mode": aires_mode or facts["io_mode"],
+        "ceilings": ceilings,
+        "methods": {name: result.to_json() for name, result in results.items()},
+    }
+    validate(doc)
+    print(format_table(doc))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {plot(doc, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""``aires``: the GCN built from :class:`aires.gcn_conv.AiresGCNConv`, and its ablations.
+
+``aires`` trains what an AIRES user writes: ``AiresGCNConv`` layers (``normalize=False`` on the
+workload's normalised ``Â``, ``cached=True``, the benchmark's ``tile_bytes`` and GPU budget),
+the features and activations on the GPU, every aggregation an out-of-core tiled product. The
+product order is PyG's ``Â (X W)`` like the baselines' unless ``order="auto"``.
+
+Ablations (``aires-<variant>``) train the same arithmetic (:class:`~bench.methods.gcn.StreamedGCN`,
+transform first) with an :class:`aires.scheduler.Scheduler` built with one part of AIRES
+removed:
+
+- ``no-align``: tiles aligned to 256 bytes instead of 4 KiB (no direct I/O, no GDS);
+- ``host-only``: no NVMe path: every streamed tile from pinned host memory (``dual=False``);
+- ``disk-only``: no host tier: every streamed tile from NVMe (``host_budget=0``);
+- ``no-prealloc`` and ``sync`` need scheduler options that do not exist (no way to turn off
+  the preallocated slot ring or the copy/compute overlap): they report ``error`` saying so.
+
+Budget: with ``budget_scope="data"`` the scheduler gets the whole budget (its tiles, slots and
+output); with ``"process"`` one untimed pass at a quarter of the budget measures what training
+needs beside the scheduler, and the scheduler gets the rest (less a margin).
+
+Statistics: after the timed epochs one more (untimed) product with ``hidden`` columns returns
+the scheduler's :class:`~aires.scheduler.RunStats`; bytes per epoch are that pass's bytes times
+the passes an epoch makes (forward and backward of each layer over the same symmetric tiles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.methods.chunks import csr_tensor
+from bench.methods.config import MethodConfig
+from bench.methods.gcn import StreamedGCN
+from bench.methods.result import MethodResult, OverBudgetError
+from bench.methods.training import initial_parameters, layer_dims, peak_of_one_pass, train
+from bench.methods.workload import Workload
+
+__all__ = ["SchedulerAdjacency", "VARIANTS", "run"]
+
+#: Ablation variant -> (tile alignment, Scheduler keyword arguments), or the missing option.
+VARIANTS: dict[str, tuple[int, dict[str, Any]] | str] = {
+    "no-align": (256, {}),
+    "host-only": (4096, {"dual": False}),
+    "disk-only": (4096, {"host_budget": 0}),
+    "no-prealloc": "aires.scheduler.Scheduler has no option to allocate per tile",
+    "sync": "aires.scheduler.Scheduler has no option to run copies and computes in sequence",
+}
+_MARGIN_BYTES = 128 << 20
+
+
+def _budget_error(error: ValueError) -> Exception:
+    """A scheduler budget below its minimum working set is an out-of-memory outcome."""
+    if "minimum working set" in str(error):
+        return OverBudgetError(str(error))
+    return error
+
+
+class SchedulerAdjacency:
+    """``Â`` as a tile store multiplied by an :class:`aires.scheduler.Scheduler`."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def spmm(self, dense: torch.Tensor) -> torch.Tensor:
+        """``Â @ dense`` out of core. Shapes: ``(N, C) -> (N, C)``."""
+        return self.scheduler.spmm(dense)
+
+
+class _DenseFeatures:
+    """``X`` on the compute device (AIRES keeps features and activations there)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def matmul(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.x @ weight
+
+    def t_matmul(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.x.T @ grad
+
+
+def _features(workload: Workload, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(workload.x, dtype=np.float32)).to(device)
+
+
+def _scheduler_budget(
+    config: MethodConfig, device: torch.device, probe: Any
+) -> int | None:
+    """The scheduler's GPU budget (see the module notes); ``probe(budget)`` returns
+    ``(peak of one training pass, scheduler peak)`` with the scheduler at ``budget``."""
+    if device.type != "cuda" or config.gpu_budget is None:
+        return None
+    budget = config.gpu_budget
+    if config.budget_scope == "data":
+        return budget
+    for share in (4, 2, 1):
+        try:
+            peak, scheduler_peak = probe(budget // share)
+            break
+        except ValueError as error:
+            if share == 1:
+                raise _budget_error(error) from error
+    return budget - (peak - scheduler_peak) - max(_MARGIN_BYTES, budget // 20)
+
+
+def _passes_per_epoch(dims: list[int], nnz: int, n: int, order: str) -> int:
+    """Products over ``Â`` in one epoch: each layer's forward and, if needed, backward."""
+    if order == "transform_first":
+        return 2 * (len(dims) - 1)
+    from aires.gcn_conv import choose_order
+
+    passes = 0
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        first = choose_order(nnz=nnz, num_nodes=n, in_columns=fan_in, out_columns=fan_out,
+                             x_requires_grad=i > 0) == "aggregate_first"
+        passes += 1 if first and i == 0 else 2
+    return passes
+
+
+def _stats_result(
+    log: Any, device: torch.device, stats: Any, passes: int, **extra: Any
+) -> MethodResult:
+    """An ``ok`` result with bytes per epoch from one pass's ``RunStats`` times ``passes``."""
+    result = log.result(
+        device,
+        overlap_efficiency=stats.overlap_efficiency,
+        io_mode=stats.io_mode,
+        passes_per_epoch=passes,
+        run_stats=stats.to_dict(),
+        **extra,
+    )
+    result.bytes_h2d = int(stats.bytes_h2d) * passes
+    result.bytes_disk = int(stats.bytes_disk) * passes
+    return result
+
+
+def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) -> MethodResult:
+    from aires.gcn_conv import AiresGCNConv
+    from aires.matmul import clear_cache, matmul
+
+    index = np.int32 if max(workload.nnz, workload.num_nodes) < 2**31 else np.int64
+    adj_t = csr_tensor(
+        torch.from_numpy(np.asarray(workload.adj_indptr).astype(index)),
+        torch.from_numpy(np.asarray(workload.adj_indices).astype(index)),
+        torch.from_numpy(np.array(workload.adj_data, dtype=np.float32)),
+        workload.num_nodes,
+    )
+    x = _features(workload, device)
+    dims = layer_dims(workload, config)
+    convs = torch.nn.ModuleList(
+        AiresGCNConv(i, o, cached=True, normalize=False, order=config.order,
+                     tile_bytes=config.tile_bytes, store_dir=config.store_dir)
+        for i, o in zip(dims[:-1], dims[1:])
+    ).to(device)
+    with torch.no_grad():
+        for conv, (weight, bias) in zip(convs, initial_parameters(dims, config.seed)):
+            conv.lin.weight.copy_(weight.T)
+            conv.bias.copy_(bias)
+
+    def forward() -> torch.Tensor:
+        h = x
+        for i, conv in enumerate(convs):
+            h = conv(h, adj_t)
+            if i < len(convs) - 1:
+                h = F.relu(h)
+        return h
+
+    def set_budget(budget: int | None) -> None:
+        clear_cache()  # closes the schedulers of the previous budget, freeing their memory
+        for conv in convs:
+            conv.gpu_budget = budget
+
+    def product_stats() -> Any:
+        store = convs[0].adjacency_store(x, adj_t)
+        probe = torch.randn(workload.num_nodes, config.hidden, device=device)
+        return matmul(store, probe, gpu_budget=convs[0].gpu_budget, device=device,
+                      return_stats=True)[1]
+
+    def probe(budget: int) -> tuple[int, int]:
+        set_budget(budget)
+        peak = peak_of_one_pass(forward, list(convs.parameters()), workload, device)
+        return peak, product_stats().peak_gpu_bytes
+
+    try:
+        set_budget(_scheduler_budget(config, device, probe))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        log = train(forward, list(convs.parameters()), workload, config, device)
+        stats = product_stats()
+    except ValueError as error:
+        raise _budget_error(error) from error
+    passes = _passes_per_epoch(dims, workload.nnz, workload.num_nodes, config.order)
+    return _stats_result(log, device, stats, passes, gpu_budget_scheduler=convs[0].gpu_budget,
+                         order=config.order)
+
+
+def _store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
+    """The tile store of ``Â`` at ``alignment``, built once per workload, tile size, alignment."""
+    from aires.tiling import TileStore, build_store
+
+    root = Path(config.store_dir) if config.store_dir else workload.path
+    path = root / f"{workload.path.name}-t{config.tile_bytes}-a{alignment}"
+    if path.exists():
+        return TileStore.open(path)
+    return build_store(workload.scipy_adjacency(), path, tile_bytes=config.tile_bytes,
+                       alignment=alignment, symmetric=True, progress=False)
+
+
+def _run_ablation(
+    workload: Workload, config: MethodConfig, device: torch.device, variant: str
+) -> MethodResult:
+    from aires.scheduler import Scheduler
+
+    spec = VARIANTS[variant]
+    if isinstance(spec, str):
+        raise NotImplementedError(f"ablation {variant!r} is not available: {spec}")
+    alignment, options = spec
+    store = _store(workload, config, alignment)
+    x = _features(workload, device)
+    dims = layer_dims(workload, config)
+    state: dict[str, Any] = {}
+
+    def build(budget: int | None) -> StreamedGCN:
+        if "scheduler" in state:
+            state["scheduler"].close()
+        state["scheduler"] = Scheduler(store, gpu_budget=budget, device=device, **options)
+        return StreamedGCN(initial_parameters(dims, config.seed), _DenseFeatures(x),
+                           SchedulerAdjacency(state["scheduler"]), device)
+
+    def product_stats() -> Any:
+        state["scheduler"].spmm(torch.randn(workload.num_nodes, config.hidden, device=device))
+        return state["scheduler"].stats
+
+    def probe(budget: int) -> tuple[int, int]:
+        model = build(budget)
+        peak = peak_of_one_pass(model, list(model.parameters()), workload, device)
+        return peak, product_stats().peak_gpu_bytes
+
+    try:
+        model = build(_scheduler_budget(config, device, probe))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        log = train(model, list(model.parameters()), workload, config, device)
+        stats = product_stats()
+    except ValueError as error:
+        raise _budget_error(error) from error
+    finally:
+        if "scheduler" in state:
+            state["scheduler"].close()
+    return _stats_result(log, device, stats, 2 * (len(dims) - 1),
+                         ablation={"variant": variant, "alignment": alignment, **options},
+                         gpu_budget_scheduler=state["scheduler"].gpu_budget)
+
+
+def run(workload: Workload, config: MethodConfig) -> MethodResult:
+    """Train with AIRES (or an ablation ``aires-<variant>``); report times, traffic, overlap.
+
+    Raises:
+        OverBudgetError: the budget is below AIRES's minimum working set.
+        NotImplementedError: an ablation the scheduler has no option for.
+    """
+    device = torch.device(config.device)
+    variant = config.method.removeprefix("aires").removeprefix("-")
+    if not variant:
+        return _run_conv(workload, config, device)
+    return _run_ablation(workload, config, device, variant)

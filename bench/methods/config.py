@@ -1,0 +1,63 @@
+"""What one benchmark method is asked to do: the same training run for every method."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["BUDGET_SCOPES", "MethodConfig"]
+
+BUDGET_SCOPES = ("process", "data")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The training run one method performs; identical for every method of a benchmark.
+
+    Args:
+        method: registry name of the method (``"aires"``, ``"naive"``, ...), or an AIRES ablation
+            variant (``"aires-sync"``, ...).
+        workload: directory written by :func:`bench.methods.workload.prepare_workload`.
+        gpu_budget: GPU bytes the method may use; ``None`` for no limit (and on a CPU).
+        budget_scope: ``"process"``: the whole process (graph data, activations, workspaces) is
+            capped at ``gpu_budget`` with ``torch.cuda.set_per_process_memory_fraction``, so a
+            method that needs more reports ``oom``. ``"data"``: the budget bounds only the graph
+            data (adjacency and features) a method keeps on the GPU; activations come on top and
+            show in the peak.
+        epochs: timed epochs (each: forward, backward, optimizer step over the whole graph).
+        warmup: untimed epochs before them (CUDA context, cuSPARSE handles, allocator warm-up).
+        layers: GCN layers (``>= 1``).
+        hidden: hidden channels.
+        lr: Adam learning rate.
+        tile_bytes: bytes per AIRES tile, and per row chunk of the chunked baselines.
+        seed: seed of the weights.
+        device: ``"cuda"`` or ``"cpu"``.
+        order: AIRES's product order: ``"transform_first"`` (``Â (X W)``, PyG's and the
+            baselines') or ``"auto"`` (AIRES's cost model).
+        store_dir: where AIRES keeps its tile stores between runs (``None``: temporary).
+    """
+
+    method: str
+    workload: str
+    gpu_budget: int | None
+    budget_scope: str = "process"
+    epochs: int = 3
+    warmup: int = 1
+    layers: int = 2
+    hidden: int = 256
+    lr: float = 0.01
+    tile_bytes: int = 64 << 20
+    seed: int = 0
+    device: str = "cpu"
+    order: str = "transform_first"
+    store_dir: str | None = None
+
+    def dump(self, path: str | Path) -> None:
+        """Write the configuration as JSON (read back by :meth:`load`)."""
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MethodConfig:
+        """Read a configuration written by :meth:`dump`."""
+        return cls(**json.loads(Path(path).read_text()))

@@ -1,0 +1,78 @@
+"""``incore``: PyG's ``GCNConv`` on a sparse ``adj_t``, everything on the GPU.
+
+The fastest way to train when the graph fits, and what a PyG user writes: ``Â`` as a torch
+sparse CSR tensor (normalised once, so ``normalize=False``), features, activations and weights on
+the device. With ``budget_scope="process"`` the runner caps the process at the budget
+(``torch.cuda.set_per_process_memory_fraction``) and an allocation beyond it is an ``oom``;
+with ``"data"`` the method reports ``oom`` when ``Â`` and ``X`` alone exceed the budget.
+On a CPU it trains on the CPU, without a budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.methods.chunks import csr_tensor
+from bench.methods.config import MethodConfig
+from bench.methods.result import MethodResult, OverBudgetError
+from bench.methods.training import initial_parameters, layer_dims, train
+from bench.methods.workload import Workload
+
+__all__ = ["run"]
+
+
+def run(workload: Workload, config: MethodConfig) -> MethodResult:
+    """Train PyG ``GCNConv`` layers in core; report epoch times and the peak.
+
+    Raises:
+        OverBudgetError: ``budget_scope="data"`` and ``Â`` plus ``X`` exceed the budget.
+        ImportError: PyTorch Geometric is not installed.
+    """
+    try:
+        from torch_geometric.nn import GCNConv
+    except ImportError as error:
+        raise ImportError(
+            "the incore baseline needs PyTorch Geometric (pip install aires[pyg])"
+        ) from error
+    device = torch.device(config.device)
+    data_bytes = workload.adjacency_bytes + workload.x.nbytes
+    budget = config.gpu_budget if device.type == "cuda" else None
+    if budget is not None and config.budget_scope == "data" and data_bytes > budget:
+        raise OverBudgetError(
+            f"in-core graph data ({data_bytes} bytes: adjacency and features) exceeds the GPU "
+            f"budget of {budget} bytes"
+        )
+    index = np.int32 if max(workload.nnz, workload.num_nodes) < 2**31 else np.int64
+    adj_t = csr_tensor(
+        *(
+            torch.from_numpy(np.asarray(a).astype(dtype)).to(device)
+            for a, dtype in (
+                (workload.adj_indptr, index),
+                (workload.adj_indices, index),
+                (workload.adj_data, np.float32),
+            )
+        ),
+        workload.num_nodes,
+    )
+    x = torch.from_numpy(np.array(workload.x, dtype=np.float32)).to(device)
+    dims = layer_dims(workload, config)
+    convs = torch.nn.ModuleList(
+        GCNConv(i, o, normalize=False) for i, o in zip(dims[:-1], dims[1:])
+    ).to(device)
+    with torch.no_grad():
+        for conv, (weight, bias) in zip(convs, initial_parameters(dims, config.seed)):
+            conv.lin.weight.copy_(weight.T)
+            conv.bias.copy_(bias)
+
+    def forward() -> torch.Tensor:
+        h = x
+        for i, conv in enumerate(convs):
+            h = conv(h, adj_t)
+            if i < len(convs) - 1:
+                h = F.relu(h)
+        return h
+
+    log = train(forward, list(convs.parameters()), workload, config, device)
+    return log.result(device)

@@ -1,0 +1,73 @@
+"""Run one method in this process and write its result: ``python -m bench.methods.run CONFIG OUT``.
+
+The CLI starts one such process per method, so each starts with clean GPU memory and a crash
+or out-of-memory in one cannot disturb another. Whatever happens inside the method, a result is
+written: ``ok`` with the measurements, ``oom`` when memory ran out (the budget), ``error``
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench.methods import method_module
+from bench.methods.config import BUDGET_SCOPES, MethodConfig
+from bench.methods.result import MethodResult, is_out_of_memory
+from bench.methods.workload import load_workload
+
+__all__ = ["main", "run_method"]
+
+
+def _cap_process(config: MethodConfig) -> None:
+    """Cap this process's PyTorch allocator at the GPU budget (``budget_scope="process"``)."""
+    device = torch.device(config.device)
+    if device.type != "cuda" or config.gpu_budget is None or config.budget_scope != "process":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, config.gpu_budget / total), device)
+
+
+def run_method(config: MethodConfig) -> MethodResult:
+    """Run ``config.method`` on its workload; failures become ``oom`` or ``error`` results."""
+    if config.budget_scope not in BUDGET_SCOPES:
+        raise ValueError(
+            f"budget_scope must be one of {BUDGET_SCOPES}, got {config.budget_scope!r}"
+        )
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    try:
+        _cap_process(config)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return method_module(config.method).run(load_workload(config.workload), config)
+    except Exception as error:  # noqa: BLE001 - every failure is a result, not a crash
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return MethodResult(
+            status="oom" if is_out_of_memory(error) else "error",
+            peak_gpu_bytes=peak,
+            error=f"{type(error).__name__}: {error}".strip()[:2000],
+            extra={"traceback": traceback.format_exc(limit=6)[-4000:]},
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the method subprocess."""
+    args = sys.argv[1:] if argv is None else argv
+    # torch warns on every CSR tensor built; the baselines build one per chunk.
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    if len(args) != 2:
+        print("usage: python -m bench.methods.run CONFIG.json RESULT.json", file=sys.stderr)
+        return 2
+    result = run_method(MethodConfig.load(args[0]))
+    Path(args[1]).write_text(json.dumps(result.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

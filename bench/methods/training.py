@@ -1,0 +1,167 @@
+"""The training loop every method runs: same weights, same loss, same optimizer, same timing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.methods.config import MethodConfig
+from bench.methods.result import MethodResult
+from bench.methods.workload import Workload
+
+__all__ = [
+    "EpochLog",
+    "Traffic",
+    "initial_parameters",
+    "labels",
+    "layer_dims",
+    "peak_of_one_pass",
+    "train",
+]
+
+
+@dataclass
+class Traffic:
+    """Bytes a method moved since the last :meth:`reset`, per path.
+
+    Attributes:
+        h2d: bytes copied (or read through unified addressing) from host memory to the GPU.
+        disk: bytes read from files.
+    """
+
+    h2d: int = 0
+    disk: int = 0
+
+    def reset(self) -> None:
+        """Start counting a new epoch."""
+        self.h2d = 0
+        self.disk = 0
+
+
+@dataclass
+class EpochLog:
+    """What :func:`train` measured: one entry per timed epoch."""
+
+    epoch_s: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    bytes_h2d: list[int] = field(default_factory=list)
+    bytes_disk: list[int] = field(default_factory=list)
+
+    def result(self, device: torch.device, **extra: object) -> MethodResult:
+        """An ``ok`` result: epoch times, per-epoch mean traffic, the peak and ``extra``."""
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return MethodResult(
+            status="ok",
+            epoch_s=self.epoch_s,
+            peak_gpu_bytes=peak,
+            bytes_h2d=int(np.mean(self.bytes_h2d)) if self.bytes_h2d else None,
+            bytes_disk=int(np.mean(self.bytes_disk)) if self.bytes_disk else None,
+            extra={"loss": self.loss, **extra},
+        )
+
+
+def layer_dims(workload: Workload, config: MethodConfig) -> list[int]:
+    """Channel widths ``[F, hidden, ..., hidden, classes]`` of a ``config.layers``-layer GCN."""
+    return [workload.num_features] + [config.hidden] * (config.layers - 1) + [workload.num_classes]
+
+
+def initial_parameters(dims: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Glorot-uniform weights ``(in, out)`` and zero biases, identical for every method.
+
+    Every method starts from these values, so their losses agree epoch by epoch up to float
+    rounding: a check that they train the same model.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        weight = (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * bound
+        params.append((weight, torch.zeros(fan_out)))
+    return params
+
+
+def labels(workload: Workload, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels of the training rows and those rows' indices, on ``device``."""
+    train_idx = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64)).to(device)
+    y = torch.from_numpy(np.array(workload.y, dtype=np.int64)).to(device)
+    return y[train_idx], train_idx
+
+
+def train(
+    forward: Callable[[], torch.Tensor],
+    parameters: list[torch.nn.Parameter],
+    workload: Workload,
+    config: MethodConfig,
+    device: torch.device,
+    traffic: Traffic | None = None,
+) -> EpochLog:
+    """Run ``config.warmup`` untimed and ``config.epochs`` timed full-graph training epochs.
+
+    An epoch is: ``forward()`` over the whole graph, cross-entropy on the training rows,
+    backward, one Adam step. The time of an epoch is wall time between two device
+    synchronisations, so asynchronous GPU work is counted in the epoch that queued it.
+
+    Args:
+        forward: returns the logits of all nodes.
+        parameters: the trainable tensors.
+        workload: the problem (labels, training rows).
+        config: epochs, warm-up, learning rate.
+        device: where the computation runs.
+        traffic: the method's byte counters, read after each timed epoch.
+
+    Returns:
+        Epoch times, losses and per-epoch traffic.
+    """
+    y_train, train_idx = labels(workload, device)
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    log = EpochLog()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for epoch in range(config.warmup + config.epochs):
+        if traffic is not None:
+            traffic.reset()
+        sync()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(forward()[train_idx], y_train)
+        loss.backward()
+        optimizer.step()
+        sync()
+        elapsed = time.perf_counter() - start
+        if epoch >= config.warmup:
+            log.epoch_s.append(elapsed)
+            log.loss.append(float(loss.detach()))
+            if traffic is not None:
+                log.bytes_h2d.append(traffic.h2d)
+                log.bytes_disk.append(traffic.disk)
+    return log
+
+
+def peak_of_one_pass(
+    forward: Callable[[], torch.Tensor],
+    parameters: list[torch.nn.Parameter],
+    workload: Workload,
+    device: torch.device,
+) -> int:
+    """Peak GPU bytes of one forward and backward pass (no optimizer step, weights unchanged).
+
+    Lets a method size what it keeps on the GPU (a cache) to the room training leaves.
+    """
+    y_train, train_idx = labels(workload, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    F.cross_entropy(forward()[train_idx], y_train).backward()
+    for parameter in parameters:
+        parameter.grad = None
+    torch.cuda.synchronize(device)
+    # Adam's two moment buffers per parameter come on top once training starts.
+    state = 2 * sum(p.nbytes for p in parameters)
+    return torch.cuda.max_memory_allocated(device) + state

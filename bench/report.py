@@ -1,0 +1,223 @@
+"""The benchmark's outputs: the JSON document (schema and check), the banner, the table, the plot.
+
+The JSON document has exactly these keys::
+
+    {"device", "date", "git_commit", "command",
+     "dataset": {"name", "nodes", "edges", "features"},
+     "gpu_budget_bytes", "mode",
+     "ceilings": {"h2d_GBps", "disk_read_GBps", "incore_spmm_ms"},
+     "methods": {NAME: {"status": "ok|oom|error", "epoch_s": [...], "peak_gpu_bytes",
+                        "bytes_h2d", "bytes_disk", "error", ...}}}
+
+Only a method's entry may carry more keys (``overlap_efficiency``, ``ablation``, ``loss``, ...).
+``bytes_h2d`` and ``bytes_disk`` are bytes per epoch (mean over the timed epochs); ``epoch_s``
+holds every timed epoch; ``dataset.edges`` counts the stored entries of the input adjacency
+(both directions of an undirected edge, no self loops); ``mode`` is how the disk path ran
+(``gds``, ``kvikio-compat``, ``posix``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.methods.result import STATUSES
+
+__all__ = [
+    "CEILING_KEYS",
+    "DATASET_KEYS",
+    "METHOD_KEYS",
+    "TOP_KEYS",
+    "format_bytes",
+    "format_table",
+    "plot",
+    "speedups",
+    "validate",
+]
+
+TOP_KEYS = frozenset(
+    {"device", "date", "git_commit", "command", "dataset", "gpu_budget_bytes", "mode",
+     "ceilings", "methods"}
+)
+DATASET_KEYS = frozenset({"name", "nodes", "edges", "features"})
+CEILING_KEYS = frozenset({"h2d_GBps", "disk_read_GBps", "incore_spmm_ms"})
+METHOD_KEYS = frozenset(
+    {"status", "epoch_s", "peak_gpu_bytes", "bytes_h2d", "bytes_disk", "error"}
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"benchmark JSON: {where}: {message}")
+
+
+def _check_keys(value: Any, keys: frozenset[str], where: str, *, extra: bool = False) -> None:
+    _check(isinstance(value, dict), where, f"must be an object, got {type(value).__name__}")
+    missing, unknown = keys - value.keys(), value.keys() - keys
+    _check(not missing, where, f"missing keys {sorted(missing)}")
+    _check(extra or not unknown, where, f"unexpected keys {sorted(unknown)}")
+
+
+def validate(doc: Any) -> None:
+    """Check ``doc`` against the benchmark JSON schema.
+
+    Raises:
+        ValueError: naming the first key that does not conform.
+    """
+    _check_keys(doc, TOP_KEYS, "top level")
+    for key in ("device", "date", "command", "mode"):
+        _check(isinstance(doc[key], str), key, f"must be a string, got {doc[key]!r}")
+    _check(doc["git_commit"] is None or isinstance(doc["git_commit"], str), "git_commit",
+           f"must be a string or null, got {doc['git_commit']!r}")
+    budget = doc["gpu_budget_bytes"]
+    _check(budget is None or (_is_int(budget) and budget > 0), "gpu_budget_bytes",
+           f"must be a positive int or null, got {budget!r}")
+    _check_keys(doc["dataset"], DATASET_KEYS, "dataset")
+    dataset = doc["dataset"]
+    _check(isinstance(dataset["name"], str), "dataset.name", "must be a string")
+    for key in ("nodes", "edges", "features"):
+        _check(_is_int(dataset[key]) and dataset[key] >= 0, f"dataset.{key}",
+               f"must be a non-negative int, got {dataset[key]!r}")
+    _check_keys(doc["ceilings"], CEILING_KEYS, "ceilings")
+    for key, value in doc["ceilings"].items():
+        _check(value is None or (_is_number(value) and value > 0), f"ceilings.{key}",
+               f"must be a positive number or null, got {value!r}")
+    methods = doc["methods"]
+    _check(isinstance(methods, dict) and methods, "methods", "must be a non-empty object")
+    for name, entry in methods.items():
+        where = f"methods.{name}"
+        _check_keys(entry, METHOD_KEYS, where, extra=True)
+        status = entry["status"]
+        _check(status in STATUSES, f"{where}.status", f"must be one of {STATUSES}, got {status!r}")
+        times = entry["epoch_s"]
+        _check(isinstance(times, list) and all(_is_number(t) and t >= 0 for t in times),
+               f"{where}.epoch_s", "must be a list of non-negative numbers")
+        _check(status != "ok" or bool(times), f"{where}.epoch_s", "is empty for status ok")
+        for key in ("peak_gpu_bytes", "bytes_h2d", "bytes_disk"):
+            value = entry[key]
+            _check(value is None or (_is_int(value) and value >= 0), f"{where}.{key}",
+                   f"must be a non-negative int or null, got {value!r}")
+        error = entry["error"]
+        _check(error is None or isinstance(error, str), f"{where}.error",
+               "must be a string or null")
+        _check(status == "ok" or bool(error), f"{where}.error", f"must say why for status {status}")
+
+
+def _median(entry: dict[str, Any]) -> float | None:
+    return float(np.median(entry["epoch_s"])) if entry["status"] == "ok" else None
+
+
+def speedups(doc: dict[str, Any], reference: str = "aires") -> dict[str, float | None]:
+    """Speed-up of ``reference`` over each method: ``median epoch(method) / median(reference)``.
+
+    ``None`` where either did not finish.
+    """
+    methods = doc["methods"]
+    base = _median(methods[reference]) if reference in methods else None
+    return {
+        name: (m / base if base and (m := _median(entry)) is not None else None)
+        for name, entry in methods.items()
+    }
+
+
+def format_bytes(value: int | None) -> str:
+    """``12.3 GiB``-style size (``-`` for None)."""
+    if value is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value} B"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The results table: epoch time median/min/max, peak, bytes per path, AIRES speed-up."""
+    header = ["method", "status", "epoch median", "min", "max", "peak GPU", "H2D/epoch",
+              "disk/epoch", "AIRES speed-up", "notes"]
+    rows = [header]
+    ratio = speedups(doc)
+    for name, entry in doc["methods"].items():
+        ok = entry["status"] == "ok"
+        times = entry["epoch_s"]
+        notes = []
+        if entry.get("overlap_efficiency") is not None:
+            notes.append(f"overlap {entry['overlap_efficiency']:.2f}")
+        if entry.get("cached_fraction") is not None:
+            notes.append(f"cached {entry['cached_fraction']:.0%} of rows")
+        if not ok:
+            notes.append(str(entry["error"]).splitlines()[0][:90])
+        rows.append([
+            name,
+            entry["status"],
+            _seconds(float(np.median(times))) if ok else "-",
+            _seconds(min(times)) if ok else "-",
+            _seconds(max(times)) if ok else "-",
+            format_bytes(entry["peak_gpu_bytes"]),
+            format_bytes(entry["bytes_h2d"]),
+            format_bytes(entry["bytes_disk"]),
+            f"{ratio[name]:.2f}x" if ratio.get(name) is not None and name != "aires" else "-",
+            "; ".join(notes),
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of the median epoch time per method (min-max whiskers; OOM/error marked).
+
+    Returns:
+        The PNG written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(doc["methods"])
+    medians = [_median(doc["methods"][n]) for n in names]
+    finished = [m for m in medians if m is not None]
+    top = max(finished) if finished else 1.0
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2), dpi=120)
+    for i, (name, median) in enumerate(zip(names, medians)):
+        entry = doc["methods"][name]
+        if median is None:
+            ax.bar(i, top * 0.15, color="white", edgecolor="grey", hatch="//")
+            ax.text(i, top * 0.17, entry["status"].upper(), ha="center", va="bottom", fontsize=9)
+            continue
+        times = entry["epoch_s"]
+        color = "tab:green" if name == "aires" else (
+            "tab:olive" if name.startswith("aires-") else "tab:blue")
+        ax.bar(i, median, color=color,
+               yerr=[[median - min(times)], [max(times) - median]], capsize=4)
+        ax.text(i, median, _seconds(median), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("epoch time (s), median; whiskers min-max")
+    dataset = doc["dataset"]
+    ax.set_title(
+        f"{dataset['name']}: {dataset['nodes']:,} nodes, {dataset['edges']:,} edges; "
+        f"GPU budget {format_bytes(doc['gpu_budget_bytes'])}\n{doc['device']}",
+        fontsize=9,
+    )
+    ax.set_ylim(0, top * 1.25)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

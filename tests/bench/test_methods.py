@@ -1,0 +1,161 @@
+"""Every method trains the same model on the tiny workload; failures become results."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.methods import ABLATIONS, METHODS, MethodConfig, check_method
+from bench.methods.chunks import csr_row_chunks, dense_row_chunks
+from bench.methods.result import MethodResult, OverBudgetError, is_out_of_memory
+from bench.methods.run import run_method
+from bench.methods.workload import load_workload
+
+CPU_METHODS = ("naive", "feature-cache", "incore")
+
+
+def _config(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
+    base = MethodConfig(
+        method=method, workload=str(workload_dir), gpu_budget=None, epochs=2, warmup=1,
+        hidden=16, tile_bytes=2048, device="cpu",
+    )
+    return replace(base, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(workload_dir: Path) -> MethodResult:
+    return run_method(_config(workload_dir, "incore"))
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_cpu_methods_train_the_same_model(
+    workload_dir: Path, method: str, reference: MethodResult
+) -> None:
+    result = run_method(_config(workload_dir, method))
+    assert result.status == "ok", result.error
+    assert len(result.epoch_s) == 2 and all(t > 0 for t in result.epoch_s)
+    # Same weights, same loss, same optimizer: the losses agree epoch by epoch.
+    np.testing.assert_allclose(result.extra["loss"], reference.extra["loss"], rtol=1e-5)
+    assert result.extra["loss"][1] < result.extra["loss"][0]
+
+
+def test_naive_copies_adjacency_and_features_every_epoch(workload_dir: Path) -> None:
+    workload = load_workload(workload_dir)
+    result = run_method(_config(workload_dir, "naive"))
+    # Each chunk copies its own row pointer (rows + 1 entries), indices and values (int32,
+    # float32). Per epoch: Â for the forward and the backward of both layers, X for XW and XᵀG.
+    adjacency = workload.nnz * 8 + (workload.num_nodes + result.extra["chunks"]) * 4
+    assert result.bytes_h2d == 4 * adjacency + 2 * workload.x.nbytes
+    assert result.extra["chunks"] > 2
+
+
+def test_feature_cache_without_budget_caches_half(workload_dir: Path) -> None:
+    result = run_method(_config(workload_dir, "feature-cache"))
+    assert result.extra["cached_rows"] == 120
+    assert result.extra["cached_fraction"] == pytest.approx(0.5)
+
+
+def test_uvm_needs_a_gpu(workload_dir: Path) -> None:
+    result = run_method(_config(workload_dir, "uvm"))
+    assert result.status == "error"
+    assert "needs a CUDA GPU" in result.error
+
+
+def test_unknown_method_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        check_method("fast")
+    assert check_method("aires-sync") == METHODS["aires"]
+    assert {f"aires-{a}" for a in ABLATIONS}
+
+
+def test_bad_budget_scope_is_named(workload_dir: Path) -> None:
+    with pytest.raises(ValueError, match="budget_scope"):
+        run_method(_config(workload_dir, "naive", budget_scope="everything"))
+
+
+def test_out_of_memory_is_classified() -> None:
+    assert is_out_of_memory(OverBudgetError("too big"))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUSPARSE_STATUS_INSUFFICIENT_RESOURCES"))
+    assert not is_out_of_memory(RuntimeError("index out of range"))
+
+
+def test_result_json_round_trip() -> None:
+    result = MethodResult(status="ok", epoch_s=[0.5], peak_gpu_bytes=10, bytes_h2d=3,
+                          bytes_disk=0, extra={"overlap_efficiency": 0.9})
+    entry = result.to_json()
+    assert list(entry)[:6] == ["status", "epoch_s", "peak_gpu_bytes", "bytes_h2d",
+                               "bytes_disk", "error"]
+    assert MethodResult.from_json(entry) == result
+
+
+def test_row_chunks_cover_rows_within_budget() -> None:
+    indptr = np.array([0, 3, 3, 50, 52, 60, 61])
+    chunks = csr_row_chunks(indptr, chunk_bytes=100, entry_bytes=8)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 6
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    for r0, r1 in chunks:
+        cost = (indptr[r1] - indptr[r0]) * 8 + (r1 - r0) * 8
+        assert cost <= 100 or r1 - r0 == 1  # only a single oversized row may exceed
+    assert dense_row_chunks(10, 4, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _gpu(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
+    return _config(workload_dir, method, device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ("naive", "feature-cache", "incore", "uvm"))
+def test_gpu_methods_train_the_same_model(
+    workload_dir: Path, method: str, reference: MethodResult
+) -> None:
+    result = run_method(_gpu(workload_dir, method, gpu_budget=1 << 30))
+    assert result.status == "ok", result.error
+    assert result.peak_gpu_bytes and result.peak_gpu_bytes < 1 << 30
+    np.testing.assert_allclose(result.extra["loss"], reference.extra["loss"], rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_incore_over_budget_reports_oom(workload_dir: Path) -> None:
+    result = run_method(_gpu(workload_dir, "incore", gpu_budget=4096, budget_scope="data"))
+    assert result.status == "oom"
+    result = run_method(_gpu(workload_dir, "incore", gpu_budget=1 << 16))
+    assert result.status == "oom", result.error
+
+
+@pytest.mark.gpu
+def test_feature_cache_fills_the_room_the_budget_leaves(workload_dir: Path) -> None:
+    result = run_method(_gpu(workload_dir, "feature-cache", gpu_budget=1 << 30))
+    assert result.extra["cached_fraction"] == pytest.approx(1.0)
+    assert result.bytes_h2d is not None
+
+
+@pytest.mark.gpu
+def test_uva_view_aliases_pinned_memory() -> None:
+    from bench.methods.feature_cache import uva_view
+
+    host = torch.arange(1000, dtype=torch.float32).reshape(100, 10).pin_memory()
+    view = uva_view(host, torch.device("cuda"))
+    assert view.is_cuda and view.data_ptr() == host.data_ptr()
+    index = torch.tensor([5, 0, 99], device="cuda")
+    torch.testing.assert_close(view.index_select(0, index).cpu(), host[[5, 0, 99]])
+    host[0, 0] = -1.0  # a host write is seen by the next kernel: no copy was made
+    assert float(view[0, 0]) == -1.0
+
+
+@pytest.mark.gpu
+def test_uvm_memory_stays_on_the_host() -> None:
+    pytest.importorskip("cupy")
+    from bench.methods.uvm import managed_tensor
+
+    array = np.arange(1 << 20, dtype=np.float32)
+    tensor = managed_tensor(array, torch.device("cuda"))  # advice verified inside
+    assert tensor.is_cuda
+    assert float(tensor.sum()) == float(array.astype(np.float64).sum())
