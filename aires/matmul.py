@@ -1,0 +1,206 @@
+"""The out-of-core product ``Y = A @ X`` with autograd, on top of :mod:`aires.scheduler`.
+
+``matmul`` accepts ``A`` as a tile store or as any matrix ``build_store`` accepts (tiled once
+into a temporary store, cached while ``A`` lives), keeps one :class:`~aires.scheduler.Scheduler`
+per store, budgets and device (so placement and allocation happen once), and is
+differentiable with respect to a dense ``X``:
+
+.. math:: \\frac{\\partial L}{\\partial X} = A^\\top \\frac{\\partial L}{\\partial Y}
+
+computed out of core as well, from the same tiles when the store is marked symmetric (a GCN's
+``Â``) and from the transposed store (built once, cached beside the original) otherwise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aires.checks import parse_size
+from aires.scheduler import RunStats, Scheduler
+from aires.tiling import TileStore, build_store
+
+__all__ = ["matmul", "clear_cache"]
+
+#: Schedulers kept alive at once; each holds device memory, so the least recently used
+#: beyond this many is closed.
+MAX_SCHEDULERS = 4
+
+_lock = threading.RLock()
+_schedulers: OrderedDict[tuple[str, int | None, int | None, str], Scheduler] = OrderedDict()
+# (id of A, or of its indptr for a tuple; value dtype) -> (weak reference to it, store)
+_stores: dict[tuple[int, str], tuple[Any, TileStore]] = {}
+
+
+def matmul(
+    A: Any,
+    X: torch.Tensor,
+    *,
+    gpu_budget: int | str | None = None,
+    host_budget: int | str | None = None,
+    device: torch.device | str | None = None,
+    out: str | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, RunStats]:
+    """``A @ X`` out of core: cuSPARSE SpMM for a dense ``X``, SpGEMM for a sparse one.
+
+    Args:
+        A: A ``TileStore``, or a matrix ``build_store`` accepts (scipy sparse, torch sparse
+            CSR/COO, or ``(indptr, indices, data, shape)``), tiled once into a temporary store
+            that is cached while ``A`` is alive (``A`` must not be modified in place after).
+            Values are stored as float32, or float64 when ``X`` is float64.
+        X: Dense ``(A.shape[1], F)`` float tensor (differentiable), or sparse CSR/COO
+            (forward only; the result is sparse CSR).
+        gpu_budget: Device bytes (or a size such as ``"8GiB"``) the product may allocate;
+            ``None``: the free device memory less a margin. Applies per store: a non-symmetric
+            ``A`` whose gradient is needed also runs its transpose under the same budget.
+        host_budget: Pinned host bytes for tiles held in host memory; ``None``: half the RAM.
+        device: Where the product runs; ``None``: ``X``'s device. ``X`` must be there.
+        out: ``None`` (result on ``device``) or ``"host"`` (result in pinned host memory,
+            written back tile by tile, for outputs that must not stay on the GPU).
+        return_stats: Also return the call's :class:`~aires.scheduler.RunStats`.
+
+    Returns:
+        ``Y`` of shape ``(A.shape[0], F)`` and ``X``'s dtype, or ``(Y, stats)``.
+
+    Raises:
+        ValueError: shapes that do not chain (naming both), ``X`` on another device, a bad
+            ``out``, or a budget below the minimum working set (stated in the message).
+        TypeError: ``X`` is not a floating torch tensor.
+        NotImplementedError: ``X`` is sparse and requires a gradient.
+
+    Shapes:
+        A: ``(N, K)``; X: ``(K, F)``; Y: ``(N, F)``.
+    """
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    if X.dim() != 2:
+        raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise TypeError(f"X must have a floating dtype, got {X.dtype}")
+    if out is not None and out != "host":
+        raise ValueError(f"out must be None or 'host', got {out!r}")
+    dev = X.device if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if X.device != dev:
+        raise ValueError(f"X is on {X.device} but device={dev}; move X there first")
+    sparse = X.layout in (torch.sparse_csr, torch.sparse_coo)
+    if not sparse and X.layout != torch.strided:
+        raise TypeError(f"X must be dense, sparse CSR or sparse COO, got layout {X.layout}")
+    store = _as_store(A, torch.float64 if X.dtype == torch.float64 else torch.float32)
+    if store.shape[1] != X.shape[0]:
+        raise ValueError(
+            f"A has shape {tuple(store.shape)} and X has shape {tuple(X.shape)}: "
+            f"A.shape[1] must equal X.shape[0]"
+        )
+    gpu = None if gpu_budget is None else parse_size(gpu_budget, "gpu_budget")
+    host = None if host_budget is None else parse_size(host_budget, "host_budget", allow_zero=True)
+    scheduler = _scheduler(store, gpu, host, dev)
+    if sparse:
+        if X.requires_grad:
+            raise NotImplementedError("the gradient with respect to a sparse X is not supported")
+        y = scheduler.spgemm(X, out=out)
+    else:
+
+        def transposed() -> Scheduler:
+            return _scheduler(store.transpose(), gpu, host, dev)
+
+        y = _Product.apply(X, scheduler, transposed, out)
+    if return_stats:
+        stats = scheduler.stats
+        assert stats is not None
+        return y, stats
+    return y
+
+
+def clear_cache() -> None:
+    """Close every cached scheduler (freeing its device and pinned memory) and forget temporary
+    stores (their files are removed when ``A`` is garbage collected or at exit)."""
+    with _lock:
+        while _schedulers:
+            _, scheduler = _schedulers.popitem(last=False)
+            scheduler.close()
+        _stores.clear()
+
+
+class _Product(torch.autograd.Function):
+    """``Y = A @ X`` with ``dX = A.T @ dY``; ``A`` is data, not a differentiable input."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, scheduler: Scheduler, transposed: Any, out: str | None
+    ) -> torch.Tensor:
+        ctx.transposed = transposed
+        ctx.device = x.device
+        return scheduler.spmm(x, out=out)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        dx = ctx.transposed().spmm(dy.to(ctx.device, non_blocking=True).contiguous())
+        return dx, None, None, None
+
+
+def _scheduler(
+    store: TileStore, gpu: int | None, host: int | None, device: torch.device
+) -> Scheduler:
+    key = (str(Path(store.path).resolve()), gpu, host, str(device))
+    with _lock:
+        scheduler = _schedulers.get(key)
+        if scheduler is None:
+            scheduler = Scheduler(store, gpu_budget=gpu, host_budget=host, device=device)
+            _schedulers[key] = scheduler
+            while len(_schedulers) > MAX_SCHEDULERS:
+                _, old = _schedulers.popitem(last=False)
+                old.close()
+        _schedulers.move_to_end(key)
+        return scheduler
+
+
+def _as_store(A: Any, value_dtype: torch.dtype) -> TileStore:
+    """``A`` itself if it is a store, else its temporary store (built on first use)."""
+    if isinstance(A, TileStore):
+        return A
+    anchor = A[0] if isinstance(A, tuple) and A else A
+    dtype = str(value_dtype).removeprefix("torch.")
+    key = (id(anchor), dtype)
+    with _lock:
+        entry = _stores.get(key)
+        if entry is not None and entry[0]() is anchor:
+            return entry[1]
+        try:
+            ref = weakref.ref(anchor)
+        except TypeError:
+            raise TypeError(
+                f"A must be a TileStore or a matrix build_store accepts, got {type(A).__name__}"
+            ) from None
+        tmp = tempfile.mkdtemp(prefix="aires-matmul-")
+        try:
+            store = build_store(A, Path(tmp) / "A", value_dtype=np.dtype(dtype), progress=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(anchor, _forget, key, tmp)
+        _stores[key] = (ref, store)
+        return store
+
+
+def _forget(key: tuple[int, str], tmp: str) -> None:
+    """``A`` is gone: close its schedulers and remove its temporary store (and transpose)."""
+    with _lock:
+        entry = _stores.pop(key, None)
+        if entry is not None:
+            entry[1].close()
+        for skey in [k for k in _schedulers if k[0].startswith(str(Path(tmp).resolve()))]:
+            _schedulers.pop(skey).close()
+    shutil.rmtree(tmp, ignore_errors=True)

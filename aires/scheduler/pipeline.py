@@ -1,0 +1,837 @@
+"""The three-phase scheduler: ``Y = A @ X`` over a tiled ``A`` under hard memory budgets.
+
+One :class:`Scheduler` serves one tile store on one device. It places the tiles once
+(:func:`~aires.scheduler.placement.place`), allocates everything it needs once (a ring of
+device slots, the phase-1 tiles, pinned phase-2 tiles, the disk path's buffers), and then runs
+each product as a pipeline:
+
+1. The disk workers start first (the slowest path), each reading tiles into its own slot.
+2. The host path queues its first copies (one per ring slot) on the copy stream.
+3. Phase-1 (resident) tiles are computed while those copies are in flight.
+4. The host path's steady state: compute the oldest loaded slot, then queue the next copy into
+   it; the copy stream waits, on the GPU, for that compute. The CPU keeps at most two
+   computes ahead of the GPU so the disk path's computes interleave instead of queueing
+   behind every host tile.
+
+All computes go to one stream (the caller's current stream), so results are ordered for the
+caller with no extra synchronisation; they are issued under one lock, so pieces of a hub row
+split over tiles (``TileInfo.partial``) accumulate in a fixed order and never race. CUDA events
+order load -> compute -> slot reuse. The steady state allocates nothing: the output comes from
+the caching allocator at the same size each call, cuSPARSE's buffer likewise.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aires.checks import check_positive_int, parse_size
+from aires.scheduler.kernels import (
+    BYTES_PER_PRODUCT,
+    SpgemmOperand,
+    concat_rows,
+    spgemm_tile,
+    spmm_into,
+    sum_pieces,
+    tile_csr,
+)
+from aires.scheduler.placement import (
+    MIN_SLOTS,
+    Placement,
+    default_gpu_budget,
+    default_host_budget,
+    format_bytes,
+    place,
+)
+from aires.scheduler.stats import Recorder, RunStats
+from aires.scheduler.transfer import (
+    DISK_PRIOR,
+    DiskPath,
+    Dispatcher,
+    HostPath,
+    WriteBack,
+    copy_rate,
+    pinned_empty,
+)
+
+__all__ = ["Scheduler"]
+
+#: Device bytes kept for cuSPARSE's SpMM buffer and small temporaries (CUDA only: the CPU
+#: kernel needs no buffer).
+SPMM_WORKSPACE = 16 << 20
+#: How many computes the CPU may run ahead of the GPU on the host path.
+LAG = 2
+#: Write-back staging buffers (compute into one while the other is copied out).
+STAGES = 2
+_IO_MODES = ("gds", "kvikio-compat", "posix")
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class _Queues:
+    """Tiles still to load, shared by the main thread (host path) and the disk workers."""
+
+    host: deque[int]
+    disk: deque[int]
+    nbytes: list[int]
+    dispatcher: Dispatcher
+    dual: bool
+    host_bytes: int = 0
+    stolen: int = 0
+    stop: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.host_bytes = sum(self.nbytes[t] for t in self.host)
+
+    def take_host(self) -> int | None:
+        with self.lock:
+            return None if self.stop or not self.host else self.host.popleft()
+
+    def delivered_host(self, tile: int) -> None:
+        with self.lock:
+            self.host_bytes -= self.nbytes[tile]
+
+    def take_disk(self) -> int | None:
+        with self.lock:
+            if self.stop:
+                return None
+            if self.disk:
+                return self.disk.popleft()
+            if self.dual and self.host:
+                tile = self.host[-1]
+                if self.dispatcher.steal(self.nbytes[tile], self.host_bytes):
+                    self.host.pop()
+                    self.host_bytes -= self.nbytes[tile]
+                    self.stolen += 1
+                    return tile
+            return None
+
+
+@dataclass
+class _Memory:
+    """Everything a placement allocated; dropped as a whole when the placement changes."""
+
+    ring: list[torch.Tensor]
+    disk_slots: list[torch.Tensor]
+    resident: dict[int, torch.Tensor]
+    host: dict[int, torch.Tensor]
+    bounce: list[torch.Tensor] | None
+    keep: list[torch.Tensor]
+
+
+class Scheduler:
+    """Out-of-core ``A @ X`` for one tile store under device and host memory budgets.
+
+    Args:
+        store: A ``TileStore`` (``aires.tiling``).
+        gpu_budget: Device bytes (int or size string such as ``"8GiB"``) the scheduler may
+            allocate: slots, resident tiles, output, staging and kernel workspace. ``None``:
+            the free device memory less a margin (a quarter of the available RAM on the CPU).
+        host_budget: Pinned host bytes for phase-2 tiles and the disk path's bounce buffers.
+            ``None``: half of the available RAM. ``0`` puts every tile on NVMe.
+        device: Where the products run. ``None``: the current CUDA device if any, else CPU.
+        slots: Device slots in the host path's ring (at least 3).
+        disk_workers: Concurrent tile reads on the disk path (each with its own slot).
+        dual: Let the disk path also carry tiles that sit in pinned memory when it would
+            deliver them sooner (dual-way transfer). ``False`` uses it for phase-3 tiles only.
+
+    Raises:
+        ValueError: a budget is below the minimum working set (the message states it), or an
+            argument is out of range.
+        TypeError: ``store`` is not a tile store.
+
+    The output and workspace reserve is sized by the first call (an SpMM output of
+    ``rows x F``); a later call that needs more re-places the tiles once, moving phase-1 tiles
+    out to make room. The budget is never exceeded: a call that cannot fit raises
+    ``ValueError`` before touching memory.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        gpu_budget: int | str | None = None,
+        host_budget: int | str | None = None,
+        device: torch.device | str | None = None,
+        slots: int = MIN_SLOTS,
+        disk_workers: int = 2,
+        dual: bool = True,
+    ) -> None:
+        for attr in ("tiles", "shape", "read_bytes", "tile_arrays", "io_mode"):
+            if not hasattr(store, attr):
+                raise TypeError(
+                    f"store must be an aires.tiling.TileStore, got {type(store).__name__} "
+                    f"(no attribute {attr!r})"
+                )
+        self.store = store
+        self.device = _resolve_device(device)
+        self._cuda = self.device.type == "cuda"
+        self.gpu_budget = (
+            default_gpu_budget(self.device)
+            if gpu_budget is None
+            else parse_size(gpu_budget, "gpu_budget")
+        )
+        self.host_budget = (
+            default_host_budget()
+            if host_budget is None
+            else parse_size(host_budget, "host_budget", allow_zero=True)
+        )
+        if not isinstance(dual, bool):
+            raise TypeError(f"dual must be a bool, got {dual!r}")
+        if self._cuda:
+            if store.io_mode not in _IO_MODES:
+                raise ValueError(f"store.io_mode must be one of {_IO_MODES}, got {store.io_mode!r}")
+            self.io_mode: str = store.io_mode
+        else:
+            self.io_mode = "cpu"
+        # Disk reads land in device slots directly with KvikIO, and on the CPU (whose "device"
+        # memory is host memory); POSIX reads for a GPU go through pinned bounce buffers.
+        self._direct = not self._cuda or self.io_mode != "posix"
+        self._slots = slots
+        self._disk_workers = disk_workers
+        self._dual = dual
+        self._tiles = list(store.tiles)
+        self._nbytes = [int(t.nbytes) for t in self._tiles]
+        self._n_rows, self._n_cols = (int(s) for s in store.shape)
+        self._max_rows = max((t.row_stop - t.row_start for t in self._tiles), default=0)
+        self._groups, self._uncovered = _row_groups(self._tiles, self._n_rows)
+        self._group_of = {t: g for g, (_, _, ts) in enumerate(self._groups) for t in ts}
+        self._acc_rows = sum(stop - start for start, stop, _ in self._groups)
+        self.placement: Placement = self._place(0)
+        self.dispatcher = Dispatcher(host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR)
+        self._mem: _Memory | None = None
+        self._host_path = HostPath(self.device)
+        self._writeback = WriteBack(self.device)
+        self._disk: DiskPath | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._ring_free: list[Any] = []
+        self._disk_free: list[Any] = []
+        self._ring_next = 0
+        self._stage: torch.Tensor | None = None
+        self._stage_free: list[Any] = [None] * STAGES
+        self._lock = threading.Lock()
+        self._views: dict[tuple[int, int], Any] = {}
+        self._pending: list[Recorder] = []
+        self._stats: RunStats | None = None
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def min_gpu_bytes(self) -> int:
+        """The minimum working set: the device slots plus the current output/workspace reserve."""
+        return self.placement.min_gpu_bytes
+
+    @property
+    def stats(self) -> RunStats | None:
+        """The last call's :class:`RunStats` (waits for that call's GPU work to finish)."""
+        self._collect(block=True)
+        return self._stats
+
+    def spmm(self, x: torch.Tensor, *, out: str | None = None) -> torch.Tensor:
+        """``A @ X`` for a dense ``X`` (cuSPARSE SpMM per tile).
+
+        Args:
+            x: Dense ``(A.shape[1], F)`` float tensor on the scheduler's device.
+            out: ``None`` returns ``Y`` on the device; ``"host"`` returns it in (pinned) host
+                memory, each tile's rows written back as soon as they are computed, so the
+                device never holds the whole output.
+
+        Returns:
+            ``Y`` of shape ``(A.shape[0], F)`` and ``x``'s dtype.
+
+        Raises:
+            ValueError, TypeError: bad ``x`` or ``out``; the output does not fit the budget.
+        """
+        x = self._check_dense(x)
+        to_host = _check_out(out)
+        f = int(x.shape[1])
+        item = x.element_size()
+        reserve = self.spmm_reserve(f, x.dtype, out=out)
+        self._prepare(reserve, "an SpMM output" if not to_host else "write-back staging")
+        rec = self._recorder("spmm")
+        held = self.placement.working_gpu_bytes + self.placement.resident_bytes
+        if to_host:
+            y = torch.empty((self._n_rows, f), dtype=x.dtype, pin_memory=self._cuda)
+            stage_bytes = STAGES * self._max_rows * f * item
+            acc = self._staging(stage_bytes + self._acc_rows * f * item)
+            stages = [
+                acc[k * self._max_rows * f * item : (k + 1) * self._max_rows * f * item]
+                .view(x.dtype)
+                .view(self._max_rows, f)
+                for k in range(STAGES)
+            ]
+            acc_rows = acc[stage_bytes:].view(x.dtype).view(self._acc_rows, f)
+            acc_rows.zero_()
+            rec.peak_bytes = held + acc.numel()
+        else:
+            y = torch.empty((self._n_rows, f), dtype=x.dtype, device=self.device)
+            for start, stop, _ in self._groups:
+                y[start:stop].zero_()
+            rec.peak_bytes = held + y.numel() * item
+        for start, stop in self._uncovered:
+            y[start:stop].zero_()
+        offsets = _offsets(self._groups)
+        stage_next = [0]
+
+        def compute(tile: int, buf: torch.Tensor) -> None:
+            info = self._tiles[tile]
+            a = self._csr(tile, buf, x.dtype)
+            group = self._group_of.get(tile)
+            if group is not None:
+                g_start = self._groups[group][0]
+                row = (offsets[group] if to_host else g_start) + info.row_start - g_start
+                target = (acc_rows if to_host else y)[row : row + a.shape[0]]
+                spmm_into(a, x, target, accumulate=True)
+                return
+            if not to_host:
+                spmm_into(a, x, y[info.row_start : info.row_stop], accumulate=False)
+                return
+            k = stage_next[0]
+            stage_next[0] = (k + 1) % STAGES
+            free = self._stage_free[k]
+            if free is not None and self._cuda:
+                torch.cuda.current_stream().wait_event(free)
+            target = stages[k][: a.shape[0]]
+            spmm_into(a, x, target, accumulate=False)
+            done = rec.mark(torch.cuda.current_stream()) if self._cuda else None
+            self._stage_free[k] = self._writeback.copy(
+                y[info.row_start : info.row_stop], target, done, rec
+            )
+
+        self._run(compute, rec)
+        if to_host:
+            done = rec.mark(torch.cuda.current_stream()) if self._cuda else None
+            for g, (start, stop, _) in enumerate(self._groups):
+                src = acc_rows[offsets[g] : offsets[g] + stop - start]
+                self._writeback.copy(y[start:stop], src, done, rec)
+            if self._cuda:
+                rec.end = rec.mark(self._writeback.stream)
+                rec.end.synchronize()
+        self._close_call(rec)
+        return y
+
+    def spmm_reserve(self, f: int, dtype: torch.dtype = torch.float32, *, out: str | None = None) -> int:
+        """Device bytes an :meth:`spmm` with ``F = f`` columns keeps beside the tiles.
+
+        The output (``rows x f``), or with ``out="host"`` two write-back staging buffers of the
+        largest tile's rows plus an accumulator for hub rows; and the kernel workspace (16 MiB
+        for cuSPARSE's buffer on CUDA, plus room to cast tile values when the store's value
+        dtype differs from ``dtype``). The minimum device budget for such a call is
+        ``(slots + disk workers) * slot_bytes`` plus this.
+        """
+        f = check_positive_int(f, "f")
+        to_host = _check_out(out)
+        item = torch.empty((), dtype=dtype).element_size()
+        cast = self.store.value_dtype != _numpy_dtype(dtype)
+        workspace = (SPMM_WORKSPACE if self._cuda else 0) + (
+            self.placement.slot_bytes * item // 4 if cast else 0
+        )
+        if to_host:
+            return (STAGES * self._max_rows + self._acc_rows) * f * item + workspace
+        return self._n_rows * f * item + workspace
+
+    def spgemm_reserve(self, x: torch.Tensor) -> int:
+        """Device bytes an :meth:`spgemm` with this ``X`` keeps beside the tiles.
+
+        What the call allocates for ``X`` (an int32 copy of its indices when they are int64,
+        ``|values|``, three vectors over its rows) plus a quarter of the budget (at least two
+        slots' worth) for the SpGEMM workspace and result pieces; resident tiles make room for
+        it when needed.
+        """
+        x = self._check_sparse(x)
+        slot = self.placement.slot_bytes
+        return _operand_bytes(x) + max(self.gpu_budget // 4, 2 * slot)
+
+    def spgemm(self, x: torch.Tensor, *, out: str | None = None) -> torch.Tensor:
+        """``A @ X`` for a sparse ``X`` (cuSPARSE SpGEMM per tile), a sparse CSR result.
+
+        Each tile's product is cut into row pieces whose intermediate products fit the
+        workspace allowance (what the budget leaves after slots, resident tiles and the prepared
+        ``X``), retried in halves if cuSPARSE still runs out of resources, and checked by row
+        sums. Pieces stay on the device while they fit a quarter of the allowance and move
+        to host memory after that; the result is assembled once at its exact size.
+
+        Args:
+            x: Sparse CSR (or COO) ``(A.shape[1], F)`` float tensor on the scheduler's device.
+            out: ``None`` for a result on the device, ``"host"`` for one in host memory.
+
+        Returns:
+            Sparse CSR ``(A.shape[0], F)`` with ``x``'s dtype (int32 indices when they fit).
+
+        Raises:
+            ValueError, TypeError: bad ``x`` or ``out``; the result does not fit the budget
+                on the device (use ``out="host"``).
+            RuntimeError: a single row's product still fails.
+        """
+        x = self._check_sparse(x)
+        to_host = _check_out(out)
+        op_bytes = _operand_bytes(x)
+        reserve = self.spgemm_reserve(x)
+        x = _narrow_indices(x)
+        self._prepare(max(reserve, self.placement.reserve_bytes), "an SpGEMM workspace")
+        rec = self._recorder("spgemm")
+        operand = SpgemmOperand.build(x)
+        held_fixed = self.placement.gpu_bytes - self.placement.reserve_bytes + op_bytes
+        avail = self.gpu_budget - held_fixed
+        max_products = max(avail // 2 // BYTES_PER_PRODUCT, 1)
+        keep_limit = avail // 4
+        pieces: list[tuple[int, int, torch.Tensor]] = []
+        on_device = [0]
+        peak = [held_fixed]
+
+        def compute(tile: int, buf: torch.Tensor) -> None:
+            info = self._tiles[tile]
+            a = self._csr(tile, buf, x.dtype)
+            for offset, piece in spgemm_tile(a, operand, max_products=max_products):
+                nbytes = _tensor_bytes(piece)
+                if self._cuda and on_device[0] + nbytes > keep_limit:
+                    t0 = rec.mark(torch.cuda.current_stream())
+                    piece = piece.to("cpu")
+                    rec.writebacks.append((nbytes, t0, rec.mark(torch.cuda.current_stream())))
+                elif self._cuda:
+                    on_device[0] += nbytes
+                    peak[0] = max(peak[0], held_fixed + on_device[0] + avail // 2)
+                pieces.append((tile, info.row_start + offset, piece))
+
+        self._run(compute, rec)
+        grouped: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        final: list[tuple[int, torch.Tensor]] = []
+        target = torch.device("cpu") if to_host else self.device
+        for tile, row, piece in pieces:
+            group = self._group_of.get(tile)
+            if group is None:
+                final.append((row, piece))
+            else:
+                grouped.setdefault(group, []).append((row, piece.to(target)))
+        final.extend(sum_pieces(parts) for parts in grouped.values())
+        total = sum(_tensor_bytes(p) for _, p in final) + (self._n_rows + 1) * 8
+        if not to_host and self._cuda and held_fixed + on_device[0] + total > self.gpu_budget:
+            raise ValueError(
+                f"the SpGEMM result needs {total} bytes ({format_bytes(total)}) on the device "
+                f"but gpu_budget={self.gpu_budget} ({format_bytes(self.gpu_budget)}) leaves "
+                f"{self.gpu_budget - held_fixed - on_device[0]} bytes; pass out='host' or a "
+                "larger budget"
+            )
+        result = concat_rows(final, (self._n_rows, int(x.shape[1])), device=target, dtype=x.dtype)
+        if self._cuda:
+            rec.end = rec.mark(torch.cuda.current_stream())
+        rec.peak_bytes = max(peak[0], held_fixed + on_device[0] + (0 if to_host else total))
+        rec.extra["max_products"] = int(max_products)
+        rec.extra["pieces"] = len(pieces)
+        self._close_call(rec)
+        return result
+
+    def close(self) -> None:
+        """Free device and pinned memory and stop the disk threads (the object stays usable)."""
+        self._collect(block=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        self._mem = None
+        self._disk = None
+        self._stage = None
+        self._views.clear()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        p = self.placement
+        return (
+            f"Scheduler(tiles={len(self._tiles)}, device={self.device}, io_mode={self.io_mode}, "
+            f"resident={len(p.resident)}, host={len(p.host)}, disk={len(p.disk)}, "
+            f"gpu_budget={format_bytes(self.gpu_budget)}, "
+            f"host_budget={format_bytes(self.host_budget)})"
+        )
+
+    # ------------------------------------------------------------------ placement, memory
+
+    def _place(self, reserve: int) -> Placement:
+        return place(
+            self._nbytes,
+            gpu_budget=self.gpu_budget,
+            host_budget=self.host_budget,
+            slots=self._slots,
+            disk_workers=self._disk_workers,
+            direct_disk=self._direct,
+            reserve_bytes=reserve,
+            dual=self._dual,
+        )
+
+    def _prepare(self, reserve: int, what: str) -> None:
+        """Make sure the placement reserves ``reserve`` device bytes and memory is allocated."""
+        self._collect(block=False)
+        if reserve > self.placement.reserve_bytes:
+            try:
+                placement = self._place(reserve)
+            except ValueError as error:
+                raise ValueError(f"{what} does not fit: {error}") from None
+            if placement != self.placement:
+                self.close()
+                self.placement = placement
+        if self._mem is None:
+            self._materialise()
+
+    def _materialise(self) -> None:
+        p = self.placement
+        dev = self.device
+        n_ring = p.n_slots + p.n_disk
+        slab = torch.empty(n_ring * p.slot_bytes, dtype=torch.uint8, device=dev)
+        views = [slab[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(n_ring)]
+        keep = [slab]
+        resident: dict[int, torch.Tensor] = {}
+        host: dict[int, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        loaded = 0
+        if p.resident:
+            block = torch.empty(p.resident_bytes, dtype=torch.uint8, device=dev)
+            keep.append(block)
+            for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes)):
+                self.store.read_bytes(tile, view)
+                resident[tile] = view
+                loaded += view.numel()
+        if p.host:
+            block = pinned_empty(p.host_bytes, dev)
+            keep.append(block)
+            for tile, view in zip(p.host, _split(block, p.host, self._nbytes)):
+                self.store.read_bytes(tile, view)
+                host[tile] = view
+                loaded += view.numel()
+        load_rate = loaded / max(time.perf_counter() - t0, 1e-9) if loaded else DISK_PRIOR
+        bounce = None
+        if p.n_disk and not p.direct_disk:
+            block = pinned_empty(p.n_disk * p.slot_bytes, dev)
+            keep.append(block)
+            bounce = [block[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(p.n_disk)]
+        self._mem = _Memory(views[: p.n_slots], views[p.n_slots :], resident, host, bounce, keep)
+        # Priors: one timed host -> device slot copy; for the disk, the load just done but no
+        # faster than a cold read until the first call measures it.
+        source = next(iter(host.values()), None)
+        host_rate = copy_rate(views[0][: source.numel()], source) if source is not None else 1e10
+        self.dispatcher.rates["host"] = host_rate
+        self.dispatcher.rates["disk"] = min(load_rate, DISK_PRIOR)
+        self._ring_free = [None] * p.n_slots
+        self._disk_free = [None] * p.n_disk
+        self._ring_next = 0
+        if p.n_disk:
+            self._disk = DiskPath(self.store, dev, views[p.n_slots :], bounce, self.dispatcher)
+            self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """A device byte buffer for write-back staging, kept and grown only when needed.
+
+        The previous call waited for its write-back, so growing cannot free a buffer that a
+        copy still reads.
+        """
+        if self._stage is None or self._stage.numel() < nbytes:
+            self._stage = None
+            self._stage = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._stage_free = [None] * STAGES
+        return self._stage[:nbytes]
+
+    def _csr(self, tile: int, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Tile ``tile`` held in ``buf`` as sparse CSR with values in ``dtype``.
+
+        The views (and the CSR tensor over them, when no cast is needed) are cached per tile
+        and buffer: they stay valid while the buffer is refilled, which keeps the per-tile
+        Python work to a dictionary lookup.
+        """
+        key = (tile, buf.data_ptr())
+        cached = self._views.get(key)
+        if cached is None:
+            indptr, indices, data = self.store.tile_arrays(tile, buf)
+            if data.dtype != dtype:
+                return tile_csr(indptr, indices, data, self._n_cols, dtype)
+            cached = self._views[key] = tile_csr(indptr, indices, data, self._n_cols)
+        if cached.dtype != dtype:
+            return tile_csr(
+                cached.crow_indices(), cached.col_indices(), cached.values(), self._n_cols, dtype
+            )
+        return cached
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _run(self, compute: Callable[[int, torch.Tensor], None], rec: Recorder) -> None:
+        """Load every tile once over its path and ``compute(tile, buffer)`` on it."""
+        mem = self._mem
+        assert mem is not None
+        p = self.placement
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        queues = _Queues(deque(p.host), deque(p.disk), self._nbytes, self.dispatcher, self._dual)
+        rec.start = rec.mark(stream)
+        futures: list[Future[None]] = []
+        if self._pool is not None and (queues.disk or (self._dual and queues.host)):
+            futures = [
+                self._pool.submit(self._disk_worker, k, queues, compute, rec, stream)
+                for k in range(p.n_disk)
+            ]
+        try:
+            pending: deque[tuple[int, int, Any]] = deque()
+            while len(pending) < p.n_slots and (tile := queues.take_host()) is not None:
+                pending.append(self._load_host(tile, rec))
+            for tile in p.resident:
+                rec.loads.append(("resident", self._nbytes[tile], None, None))
+                self._compute(tile, mem.resident[tile], None, compute, rec, "resident", stream)
+            inflight: deque[Any] = deque()
+            while pending:
+                tile, slot, ready = pending.popleft()
+                end = self._compute(tile, mem.ring[slot], ready, compute, rec, "stream", stream)
+                self._ring_free[slot] = end
+                queues.delivered_host(tile)
+                nxt = queues.take_host()
+                if nxt is not None:
+                    pending.append(self._load_host(nxt, rec))
+                if self._cuda:
+                    inflight.append(end)
+                    if len(inflight) > LAG:
+                        inflight.popleft().synchronize()
+        except BaseException:
+            queues.stop = True
+            wait(futures)
+            raise
+        for future in futures:
+            future.result()
+        rec.stolen = queues.stolen
+        if self._cuda:
+            rec.end = rec.mark(stream)
+            if futures:
+                rec.end.synchronize()
+                rec.wall_end = time.perf_counter()
+        else:
+            rec.end = rec.mark()
+
+    def _load_host(self, tile: int, rec: Recorder) -> tuple[int, int, Any]:
+        assert self._mem is not None
+        slot = self._ring_next
+        self._ring_next = (slot + 1) % len(self._mem.ring)
+        ready = self._host_path.load(
+            self._mem.ring[slot], self._mem.host[tile], self._ring_free[slot], rec
+        )
+        return tile, slot, ready
+
+    def _disk_worker(
+        self,
+        worker: int,
+        queues: _Queues,
+        compute: Callable[[int, torch.Tensor], None],
+        rec: Recorder,
+        stream: Any,
+    ) -> None:
+        assert self._mem is not None and self._disk is not None
+        slot = self._mem.disk_slots[worker]
+        while (tile := queues.take_disk()) is not None:
+            try:
+                ready = self._disk.fetch(
+                    worker, tile, self._nbytes[tile], self._disk_free[worker], rec
+                )
+                end = self._compute(tile, slot, ready, compute, rec, "stream", stream)
+            except BaseException:
+                queues.stop = True
+                raise
+            self._disk_free[worker] = end
+
+    def _compute(
+        self,
+        tile: int,
+        buf: torch.Tensor,
+        ready: Any,
+        compute: Callable[[int, torch.Tensor], None],
+        rec: Recorder,
+        phase: str,
+        stream: Any,
+    ) -> Any:
+        """Run ``compute`` on ``tile`` after ``ready``; return the event marking its end."""
+        with self._lock:
+            if stream is None:
+                start = rec.mark()
+                compute(tile, buf)
+                rec.computes.append((phase, start, rec.mark()))
+                return None
+                with torch.cuda.stream(stream):
+                    if ready is not None:
+                        stream.wait_event(ready)
+                    start = rec.mark(stream)
+                    compute(tile, buf)
+                    end = rec.mark(stream)
+            rec.computes.append((phase, start, end))
+        return end
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _recorder(self, op: str) -> Recorder:
+        return Recorder(op, self.device, self.io_mode, len(self._tiles))
+
+    def _close_call(self, rec: Recorder) -> None:
+        self._pending.append(rec)
+        self._collect(block=False)
+
+    def _collect(self, *, block: bool) -> None:
+        """Turn finished calls' marks into stats and feed the host rate to the dispatcher."""
+        while self._pending and (block or self._pending[0].done() or len(self._pending) > 4):
+            stats = self._pending.pop(0).finish()
+            self.dispatcher.update("host", stats.bytes_h2d, stats.t_h2d_s)
+            self._stats = stats
+
+    def _check_dense(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"X must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise TypeError(f"X must be dense for spmm (use spgemm for sparse X), got {x.layout}")
+        self._check_common(x)
+        return x.contiguous()
+
+    def _check_sparse(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"X must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout == torch.sparse_coo:
+            x = x.to_sparse_csr()
+        if x.layout != torch.sparse_csr:
+            raise TypeError(f"X must be a sparse CSR or COO tensor for spgemm, got {x.layout}")
+        self._check_common(x)
+        return x
+
+    def _check_common(self, x: torch.Tensor) -> None:
+        if x.dim() != 2:
+            raise ValueError(f"X must be 2-D, got shape {tuple(x.shape)}")
+        if x.shape[0] != self._n_cols:
+            raise ValueError(
+                f"A has shape {(self._n_rows, self._n_cols)} and X has shape {tuple(x.shape)}: "
+                f"A.shape[1] ({self._n_cols}) must equal X.shape[0] ({x.shape[0]})"
+            )
+        if x.dtype not in _FLOAT:
+            raise TypeError(f"X must have a floating dtype, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"X is on {x.device} but this scheduler runs on {self.device}")
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: cannot use {device!r} ({error})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but no CUDA device is visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return dev
+
+
+def _check_out(out: Any) -> bool:
+    if out is not None and out != "host":
+        raise ValueError(f"out must be None or 'host', got {out!r}")
+    return out == "host"
+
+
+def _row_groups(
+    tiles: list[Any], n_rows: int
+) -> tuple[list[tuple[int, int, list[int]]], list[tuple[int, int]]]:
+    """Rows computed by accumulation, and rows no tile covers.
+
+    A tile is summed into its rows (not assigned) when it is a hub-row piece
+    (``partial``) or its rows overlap another tile's; overlapping such tiles form one group
+    ``(row_start, row_stop, tiles)`` whose rows start at zero each call.
+    """
+    order = sorted(range(len(tiles)), key=lambda t: (tiles[t].row_start, tiles[t].row_stop))
+    overlap: set[int] = set()
+    reach, owner = -1, -1
+    for t in order:
+        if tiles[t].row_start < reach:
+            overlap.update((t, owner))
+        if tiles[t].row_stop > reach:
+            reach, owner = tiles[t].row_stop, t
+    acc = [t for t in order if tiles[t].partial or t in overlap]
+    groups: list[tuple[int, int, list[int]]] = []
+    for t in acc:
+        start, stop = tiles[t].row_start, tiles[t].row_stop
+        if groups and start < groups[-1][1]:
+            g0, g1, members = groups[-1]
+            groups[-1] = (g0, max(g1, stop), members + [t])
+        else:
+            groups.append((start, stop, [t]))
+    uncovered = []
+    cursor = 0
+    for t in order:
+        if tiles[t].row_start > cursor:
+            uncovered.append((cursor, tiles[t].row_start))
+        cursor = max(cursor, tiles[t].row_stop)
+    if cursor < n_rows:
+        uncovered.append((cursor, n_rows))
+    return groups, uncovered
+
+
+def _offsets(groups: list[tuple[int, int, list[int]]]) -> list[int]:
+    out, total = [], 0
+    for start, stop, _ in groups:
+        out.append(total)
+        total += stop - start
+    return out
+
+
+def _split(block: torch.Tensor, tiles: tuple[int, ...], nbytes: list[int]) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for tile in tiles:
+        views.append(block[offset : offset + nbytes[tile]])
+        offset += nbytes[tile]
+    return views
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if t.layout == torch.sparse_csr:
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+        return sum(p.numel() * p.element_size() for p in parts)
+    return t.numel() * t.element_size()
+
+
+def _operand_bytes(x: torch.Tensor) -> int:
+    """Device bytes :meth:`Scheduler.spgemm` allocates for sparse CSR ``x``."""
+    nbytes = x._nnz() * x.element_size() + 3 * x.shape[0] * 8
+    if _narrowable(x):
+        nbytes += (x.shape[0] + 1 + x._nnz()) * 4
+    return nbytes
+
+
+def _narrowable(x: torch.Tensor) -> bool:
+    return (
+        x.crow_indices().dtype != torch.int32 and x._nnz() < 2**31 and max(x.shape) < 2**31
+    )
+
+
+def _narrow_indices(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with int32 indices when they fit: cuSPARSE SpGEMM takes only 32-bit indices and
+    PyTorch would otherwise convert ``X`` again for every tile."""
+    if not _narrowable(x):
+        return x
+    return torch.sparse_csr_tensor(
+        x.crow_indices().to(torch.int32),
+        x.col_indices().to(torch.int32),
+        x.values(),
+        x.shape,
+        check_invariants=False,
+    )
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    return {
+        torch.float16: np.dtype(np.float16),
+        torch.float32: np.dtype(np.float32),
+        torch.float64: np.dtype(np.float64),
+    }.get(dtype)

@@ -1,0 +1,178 @@
+"""What one scheduler call did: bytes per path, time per phase, bandwidth and overlap.
+
+A :class:`Recorder` collects raw marks while a call runs (CUDA events on the GPU, so the hot
+loop never waits for the clock; ``time.perf_counter`` on the CPU and on the disk threads) and
+turns them into a :class:`RunStats` only when asked, after the call's work has finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["RunStats", "Recorder"]
+
+#: Paths a tile's bytes can travel to reach the compute: already on the device, host DMA,
+#: NVMe read. ``d2h`` is the write-back path of outputs.
+PATHS = ("resident", "h2d", "disk")
+
+
+@dataclass
+class RunStats:
+    """The record of one ``spmm``/``spgemm`` call.
+
+    Bytes are tile bytes (the store's aligned ``nbytes``) except ``bytes_d2h``, which counts
+    output bytes written back to host memory. ``bytes_resident + bytes_h2d + bytes_disk`` is
+    the store's total tile bytes: every tile is used exactly once per call.
+
+    Times are seconds. ``t_total_s`` is the call from its first load to its last result;
+    ``t_compute_s`` sums the per-tile kernel times; ``t_io_s`` is the busier of the two input
+    paths (they run at the same time); ``overlap_efficiency = max(t_io_s, t_compute_s) /
+    t_total_s`` is 1.0 when transfers hide completely behind compute or the other way round.
+    Phase times: ``t_resident_s`` is the compute of phase-1 tiles, ``t_h2d_s`` the busy time of
+    the host copy path, ``t_disk_s`` the span of the NVMe path, ``t_d2h_s`` the write-back copies.
+    Bandwidths are bytes per second over those busy times (0.0 when a path moved nothing).
+
+    ``io_mode`` is ``"gds"``, ``"kvikio-compat"``, ``"posix"`` (the disk path's mechanism on a
+    GPU) or ``"cpu"`` (the product ran on the CPU). ``peak_gpu_bytes`` is the most device bytes
+    the scheduler held during the call (slots, resident tiles, output, staging, SpGEMM pieces).
+    """
+
+    op: str
+    device: str
+    io_mode: str
+    n_tiles: int = 0
+    tiles_resident: int = 0
+    tiles_h2d: int = 0
+    tiles_disk: int = 0
+    tiles_stolen: int = 0
+    bytes_resident: int = 0
+    bytes_h2d: int = 0
+    bytes_disk: int = 0
+    bytes_d2h: int = 0
+    t_total_s: float = 0.0
+    t_io_s: float = 0.0
+    t_compute_s: float = 0.0
+    t_resident_s: float = 0.0
+    t_h2d_s: float = 0.0
+    t_disk_s: float = 0.0
+    t_d2h_s: float = 0.0
+    bw_h2d: float = 0.0
+    bw_disk: float = 0.0
+    bw_d2h: float = 0.0
+    overlap_efficiency: float = 0.0
+    peak_gpu_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_moved(self) -> int:
+        """Tile bytes that reached the compute, over all three input paths."""
+        return self.bytes_resident + self.bytes_h2d + self.bytes_disk
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field plus ``bytes_moved``."""
+        out = asdict(self)
+        out["bytes_moved"] = self.bytes_moved
+        return out
+
+
+class Recorder:
+    """Collects the marks of one call; :meth:`finish` turns them into :class:`RunStats`.
+
+    Lists are only appended to (atomic under the GIL), so the disk threads and the main thread
+    record without a lock. On CUDA a mark is a timing event recorded on a stream; elsewhere it
+    is a ``perf_counter`` reading.
+    """
+
+    def __init__(self, op: str, device: torch.device, io_mode: str, n_tiles: int) -> None:
+        self.op = op
+        self.device = device
+        self.io_mode = io_mode
+        self.n_tiles = n_tiles
+        self.cuda = device.type == "cuda"
+        self.start: Any = None
+        self.end: Any = None
+        self.wall_start = time.perf_counter()
+        # Set when the call waited for its own end (calls with a disk path do): the wall
+        # clock then spans the CPU-side disk reads as well as the GPU work.
+        self.wall_end: float | None = None
+        # (path, nbytes, start_mark, end_mark) for loads; marks are events or floats.
+        self.loads: list[tuple[str, int, Any, Any]] = []
+        # (phase, start_mark, end_mark) per computed tile: phase "resident" or "stream".
+        self.computes: list[tuple[str, Any, Any]] = []
+        self.writebacks: list[tuple[int, Any, Any]] = []
+        # Disk reads timed on the worker threads (wall clock): (nbytes, t0, t1).
+        self.disk_reads: list[tuple[int, float, float]] = []
+        self.stolen = 0
+        self.peak_bytes = 0
+        self.extra: dict[str, Any] = {}
+
+    def mark(self, stream: Any = None) -> Any:
+        """A timestamp: a recorded timing event on ``stream`` (CUDA) or ``perf_counter()``."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def done(self) -> bool:
+        """Whether the call's last mark has completed (never blocks)."""
+        return not self.cuda or self.end is None or self.end.query()
+
+    def _elapsed(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+    def finish(self) -> RunStats:
+        """Wait for the call's last mark and reduce the marks to a :class:`RunStats`."""
+        if self.cuda and self.end is not None:
+            self.end.synchronize()
+        stats = RunStats(
+            op=self.op,
+            device=str(self.device),
+            io_mode=self.io_mode,
+            n_tiles=self.n_tiles,
+            tiles_stolen=self.stolen,
+            peak_gpu_bytes=self.peak_bytes,
+            extra=dict(self.extra),
+        )
+        h2d_busy = 0.0
+        for path, nbytes, a, b in self.loads:
+            if path == "resident":
+                stats.tiles_resident += 1
+                stats.bytes_resident += nbytes
+            elif path == "h2d":
+                stats.tiles_h2d += 1
+                stats.bytes_h2d += nbytes
+                h2d_busy += self._elapsed(a, b)
+            else:
+                stats.tiles_disk += 1
+                stats.bytes_disk += nbytes
+        for phase, a, b in self.computes:
+            dt = self._elapsed(a, b)
+            stats.t_compute_s += dt
+            if phase == "resident":
+                stats.t_resident_s += dt
+        for nbytes, a, b in self.writebacks:
+            stats.bytes_d2h += nbytes
+            stats.t_d2h_s += self._elapsed(a, b)
+        if self.disk_reads:
+            first = min(t0 for _, t0, _ in self.disk_reads)
+            last = max(t1 for _, _, t1 in self.disk_reads)
+            stats.t_disk_s = last - first
+        stats.t_h2d_s = h2d_busy
+        if self.wall_end is not None:
+            stats.t_total_s = self.wall_end - self.wall_start
+        elif self.start is not None and self.end is not None:
+            stats.t_total_s = self._elapsed(self.start, self.end)
+        stats.t_io_s = max(stats.t_h2d_s, stats.t_disk_s)
+        stats.bw_h2d = stats.bytes_h2d / stats.t_h2d_s if stats.t_h2d_s > 0 else 0.0
+        stats.bw_disk = stats.bytes_disk / stats.t_disk_s if stats.t_disk_s > 0 else 0.0
+        stats.bw_d2h = stats.bytes_d2h / stats.t_d2h_s if stats.t_d2h_s > 0 else 0.0
+        if stats.t_total_s > 0:
+            stats.overlap_efficiency = max(stats.t_io_s, stats.t_compute_s) / stats.t_total_s
+        return stats

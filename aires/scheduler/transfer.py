@@ -1,0 +1,244 @@
+"""The data paths: host DMA, NVMe reads, write-back, and the dispatcher between the two inputs.
+
+- **Host path**: a phase-2 tile's pinned bytes are copied into a device slot with
+  ``slot.copy_(pinned, non_blocking=True)`` on a dedicated copy stream (``cudaMemcpyAsync``),
+  after the copy stream has waited, on the GPU, for the compute that last read the slot.
+- **Disk path**: worker threads read whole aligned tiles with ``TileStore.read_bytes``. With
+  KvikIO (GDS or its compatibility mode) the read lands straight in the worker's device slot;
+  otherwise it lands in the worker's pinned bounce buffer and is copied to the slot on the
+  disk path's own stream, so a slow disk never queues behind host copies.
+- **Write-back**: outputs that must not stay on the device go device -> pinned host on a third
+  stream, ordered after the compute that produced them.
+- **Dispatcher**: a tile in pinned memory can travel either path (every tile is also in the
+  tile file). The disk path takes the host queue's last tile when it would deliver it before
+  the host path reaches it, judged from throughputs measured as the run goes (exponential
+  moving averages), so both paths finish together.
+
+On the CPU (``device="cpu"``) the same objects run without streams: copies are ``memcpy``s and
+the disk threads read with POSIX I/O, so CI exercises every rule.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from aires.scheduler.stats import Recorder
+
+__all__ = ["Dispatcher", "HostPath", "DiskPath", "WriteBack", "pinned_empty", "copy_rate"]
+
+#: Prior for the disk path before it has been measured: a cold single-thread read on the
+#: benchmark machine (DESIGN.md, "Physical limits"). Optimism here would send tiles to a slow
+#: disk on the first call; the first reads correct it.
+DISK_PRIOR = 2e9
+
+
+class Dispatcher:
+    """Chooses the path for each tile both paths can deliver, from measured throughput.
+
+    Rates are bytes per second, one exponential moving average per path (``"host"``,
+    ``"disk"``); ``update`` folds in a new measurement with weight ``smoothing``.
+
+    The rule (:meth:`steal`): the host path works through its queue front to back; the disk
+    path, whenever a worker is free and has no disk-only tile left, considers the host
+    queue's *last* tile. The host path would deliver it after all ``host_remaining`` bytes,
+    at ``host_remaining / rate["host"]``; the disk path in ``nbytes / rate["disk"]``. The tile
+    goes to whichever is sooner. Since ``host_remaining`` only shrinks, once the disk path
+    declines it never steals again in that call: the two paths end together.
+
+    Args:
+        host_rate: Initial host-path throughput, bytes/s.
+        disk_rate: Initial disk-path throughput per worker, bytes/s.
+        smoothing: Weight of a new measurement, in (0, 1].
+    """
+
+    def __init__(
+        self, host_rate: float, disk_rate: float = DISK_PRIOR, *, smoothing: float = 0.5
+    ) -> None:
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+        for name, rate in (("host_rate", host_rate), ("disk_rate", disk_rate)):
+            if not rate > 0:
+                raise ValueError(f"{name} must be positive bytes/s, got {rate!r}")
+        self.rates = {"host": float(host_rate), "disk": float(disk_rate)}
+        self.smoothing = smoothing
+        self._lock = threading.Lock()
+
+    def update(self, path: str, nbytes: int, seconds: float) -> None:
+        """Fold a measured transfer of ``nbytes`` in ``seconds`` into ``path``'s rate."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            old = self.rates[path]
+            self.rates[path] = (1 - self.smoothing) * old + self.smoothing * (nbytes / seconds)
+
+    def eta(self, path: str, nbytes: int) -> float:
+        """Seconds ``path`` needs for ``nbytes`` at its current rate."""
+        return nbytes / self.rates[path]
+
+    def steal(self, nbytes: int, host_remaining: int) -> bool:
+        """Whether the disk path delivers an ``nbytes`` tile before the host path reaches it.
+
+        Args:
+            nbytes: The candidate tile (the host queue's last).
+            host_remaining: Host-path bytes not yet delivered, the candidate included.
+        """
+        return self.eta("disk", nbytes) < self.eta("host", host_remaining)
+
+
+def pinned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A host byte buffer, page-locked when ``device`` is CUDA (DMA-able, allocated once)."""
+    return torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+def copy_rate(dst: torch.Tensor, src: torch.Tensor) -> float:
+    """Bytes/s of one ``dst.copy_(src)`` (timed with CUDA events when either is on a GPU)."""
+    nbytes = src.numel() * src.element_size()
+    if dst.is_cuda or src.is_cuda:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        seconds = time.perf_counter() - t0
+    return nbytes / max(seconds, 1e-9)
+
+
+class HostPath:
+    """Pinned host tile -> device slot on a dedicated copy stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def load(self, slot: torch.Tensor, src: torch.Tensor, after: Any, rec: Recorder) -> Any:
+        """Copy ``src`` into ``slot[:len(src)]`` once ``after`` (the slot's last reader) is done.
+
+        Returns:
+            The event that marks the copy's end (``None`` on the CPU, where it is done).
+        """
+        nbytes = src.numel()
+        if self.stream is None:
+            start = rec.mark()
+            slot[:nbytes].copy_(src)
+            end = rec.mark()
+            rec.loads.append(("h2d", nbytes, start, end))
+            return None
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            start = rec.mark(self.stream)
+            slot[:nbytes].copy_(src, non_blocking=True)
+            end = rec.mark(self.stream)
+        rec.loads.append(("h2d", nbytes, start, end))
+        return end
+
+
+class DiskPath:
+    """Whole-tile reads from the tile file into a worker's device slot.
+
+    Each worker ``k`` owns device slot ``slots[k]`` and, unless ``direct``, pinned bounce
+    buffer ``bounce[k]``. Calls for worker ``k`` come from one thread at a time.
+
+    Args:
+        store: The tile store (``read_bytes``, ``tiles``).
+        device: The compute device.
+        slots: One device slot per worker.
+        bounce: One pinned buffer per worker, or ``None`` when reads go to the device directly.
+        dispatcher: Receives the measured read throughput.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        device: torch.device,
+        slots: Sequence[torch.Tensor],
+        bounce: Sequence[torch.Tensor] | None,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self.store = store
+        self.slots = list(slots)
+        self.bounce = list(bounce) if bounce is not None else None
+        self.dispatcher = dispatcher
+        cuda = device.type == "cuda"
+        # The CRC is folded into POSIX reads for free; a KvikIO read into GPU memory would
+        # copy the tile back to the host to check it, so streamed GPU reads trust the disk
+        # (tiles were checked when placed; ``TileStore.verify`` checks them all).
+        self.verify = not (cuda and bounce is None)
+        self.stream = torch.cuda.Stream(device) if cuda and bounce is not None else None
+        self._bounce_free: list[Any] = [None] * len(self.slots)
+
+    def fetch(self, worker: int, tile: int, nbytes: int, after: Any, rec: Recorder) -> Any:
+        """Read ``tile`` into worker ``worker``'s slot once ``after`` (its last reader) is done.
+
+        Runs on the worker's thread and blocks it for the read.
+
+        Returns:
+            The event the compute must wait for (``None`` when the bytes are already there).
+        """
+        slot = self.slots[worker]
+        if self.bounce is None:
+            # The read writes the slot from the host side: the slot's last reader must be done.
+            if after is not None:
+                after.synchronize()
+            t0 = time.perf_counter()
+            self.store.read_bytes(tile, slot[:nbytes], verify=self.verify)
+            t1 = time.perf_counter()
+            ready = None
+        else:
+            bounce = self.bounce[worker]
+            if self._bounce_free[worker] is not None:
+                self._bounce_free[worker].synchronize()
+            t0 = time.perf_counter()
+            self.store.read_bytes(tile, bounce[:nbytes], verify=self.verify)
+            t1 = time.perf_counter()
+            if self.stream is None:
+                slot[:nbytes].copy_(bounce[:nbytes])
+                ready = None
+            else:
+                with torch.cuda.stream(self.stream):
+                    if after is not None:
+                        self.stream.wait_event(after)
+                    slot[:nbytes].copy_(bounce[:nbytes], non_blocking=True)
+                    ready = rec.mark(self.stream)
+                self._bounce_free[worker] = ready
+        rec.disk_reads.append((nbytes, t0, t1))
+        rec.loads.append(("disk", nbytes, None, None))
+        self.dispatcher.update("disk", nbytes, t1 - t0)
+        return ready
+
+
+class WriteBack:
+    """Device -> pinned host copies of outputs, on their own stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, rec: Recorder) -> Any:
+        """``dst.copy_(src)`` once ``after`` (the compute that wrote ``src``) is done.
+
+        Returns:
+            The event that marks the copy's end; ``src`` may be reused after it.
+        """
+        nbytes = src.numel() * src.element_size()
+        if self.stream is None:
+            start = rec.mark()
+            dst.copy_(src)
+            rec.writebacks.append((nbytes, start, rec.mark()))
+            return None
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            start = rec.mark(self.stream)
+            dst.copy_(src, non_blocking=True)
+            end = rec.mark(self.stream)
+        rec.writebacks.append((nbytes, start, end))
+        return end

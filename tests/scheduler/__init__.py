@@ -1,0 +1,1 @@
+"""Tests of aires.scheduler, one module per module of the package."""

@@ -1,0 +1,73 @@
+"""Helpers shared by the scheduler tests: a matrix with hub rows and budgets that force tiers.
+
+The matrix (sketch): 300 x 500, ~10 nonzeros per row, two hub rows (rows 5 and 123, 480
+entries each) longer than a tile, so each is split into partial tiles that must be summed, and
+rows 200-219 empty. Tiles are ~2 KiB, so the matrix spans dozens of tiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from aires.scheduler import Scheduler
+from aires.tiling import TileStore
+
+TILE_BYTES = 2048
+ALIGNMENT = 256
+
+
+def hub_matrix(
+    seed: int = 0,
+    shape: tuple[int, int] = (300, 500),
+    hubs: tuple[int, ...] = (5, 123),
+    empty: tuple[int, int] = (200, 220),
+) -> sp.csr_array:
+    """Random CSR with hub rows longer than a tile (480 entries) and a block of empty rows."""
+    rng = np.random.default_rng(seed)
+    a = sp.random_array(shape, density=0.02, random_state=rng, format="lil")
+    for hub in hubs:
+        cols = rng.choice(shape[1], size=min(480, shape[1]), replace=False)
+        a[hub, cols] = rng.standard_normal(cols.size)
+    a = sp.csr_array(a)
+    a[empty[0] : empty[1]] = 0
+    a.eliminate_zeros()
+    return sp.csr_array(a)
+
+
+def tier_budgets(
+    store: TileStore,
+    *,
+    resident: int,
+    host: int,
+    reserve: int,
+    disk_workers: int = 2,
+) -> tuple[int, int]:
+    """``(gpu_budget, host_budget)`` placing exactly the first ``resident`` tiles on the device,
+    the next ``host`` in host memory and the rest on disk (CPU device, ``dual=False``)."""
+    sizes = [t.nbytes for t in store.tiles]
+    slot = max(sizes)
+    n_disk = disk_workers if resident + host < len(sizes) else 0
+    gpu = (3 + n_disk) * slot + reserve + sum(sizes[:resident])
+    return gpu, sum(sizes[resident : resident + host])
+
+
+def reserve_of(store: TileStore, f: int, out: str | None = None, device: str = "cpu") -> int:
+    """The device reserve an ``spmm`` with ``f`` float64 columns needs."""
+    probe = Scheduler(store, gpu_budget="1GiB", host_budget="1GiB", device=device)
+    return probe.spmm_reserve(f, torch.float64, out=out)
+
+
+def spgemm_budgets(store: TileStore, x: torch.Tensor, *, resident: int, host: int) -> tuple[int, int]:
+    """Like :func:`tier_budgets` for an ``spgemm`` with ``x``, whose reserve is a quarter of the
+    budget: iterate ``budget = base + reserve(budget)`` to its fixed point."""
+    gpu, host_bytes = tier_budgets(store, resident=resident, host=host, reserve=0)
+    base = gpu
+    for _ in range(60):
+        probe = Scheduler(store, gpu_budget=gpu, host_budget="1GiB", device=x.device)
+        nxt = base + probe.spgemm_reserve(x)
+        if nxt == gpu:
+            break
+        gpu = nxt
+    return gpu, host_bytes

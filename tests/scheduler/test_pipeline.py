@@ -1,0 +1,390 @@
+"""The scheduler against scipy: every tier and mix of tiers, both products, both outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from aires.scheduler import RunStats, Scheduler
+from aires.tiling import TileStore
+
+from .stores import hub_matrix, reserve_of, spgemm_budgets, tier_budgets
+
+F = 6
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+# (resident, host) tile counts; the rest of the tiles stay on disk. "all" = every tile.
+TIERS = {
+    "resident": ("all", 0),
+    "host": (0, "all"),
+    "disk": (0, 0),
+    "host+disk": (0, 5),
+    "all-three": (4, 5),
+    "resident+disk": (4, 0),
+}
+
+
+def dense_x(n: int, f: int = F, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
+    rng = np.random.default_rng(1)
+    return torch.tensor(rng.standard_normal((n, f)), dtype=dtype, device=device)
+
+
+def sparse_x(n: int, f: int = F, density: float = 0.3, device: str = "cpu") -> torch.Tensor:
+    m = sp.random_array((n, f), density=density, random_state=np.random.default_rng(2))
+    return torch.tensor(m.toarray()).to_sparse_csr().to(device)
+
+
+def tier_counts(store: TileStore, tier: str) -> tuple[int, int]:
+    """``(resident, host)`` tile counts of ``tier`` for ``store``."""
+    n = len(store)
+    resident, host = TIERS[tier]
+    resident = n if resident == "all" else resident
+    return resident, n - resident if host == "all" else host
+
+
+def scheduler_for(
+    store: TileStore,
+    tier: str,
+    *,
+    out: str | None = None,
+    device: str = "cpu",
+    spgemm_x: torch.Tensor | None = None,
+) -> Scheduler:
+    resident, host = tier_counts(store, tier)
+    if spgemm_x is not None:
+        gpu, host_bytes = spgemm_budgets(store, spgemm_x, resident=resident, host=host)
+    else:
+        reserve = reserve_of(store, F, out, device)
+        gpu, host_bytes = tier_budgets(store, resident=resident, host=host, reserve=reserve)
+    return Scheduler(store, gpu_budget=gpu, host_budget=host_bytes, device=device, dual=False)
+
+
+@pytest.fixture
+def store(make_store: Callable[..., TileStore]) -> TileStore:
+    s = make_store()
+    assert any(t.partial for t in s.tiles), "the fixture must split a hub row over tiles"
+    assert len(s) > 20
+    return s
+
+
+def test_fixture_has_empty_rows() -> None:
+    a = hub_matrix()
+    assert (np.diff(a.indptr)[200:220] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out", [None, "host"])
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_spmm_matches_scipy_on_every_tier(
+    store: TileStore, tier: str, out: str | None, device: str
+) -> None:
+    a = hub_matrix()
+    sched = scheduler_for(store, tier, out=out, device=device)
+    x = dense_x(a.shape[1], device=device)
+    y = sched.spmm(x, out=out)
+    assert y.device.type == ("cpu" if out == "host" else device)
+    np.testing.assert_allclose(y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-12, atol=1e-12)
+    stats = sched.stats
+    resident, host = tier_counts(store, tier)
+    assert (stats.tiles_resident, stats.tiles_h2d) == (resident, host)
+    assert stats.tiles_disk == len(store) - resident - host
+    assert stats.bytes_moved == sum(t.nbytes for t in store.tiles)
+    if out == "host":
+        assert stats.bytes_d2h == y.numel() * y.element_size()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out", [None, "host"])
+@pytest.mark.parametrize("tier", ["resident", "host", "disk", "all-three"])
+def test_spgemm_matches_scipy_on_every_tier(
+    store: TileStore, tier: str, out: str | None, device: str
+) -> None:
+    a = hub_matrix()
+    x = sparse_x(a.shape[1], device=device)
+    sched = scheduler_for(store, tier, device=device, spgemm_x=x)
+    y = sched.spgemm(x, out=out)
+    assert y.layout == torch.sparse_csr
+    assert y.device.type == ("cpu" if out == "host" else device)
+    expected = a @ x.cpu().to_dense().numpy()
+    np.testing.assert_allclose(y.cpu().to_dense().numpy(), expected, rtol=1e-12, atol=1e-12)
+    stats = sched.stats
+    resident, host = tier_counts(store, tier)
+    assert (stats.op, stats.tiles_resident, stats.tiles_h2d) == ("spgemm", resident, host)
+    assert stats.bytes_moved == sum(t.nbytes for t in store.tiles)
+
+
+def test_spgemm_splits_tiles_under_a_small_workspace(make_store: Callable[..., TileStore]) -> None:
+    a = hub_matrix()
+    store = make_store(a)
+    x = sparse_x(a.shape[1], f=40, density=0.9)
+    sched = Scheduler(store, gpu_budget="400KiB", host_budget="1MiB", device="cpu")
+    y = sched.spgemm(x)
+    np.testing.assert_allclose(y.to_dense().numpy(), a @ x.to_dense().numpy(), rtol=1e-12)
+    assert sched.stats.extra["pieces"] > len(store)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_index_dtypes(make_store: Callable[..., TileStore], index_dtype: type) -> None:
+    a = hub_matrix()
+    store = make_store(a, index_dtype=index_dtype)
+    assert store.index_dtype == np.dtype(index_dtype)
+    sched = scheduler_for(store, "all-three")
+    x = dense_x(a.shape[1])
+    np.testing.assert_allclose(sched.spmm(x).numpy(), a @ x.numpy(), rtol=1e-12, atol=1e-12)
+    xs = sparse_x(a.shape[1])
+    sched = scheduler_for(store, "all-three", spgemm_x=xs)
+    np.testing.assert_allclose(
+        sched.spgemm(xs).to_dense().numpy(), a @ xs.to_dense().numpy(), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_float32_store_and_input(make_store: Callable[..., TileStore]) -> None:
+    a = hub_matrix()
+    store = make_store(a, value_dtype=np.float32)
+    sched = Scheduler(store, gpu_budget="64KiB", host_budget="16KiB", device="cpu")
+    x = dense_x(a.shape[1], dtype=torch.float32)
+    y = sched.spmm(x)
+    assert y.dtype == torch.float32
+    np.testing.assert_allclose(y.numpy(), a @ x.double().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_float64_input_on_a_float32_store_casts_tiles(make_store: Callable[..., TileStore]) -> None:
+    a = hub_matrix()
+    store = make_store(a, value_dtype=np.float32)
+    sched = Scheduler(store, gpu_budget="1MiB", host_budget="1MiB", device="cpu")
+    x = dense_x(a.shape[1])
+    y = sched.spmm(x)
+    assert y.dtype == torch.float64
+    a32 = a.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(y.numpy(), a32 @ x.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_non_square(make_store: Callable[..., TileStore]) -> None:
+    a = hub_matrix(shape=(150, 700), empty=(100, 120))
+    store = make_store(a)
+    sched = Scheduler(store, gpu_budget="40KiB", host_budget="8KiB", device="cpu")
+    x = dense_x(700, f=3)
+    np.testing.assert_allclose(sched.spmm(x).numpy(), a @ x.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_dual_way_sends_pinned_tiles_over_disk_when_it_is_sooner(store: TileStore) -> None:
+    a = hub_matrix()
+    x = dense_x(a.shape[1])
+    gpu, host = tier_budgets(store, resident=0, host=len(store), reserve=reserve_of(store, F))
+    sched = Scheduler(store, gpu_budget=gpu + 2 * max(t.nbytes for t in store.tiles),
+                      host_budget=host, device="cpu", dual=True)
+    sched.spmm(x)  # materialise
+    sched.dispatcher.rates["host"] = 1.0  # a host path this slow loses every tile it can
+    y = sched.spmm(x)
+    stats = sched.stats
+    np.testing.assert_allclose(y.numpy(), a @ x.numpy(), rtol=1e-12, atol=1e-12)
+    assert stats.tiles_stolen > 0 and stats.tiles_disk == stats.tiles_stolen
+    assert stats.tiles_h2d + stats.tiles_disk == len(store)
+    sched.dispatcher.rates["host"] = 1e30  # and this fast one keeps them all
+    sched.spmm(x)
+    assert sched.stats.tiles_stolen == 0 and sched.stats.tiles_h2d == len(store)
+
+
+def test_both_paths_carry_tiles_when_both_hold_some(store: TileStore) -> None:
+    sched = scheduler_for(store, "host+disk")
+    sched.spmm(dense_x(store.shape[1]))
+    stats = sched.stats
+    assert stats.tiles_h2d > 0 and stats.tiles_disk > 0
+    assert stats.bw_h2d > 0 and stats.bw_disk > 0
+
+
+def test_stats_are_consistent(store: TileStore) -> None:
+    sched = scheduler_for(store, "all-three")
+    assert sched.stats is None
+    sched.spmm(dense_x(store.shape[1]))
+    stats = sched.stats
+    assert isinstance(stats, RunStats)
+    assert stats.io_mode == "cpu" and stats.op == "spmm" and stats.n_tiles == len(store)
+    assert stats.bytes_resident + stats.bytes_h2d + stats.bytes_disk == stats.bytes_moved
+    assert stats.bytes_moved == sum(t.nbytes for t in store.tiles)
+    assert stats.t_total_s > 0 and stats.t_compute_s > 0 and stats.t_resident_s > 0
+    assert 0 < stats.overlap_efficiency
+    assert stats.peak_gpu_bytes <= sched.gpu_budget
+    d = stats.to_dict()
+    assert d["bytes_moved"] == stats.bytes_moved and d["io_mode"] == "cpu"
+
+
+def test_repeated_calls_keep_the_placement(store: TileStore) -> None:
+    sched = scheduler_for(store, "all-three")
+    x = dense_x(store.shape[1])
+    first = sched.spmm(x)
+    placement = sched.placement
+    for _ in range(2):
+        # Pieces of a hub row arrive in the order the paths deliver them: the last bit of
+        # those sums may differ from call to call.
+        torch.testing.assert_close(sched.spmm(x), first, rtol=1e-14, atol=1e-14)
+        assert sched.placement is placement
+
+
+def test_a_wider_output_re_places_tiles(store: TileStore) -> None:
+    a = hub_matrix()
+    gpu, host = tier_budgets(store, resident=len(store), host=0, reserve=reserve_of(store, 2))
+    sched = Scheduler(store, gpu_budget=gpu + 4096, host_budget="1MiB", device="cpu", dual=False)
+    sched.spmm(dense_x(a.shape[1], f=2))
+    assert len(sched.placement.resident) == len(store)
+    x = dense_x(a.shape[1], f=12)
+    np.testing.assert_allclose(sched.spmm(x).numpy(), a @ x.numpy(), rtol=1e-12, atol=1e-12)
+    assert len(sched.placement.resident) < len(store)
+    assert sched.stats.peak_gpu_bytes <= sched.gpu_budget
+
+
+def test_min_gpu_bytes_and_too_small_a_budget(store: TileStore) -> None:
+    slot = max(t.nbytes for t in store.tiles)
+    sched = Scheduler(store, gpu_budget="1MiB", host_budget="1MiB", device="cpu")
+    assert sched.min_gpu_bytes >= 3 * slot
+    with pytest.raises(ValueError, match=r"minimum working set of \d+ bytes \(.*KiB\)"):
+        Scheduler(store, gpu_budget=3 * slot - 1, host_budget="1MiB", device="cpu")
+    tight = Scheduler(store, gpu_budget=6 * slot, host_budget=0, device="cpu")
+    with pytest.raises(ValueError, match="an SpMM output does not fit.*minimum working set"):
+        tight.spmm(dense_x(store.shape[1], f=64))
+
+
+def test_input_validation(store: TileStore) -> None:
+    sched = Scheduler(store, gpu_budget="1MiB", host_budget="1MiB", device="cpu")
+    with pytest.raises(ValueError, match=r"A has shape \(300, 500\) and X has shape \(499, 6\)"):
+        sched.spmm(dense_x(499))
+    with pytest.raises(TypeError, match="floating dtype"):
+        sched.spmm(torch.ones(500, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="out must be None or 'host'"):
+        sched.spmm(dense_x(500), out="gpu")
+    with pytest.raises(TypeError, match="dense"):
+        sched.spmm(sparse_x(500))
+    with pytest.raises(TypeError, match="sparse CSR or COO"):
+        sched.spgemm(dense_x(500))
+    with pytest.raises(ValueError, match="2-D"):
+        sched.spmm(torch.ones(500, dtype=torch.float64))
+    with pytest.raises(TypeError, match="TileStore"):
+        Scheduler(object(), device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gpu_budget"):
+        Scheduler(store, gpu_budget="lots", device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(store: TileStore) -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Scheduler(store, device="cuda")
+
+
+def test_spgemm_accepts_coo(store: TileStore) -> None:
+    a = hub_matrix()
+    x = sparse_x(a.shape[1]).to_sparse_coo()
+    sched = Scheduler(store, gpu_budget="1MiB", host_budget="1MiB", device="cpu")
+    np.testing.assert_allclose(
+        sched.spgemm(x).to_dense().numpy(), a @ x.to_dense().numpy(), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_a_failing_disk_read_surfaces(store: TileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    sched = scheduler_for(store, "disk")
+    x = dense_x(store.shape[1])
+    sched.spmm(x)
+    original = store.read_bytes
+
+    def broken(i: int, out: object, **kw: object) -> int:
+        if i == len(store) - 1:
+            raise OSError("disk on fire")
+        return original(i, out, **kw)
+
+    monkeypatch.setattr(store, "read_bytes", broken)
+    with pytest.raises(OSError, match="disk on fire"):
+        sched.spmm(x)
+    monkeypatch.undo()
+    np.testing.assert_allclose(sched.spmm(x).numpy(), hub_matrix() @ x.numpy(), rtol=1e-12)
+
+
+def test_empty_matrix(make_store: Callable[..., TileStore]) -> None:
+    store = make_store(sp.csr_array((7, 5)))
+    sched = Scheduler(store, gpu_budget="1MiB", host_budget="1MiB", device="cpu")
+    y = sched.spmm(dense_x(5, f=2))
+    assert y.shape == (7, 2) and not y.any()
+    assert sched.spgemm(sparse_x(5, f=2)).to_dense().abs().sum() == 0
+
+
+def test_close_frees_and_stays_usable(store: TileStore) -> None:
+    with scheduler_for(store, "all-three") as sched:
+        x = dense_x(store.shape[1])
+        first = sched.spmm(x)
+        sched.close()
+        torch.testing.assert_close(sched.spmm(x), first, rtol=1e-14, atol=1e-14)
+    assert "Scheduler(" in repr(sched)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+class _PosixView:
+    """A store seen as if KvikIO were absent, to drive the pinned bounce-buffer disk path."""
+
+    def __init__(self, store: TileStore) -> None:
+        self._store = store
+        self.io_mode = "posix"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier", ["disk", "all-three"])
+def test_gpu_posix_bounce_path(store: TileStore, tier: str) -> None:
+    a = hub_matrix()
+    n = len(store)
+    resident, host = TIERS[tier]
+    reserve = reserve_of(store, F, None, "cuda")
+    slot = max(t.nbytes for t in store.tiles)
+    gpu, host_bytes = tier_budgets(store, resident=resident, host=host, reserve=reserve)
+    sched = Scheduler(
+        _PosixView(store), gpu_budget=gpu, host_budget=host_bytes + 2 * slot,
+        device="cuda", dual=False,
+    )
+    x = dense_x(a.shape[1], device="cuda")
+    y = sched.spmm(x)
+    np.testing.assert_allclose(y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-12, atol=1e-12)
+    assert sched.stats.io_mode == "posix"
+    assert sched.stats.tiles_disk == n - resident - host
+
+
+@pytest.mark.gpu
+def test_gpu_budget_is_never_exceeded(make_store: Callable[..., TileStore]) -> None:
+    a = sp.csr_array(sp.random_array((20000, 20000), density=5e-4, random_state=0))
+    store = make_store(a, tile_bytes="256KiB", alignment=4096, value_dtype=np.float32)
+    x = torch.randn(20000, 64, device="cuda")
+    torch.cuda.synchronize()
+    for budget in ("24MiB", "40MiB"):
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        sched = Scheduler(store, gpu_budget=budget, host_budget=store.nnz * 4, device="cuda")
+        y = sched.spmm(x)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= sched.gpu_budget, (budget, peak)
+        assert sched.stats.peak_gpu_bytes <= sched.gpu_budget
+        np.testing.assert_allclose(
+            y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-4, atol=1e-4
+        )
+        del y
+        sched.close()
+
+
+@pytest.mark.gpu
+def test_gpu_steady_state_allocates_nothing(make_store: Callable[..., TileStore]) -> None:
+    a = sp.csr_array(sp.random_array((20000, 20000), density=5e-4, random_state=0))
+    store = make_store(a, tile_bytes="256KiB", alignment=4096, value_dtype=np.float32)
+    x = torch.randn(20000, 64, device="cuda")
+    sched = Scheduler(store, gpu_budget="40MiB", host_budget=store.nnz * 4, device="cuda")
+    segments = []
+    for _ in range(3):
+        y = sched.spmm(x)
+        torch.cuda.synchronize()
+        del y
+        segments.append(torch.cuda.memory_stats()["segment.all.allocated"])
+    assert segments[1] == segments[2], segments
