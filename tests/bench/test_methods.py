@@ -10,18 +10,22 @@ import pytest
 import torch
 
 from bench.methods import ABLATIONS, METHODS, MethodConfig, check_method
+from bench.methods.aires import VARIANTS
 from bench.methods.chunks import csr_row_chunks, dense_row_chunks
 from bench.methods.result import MethodResult, OverBudgetError, is_out_of_memory
 from bench.methods.run import run_method
 from bench.methods.workload import load_workload
 
-CPU_METHODS = ("naive", "feature-cache", "incore")
+CPU_METHODS = (
+    "aires", "aires-no-align", "aires-host-only", "aires-disk-only", "naive", "feature-cache",
+    "incore",
+)
 
 
 def _config(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
     base = MethodConfig(
         method=method, workload=str(workload_dir), gpu_budget=None, epochs=2, warmup=1,
-        hidden=16, tile_bytes=2048, device="cpu",
+        hidden=16, tile_bytes=4096, device="cpu", store_dir=str(workload_dir / "stores"),
     )
     return replace(base, **kw)
 
@@ -57,6 +61,28 @@ def test_feature_cache_without_budget_caches_half(workload_dir: Path) -> None:
     result = run_method(_config(workload_dir, "feature-cache"))
     assert result.extra["cached_rows"] == 120
     assert result.extra["cached_fraction"] == pytest.approx(0.5)
+
+
+def test_aires_reports_scheduler_statistics(workload_dir: Path) -> None:
+    result = run_method(_config(workload_dir, "aires"))
+    assert result.extra["passes_per_epoch"] == 4
+    assert result.extra["io_mode"] == "cpu"
+    assert 0 < result.extra["overlap_efficiency"] <= 1
+    assert result.extra["run_stats"]["n_tiles"] > 1
+    assert result.bytes_h2d is not None and result.bytes_disk is not None
+
+
+@pytest.mark.parametrize("variant", [v for v, spec in VARIANTS.items() if isinstance(spec, str)])
+def test_ablations_without_a_scheduler_option_say_what_is_missing(
+    workload_dir: Path, variant: str
+) -> None:
+    result = run_method(_config(workload_dir, f"aires-{variant}"))
+    assert result.status == "error"
+    assert "Scheduler has no option" in result.error
+
+
+def test_every_ablation_has_a_variant() -> None:
+    assert set(VARIANTS) == set(ABLATIONS)
 
 
 def test_uvm_needs_a_gpu(workload_dir: Path) -> None:
@@ -112,7 +138,9 @@ def _gpu(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ("naive", "feature-cache", "incore", "uvm"))
+@pytest.mark.parametrize(
+    "method", ("aires", "aires-host-only", "naive", "feature-cache", "incore", "uvm")
+)
 def test_gpu_methods_train_the_same_model(
     workload_dir: Path, method: str, reference: MethodResult
 ) -> None:
@@ -120,6 +148,25 @@ def test_gpu_methods_train_the_same_model(
     assert result.status == "ok", result.error
     assert result.peak_gpu_bytes and result.peak_gpu_bytes < 1 << 30
     np.testing.assert_allclose(result.extra["loss"], reference.extra["loss"], rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scope", ("process", "data"))
+def test_aires_fits_its_budget(workload_dir: Path, scope: str) -> None:
+    result = run_method(_gpu(workload_dir, "aires", gpu_budget=256 << 20, budget_scope=scope))
+    assert result.status == "ok", result.error
+    assert result.peak_gpu_bytes < 256 << 20
+    assert result.extra["io_mode"] in ("gds", "kvikio-compat", "posix")
+
+
+@pytest.mark.gpu
+def test_aires_disk_only_reads_from_disk(workload_dir: Path) -> None:
+    # Tiny tiles and the smallest budget the scheduler accepts leave most tiles streamed.
+    result = run_method(_gpu(workload_dir, "aires-disk-only", tile_bytes=4096,
+                             gpu_budget=8 << 20, budget_scope="data"))
+    assert result.status in ("ok", "oom"), result.error
+    if result.status == "ok":
+        assert result.bytes_h2d == 0
 
 
 @pytest.mark.gpu
