@@ -196,7 +196,9 @@ def place(
             return attempt(n_disk)
     if without is not None and not without.disk:
         return without
-    n_disk = 1 if sizes and (without is None or without.disk) else 0
+    # At the minimum no tile is resident: a disk slot is part of it unless host memory
+    # holds every tile.
+    n_disk = 1 if sum(sizes) > host else 0
     if gpu < minimum(n_disk):
         parts = f"{slots} slots"
         if n_disk:

@@ -1,0 +1,102 @@
+"""The dispatcher's rule with fake throughputs, and the copy paths on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aires.scheduler import Dispatcher
+from aires.scheduler.stats import Recorder
+from aires.scheduler.transfer import HostPath, WriteBack, copy_rate, pinned_empty
+
+
+def test_steal_when_disk_delivers_before_host_reaches_the_tile() -> None:
+    d = Dispatcher(host_rate=10.0, disk_rate=5.0)
+    # Host needs 30/10 = 3 s to reach the last tile; disk delivers 10 bytes in 2 s.
+    assert d.steal(10, host_remaining=30)
+    # Host needs 1.5 s; disk would need 2 s.
+    assert not d.steal(10, host_remaining=15)
+    # A tie goes to the host path.
+    assert not d.steal(10, host_remaining=20)
+
+
+def simulate(d: Dispatcher, n_tiles: int) -> tuple[int, int]:
+    """Run the rule in time as the pipeline does, for ``n_tiles`` one-byte tiles in pinned
+    memory: the host path drains its queue from the front at its rate while one disk worker,
+    each time it is free, asks for the queue's last tile.
+
+    Returns:
+        Tiles delivered by the host path and by the disk path.
+    """
+    queue, stolen, t = n_tiles, 0, 0.0
+    while True:
+        remaining = queue - t * d.rates["host"]  # host bytes not yet delivered at time t
+        if remaining <= 0 or not d.steal(1, remaining):
+            return queue, stolen
+        queue -= 1
+        stolen += 1
+        t += d.eta("disk", 1)
+
+
+@pytest.mark.parametrize(
+    ("host_rate", "disk_rate", "expected"),
+    [(1.0, 1.0, (5, 5)), (3.0, 1.0, (8, 2)), (1.0, 1e-9, (10, 0)), (1e-9, 1.0, (0, 10))],
+)
+def test_both_paths_finish_together(host_rate: float, disk_rate: float, expected: tuple[int, int]) -> None:
+    d = Dispatcher(host_rate=host_rate, disk_rate=disk_rate)
+    assert simulate(d, 10) == expected
+
+
+def test_rates_are_moving_averages() -> None:
+    d = Dispatcher(host_rate=100.0, disk_rate=10.0, smoothing=0.5)
+    d.update("disk", 30, 1.0)
+    assert d.rates["disk"] == pytest.approx(20.0)
+    d.update("host", 50, 1.0)
+    assert d.rates["host"] == pytest.approx(75.0)
+    d.update("host", 0, 1.0)  # nothing measured: no change
+    d.update("host", 10, 0.0)
+    assert d.rates["host"] == pytest.approx(75.0)
+    assert d.eta("disk", 40) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kw", [{"smoothing": 0.0}, {"smoothing": 1.5}, {"disk_rate": 0.0}])
+def test_dispatcher_rejects_bad_arguments(kw: dict[str, float]) -> None:
+    args = {"host_rate": 1.0, **kw}
+    with pytest.raises(ValueError):
+        Dispatcher(**args)
+
+
+def test_host_path_and_write_back_copy_bytes_exactly() -> None:
+    rec = Recorder("spmm", torch.device("cpu"), "cpu", 1)
+    src = torch.arange(100, dtype=torch.uint8)
+    slot = torch.zeros(128, dtype=torch.uint8)
+    assert HostPath(torch.device("cpu")).load(slot, src, None, rec) is None
+    assert torch.equal(slot[:100], src) and not slot[100:].any()
+    dst = torch.zeros(100, dtype=torch.uint8)
+    WriteBack(torch.device("cpu")).copy(dst, slot[:100], None, rec)
+    assert torch.equal(dst, src)
+    stats = rec.finish()
+    assert stats.bytes_h2d == 100 and stats.bytes_d2h == 100
+
+
+def test_copy_rate_and_pinned_empty_on_cpu() -> None:
+    buf = pinned_empty(1 << 16, torch.device("cpu"))
+    assert buf.numel() == 1 << 16 and buf.dtype == torch.uint8 and not buf.is_pinned()
+    assert copy_rate(torch.empty_like(buf), buf) > 0
+
+
+@pytest.mark.gpu
+def test_gpu_paths_are_bit_exact_and_pinned() -> None:
+    dev = torch.device("cuda")
+    rec = Recorder("spmm", dev, "posix", 1)
+    src = pinned_empty(1 << 20, dev)
+    assert src.is_pinned()
+    src.copy_(torch.randint(0, 255, (1 << 20,), dtype=torch.uint8))
+    slot = torch.zeros(1 << 21, dtype=torch.uint8, device=dev)
+    ready = HostPath(dev).load(slot, src, None, rec)
+    torch.cuda.current_stream().wait_event(ready)
+    back = pinned_empty(1 << 20, dev)
+    done = WriteBack(dev).copy(back, slot[: 1 << 20], ready, rec)
+    done.synchronize()
+    assert torch.equal(back, src)
+    assert copy_rate(slot[: 1 << 20], src) > 1e9
