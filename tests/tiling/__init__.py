@@ -1,0 +1,1 @@
+"""Tests of aires.tiling, one module per module of the package."""
