@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     demo = args.dataset is None
     if demo:
-        args.dataset, args.scale = DEFAULT["dataset"], DEFAULT["scale"]
+        args.dataset = DEFAULT["dataset"]
+        args.scale = DEFAULT["scale"] if args.scale is None else args.scale
     args.methods = _methods(args.methods or (DEFAULT["methods"] if demo else ALL_METHODS))
     if args.ablation:
         args.methods += [f"aires-{a}" for a in ABLATIONS if f"aires-{a}" not in args.methods]

@@ -192,7 +192,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
 
     names = list(doc["methods"])
     medians = [_median(doc["methods"][n]) for n in names]
-    finished = [m for m in medians if m is not None]
+    finished = [max(e["epoch_s"]) for e in doc["methods"].values() if e["status"] == "ok"]
     top = max(finished) if finished else 1.0
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2), dpi=120)
     for i, (name, median) in enumerate(zip(names, medians)):
@@ -206,13 +206,15 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
             "tab:olive" if name.startswith("aires-") else "tab:blue")
         ax.bar(i, median, color=color,
                yerr=[[median - min(times)], [max(times) - median]], capsize=4)
-        ax.text(i, median, _seconds(median), ha="center", va="bottom", fontsize=8)
+        ax.text(i, max(times) + top * 0.01, _seconds(median), ha="center", va="bottom",
+                fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("epoch time (s), median; whiskers min-max")
     dataset = doc["dataset"]
     ax.set_title(
         f"{dataset['name']}: {dataset['nodes']:,} nodes, {dataset['edges']:,} edges; "
-        f"GPU budget {format_bytes(doc['gpu_budget_bytes'])}\n{doc['device']}",
+        f"GPU budget {format_bytes(doc['gpu_budget_bytes']) if doc['gpu_budget_bytes'] else 'none'}"
+        f"\n{doc['device']}",
         fontsize=9,
     )
     ax.set_ylim(0, top * 1.25)

@@ -24,6 +24,7 @@ from numpy.lib.format import open_memmap
 
 __all__ = [
     "Workload",
+    "is_preset",
     "load_graph",
     "load_workload",
     "main",
@@ -113,17 +114,36 @@ def workload_key(dataset: str, *, scale: float | None, seed: int) -> str:
 def load_graph(
     dataset: str, *, root: str | None, scale: float | None, seed: int, cache_dir: Path
 ) -> Any:
-    """The graph named ``dataset`` from :mod:`aires.data` (a synthetic preset when ``scale``).
+    """The graph named ``dataset``, loaded by :func:`aires.data.load_graph`.
 
-    Synthetic graphs are generated once into ``cache_dir / "graphs"``.
+    A synthetic preset (``scale`` 1 unless given) is generated once into
+    ``cache_dir / "graphs"``.
+
+    Raises:
+        ValueError: ``scale`` given for a dataset that is not a synthetic preset.
     """
     from aires import data
 
+    if is_preset(dataset):
+        return data.load_graph(dataset, scale=1.0 if scale is None else scale, seed=seed,
+                               cache_dir=cache_dir / "graphs", progress=False)
     if scale is not None:
-        return data.synthetic(
-            dataset, scale=scale, seed=seed, cache_dir=cache_dir / "graphs", progress=False
+        raise ValueError(
+            f"scale applies to the synthetic presets ({', '.join(_presets())}) only, "
+            f"not to {dataset!r}"
         )
     return data.load_graph(dataset, root=root)
+
+
+def _presets() -> list[str]:
+    from aires.data import PRESETS
+
+    return list(PRESETS)
+
+
+def is_preset(dataset: str) -> bool:
+    """Whether ``dataset`` names a synthetic preset of :mod:`aires.data` (case-blind)."""
+    return dataset.lower() in {p.lower() for p in _presets()}
 
 
 def prepare_workload(
@@ -150,6 +170,8 @@ def prepare_workload(
         The workload directory, to be opened by :func:`load_workload`.
     """
     cache_dir = Path(cache_dir)
+    if scale is None and is_preset(dataset):
+        scale = 1.0
     target = cache_dir / workload_key(dataset, scale=scale, seed=seed)
     if (target / "meta.json").is_file():
         meta = json.loads((target / "meta.json").read_text())

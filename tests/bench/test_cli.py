@@ -1,0 +1,70 @@
+"""``aires-bench`` end to end on a CPU: the embedded default, JSON, plot, failures recorded."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.cli import DEFAULT, main, parse_args
+from bench.methods import ABLATIONS
+from bench.report import validate
+
+
+def test_no_arguments_runs_the_embedded_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "aires-bench  device:" in out and "disk path:" in out and "GPU budget:" in out
+    table = out[out.index("method  "):]
+    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
+    assert rows == {"aires": "ok", "naive": "ok"}
+    assert (tmp_path / "aires-bench").is_dir()
+
+
+def test_results_json_plot_and_failed_method(tmp_path: Path) -> None:
+    out, png = tmp_path / "r" / "bench.json", tmp_path / "bench.png"
+    status = main([
+        "--dataset", DEFAULT["dataset"], "--scale", str(DEFAULT["scale"]), "--methods",
+        "naive,uvm", "--epochs", "2", "--warmup", "0", "--hidden", "8", "--tile-bytes",
+        "64KiB", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--plot", str(png),
+    ])
+    assert status == 0
+    doc = json.loads(out.read_text())
+    validate(doc)
+    assert doc["methods"]["naive"]["status"] == "ok"
+    assert len(doc["methods"]["naive"]["epoch_s"]) == 2
+    # uvm has no CPU form: recorded as an error while naive still ran.
+    assert doc["methods"]["uvm"]["status"] == "error"
+    assert "needs a CUDA GPU" in doc["methods"]["uvm"]["error"]
+    assert doc["dataset"]["nodes"] > 0 and doc["command"].startswith("aires-bench --dataset")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_arguments_are_parsed_and_checked() -> None:
+    args = parse_args(["--dataset", "cora", "--gpu-budget", "8GiB", "--ablation"])
+    assert args.gpu_budget == 8 << 30 and args.hidden == 256
+    assert args.methods[:5] == ["aires", "uvm", "feature-cache", "naive", "incore"]
+    assert args.methods[5:] == [f"aires-{a}" for a in ABLATIONS]
+    demo = parse_args([])
+    assert (demo.dataset, demo.scale, demo.methods) == ("products", 0.001, ["aires", "naive"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "aires,fast"], "unknown method 'fast'"),
+        (["--gpu-budget", "lots"], "--gpu-budget"),
+        (["--epochs", "0"], "--epochs"),
+        (["--scale", "-1"], "--scale"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
