@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +133,12 @@ def graph_store(args: argparse.Namespace, device: torch.device) -> tuple[TileSto
         )
         info["generate_s"] = time.perf_counter() - t0
         store = build_store(
-            (indptr, indices, data, shape), path, tile_bytes=tile_bytes, symmetric=True,
-            progress=False, overwrite=True,
+            (indptr, indices, data, shape),
+            path,
+            tile_bytes=tile_bytes,
+            symmetric=True,
+            progress=False,
+            overwrite=True,
         )
         info["reused"] = False
     tiles = store.tiles
@@ -162,7 +167,9 @@ def incore_csr(store: TileStore, device: torch.device) -> torch.Tensor:
     )
 
 
-def sparse_features(n: int, f: int, density: float, *, seed: int, device: torch.device) -> torch.Tensor:
+def sparse_features(
+    n: int, f: int, density: float, *, seed: int, device: torch.device
+) -> torch.Tensor:
     """An ``n x f`` sparse CSR ``X`` keeping each entry with probability ``density``."""
     gen = torch.Generator(device=device).manual_seed(seed)
     values = torch.rand(n, f, generator=gen, device=device)
@@ -170,7 +177,10 @@ def sparse_features(n: int, f: int, density: float, *, seed: int, device: torch.
     x = (values * mask).to_sparse_csr()
     del values, mask
     return torch.sparse_csr_tensor(
-        x.crow_indices().to(torch.int32), x.col_indices().to(torch.int32), x.values(), x.shape,
+        x.crow_indices().to(torch.int32),
+        x.col_indices().to(torch.int32),
+        x.values(),
+        x.shape,
         check_invariants=False,
     )
 
@@ -220,6 +230,16 @@ def timed(
         if i >= warmup:
             times.append(ms)
     return times, result
+
+
+def peak_start(device: torch.device) -> int:
+    """Reset the peak-memory counter; the bytes allocated now (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def summary(times: list[float]) -> dict[str, Any]:
@@ -285,8 +305,13 @@ def cold_read_bandwidth(store: TileStore, device: torch.device, *, system: bool)
         total += store.read_bytes(t.index, buf, verify=False)
     sync(device)
     seconds = time.perf_counter() - t0
-    return {"bytes": total, "seconds": seconds, "bw": total / seconds, "cold": cold,
-            "into": "device (KvikIO)" if direct else "host"}
+    return {
+        "bytes": total,
+        "seconds": seconds,
+        "bw": total / seconds,
+        "cold": cold,
+        "into": "device (KvikIO)" if direct else "host",
+    }
 
 
 def versions() -> dict[str, str | None]:
@@ -309,7 +334,9 @@ def versions() -> dict[str, str | None]:
 # ---------------------------------------------------------------------------- variants
 
 
-def budgets(store: TileStore, device: torch.device, f: int, variant: str, workers: int) -> dict[str, Any]:
+def budgets(
+    store: TileStore, device: torch.device, f: int, variant: str, workers: int
+) -> dict[str, Any]:
     """Scheduler arguments that put the tiles where ``variant`` wants them, none resident."""
     slot = max(t.nbytes for t in store.tiles)
     total = sum(t.nbytes for t in store.tiles)
@@ -337,7 +364,7 @@ def bench_spmm(
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     x = torch.rand(n, args.features, generator=gen, device=device)
     results: dict[str, Any] = {}
-    times, reference = timed(lambda: a @ x, device, runs=args.runs, warmup=2)
+    times, reference = timed(partial(torch.matmul, a, x), device, runs=args.runs, warmup=2)
     results["incore"] = summary(times)
     scale = reference.abs().max().item() or 1.0
     cold_files = store.data_path
@@ -347,9 +374,12 @@ def bench_spmm(
         kw = budgets(store, device, args.features, variant, args.disk_workers)
         sched = Scheduler(store, device=device, disk_workers=args.disk_workers, **kw)
         on_disk = variant in ("nvme", "split")
-        before = (lambda: drop_caches(cold_files, system=args.drop_caches)) if on_disk else None
+        before = partial(drop_caches, cold_files, system=args.drop_caches) if on_disk else None
+        base = peak_start(device)
         try:
-            times, y = timed(lambda: sched.spmm(x), device, runs=args.runs, warmup=1, before=before)
+            times, y = timed(
+                partial(sched.spmm, x), device, runs=args.runs, warmup=1, before=before
+            )
         except Exception as error:  # noqa: BLE001 - a failing variant is a result, not a crash
             results[variant] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
             sched.close()
@@ -369,13 +399,19 @@ def bench_spmm(
             },
             "stats": stats.to_dict() if stats is not None else None,
         }
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
+            results[variant]["peak_gpu_bytes_measured"] = peak
+            results[variant]["within_budget"] = peak <= sched.gpu_budget
         del y
         sched.close()
     del reference, x
     return results
 
 
-def check_spgemm(y: torch.Tensor, a: torch.Tensor, x: torch.Tensor, *, sample: int, seed: int) -> dict[str, Any]:
+def check_spgemm(
+    y: torch.Tensor, a: torch.Tensor, x: torch.Tensor, *, sample: int, seed: int
+) -> dict[str, Any]:
     """Row sums of every row against ``A @ (X @ 1)``, and ``sample`` rows against scipy."""
     ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
     got = torch.mv(y.to(x.device), ones)
@@ -398,7 +434,9 @@ def check_spgemm(y: torch.Tensor, a: torch.Tensor, x: torch.Tensor, *, sample: i
     for k, r in enumerate(rows):
         lo, hi = int(crow[r]), int(crow[r + 1])
         np.add.at(got_rows[k], col[lo:hi].cpu().numpy(), val[lo:hi].cpu().numpy())
-    sample_err = float(np.abs(got_rows - expected_rows).max() / max(np.abs(expected_rows).max(), 1e-30))
+    sample_err = float(
+        np.abs(got_rows - expected_rows).max() / max(np.abs(expected_rows).max(), 1e-30)
+    )
     return {
         "rowsum_rel_err": rowsum_err,
         "sample_rows": len(rows),
@@ -413,13 +451,13 @@ def bench_spgemm(
     results: dict[str, Any] = {}
     for density in args.densities:
         entry: dict[str, Any] = {}
-        x = sparse_features(store.shape[1], args.features, density, seed=args.seed + 2, device=device)
+        x = sparse_features(
+            store.shape[1], args.features, density, seed=args.seed + 2, device=device
+        )
         entry["x_nnz"] = x._nnz()
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        base = peak_start(device)
         try:
-            times, y = timed(lambda: a @ x, device, runs=args.spgemm_runs, warmup=1)
+            times, y = timed(partial(torch.matmul, a, x), device, runs=args.spgemm_runs, warmup=1)
             entry["incore"] = {**summary(times), "ok": True, "nnz": y._nnz()}
             del y
         except (RuntimeError, torch.OutOfMemoryError) as error:
@@ -428,14 +466,14 @@ def bench_spgemm(
             entry["incore"]["extra_gpu_bytes"] = torch.cuda.max_memory_allocated(device) - base
             torch.cuda.empty_cache()
         sched = Scheduler(
-            store, gpu_budget=args.spgemm_budget, host_budget=sum(t.nbytes for t in store.tiles),
+            store,
+            gpu_budget=args.spgemm_budget,
+            host_budget=sum(t.nbytes for t in store.tiles),
             device=device,
         )
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        base = peak_start(device)
         try:
-            times, y = timed(lambda: sched.spgemm(x), device, runs=args.spgemm_runs, warmup=1)
+            times, y = timed(partial(sched.spgemm, x), device, runs=args.spgemm_runs, warmup=1)
             aires: dict[str, Any] = {**summary(times), "nnz": y._nnz()}
             if device.type == "cuda":
                 aires["peak_gpu_bytes_measured"] = torch.cuda.max_memory_allocated(device) - base
@@ -492,7 +530,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "spmm",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "bench.spmm", *args.argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "host": platform.node(),
         "versions": versions(),
         "variants": {v: VARIANTS[v] for v in args.variants},
@@ -533,8 +573,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nnz", type=float, default=58.9e6, help="nonzeros incl. self loops")
     p.add_argument("--features", type=int, default=128, help="columns of X (F)")
     p.add_argument("--tile-bytes", default="16MiB", help="tile size of the store, e.g. 32MiB")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
-    p.add_argument("--densities", default="0.1,0.5", help="sparse X densities for SpGEMM ('' skips)")
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS)
+    )
+    p.add_argument(
+        "--densities", default="0.1,0.5", help="sparse X densities for SpGEMM ('' skips)"
+    )
     p.add_argument("--spgemm-budget", default="8GiB", help="AIRES device budget for SpGEMM")
     p.add_argument("--runs", type=int, default=5, help="timed runs per SpMM variant")
     p.add_argument("--spgemm-runs", type=int, default=2, help="timed runs per SpGEMM")
@@ -542,11 +586,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disk-workers", type=int, default=2, help="concurrent tile reads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workdir", default=os.environ.get("AIRES_BENCH_DIR", "/tmp/aires-bench-spmm"),
-                   help="where the tile store is kept between runs (needs ~2x the store bytes)")
+    p.add_argument(
+        "--workdir",
+        default=os.environ.get("AIRES_BENCH_DIR", "/tmp/aires-bench-spmm"),
+        help="where the tile store is kept between runs (needs ~2x the store bytes)",
+    )
     p.add_argument("--out", default=None, help="JSON file (default bench/results/spmm-<date>.json)")
-    p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
-                   help="only fadvise the tile file out of the cache, never drop_caches (root)")
+    p.add_argument(
+        "--no-drop-caches",
+        dest="drop_caches",
+        action="store_false",
+        help="only fadvise the tile file out of the cache, never drop_caches (root)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes that run on a CPU in seconds")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -570,14 +621,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
     for name, entry in res["spmm"].items():
-        line = f"{entry['median_ms']:10.3f} ms" if "median_ms" in entry else f"FAILED {entry.get('error')}"
+        line = (
+            f"{entry['median_ms']:10.3f} ms"
+            if "median_ms" in entry
+            else f"FAILED {entry.get('error')}"
+        )
         print(f"  spmm {name:8s} {line}", file=sys.stderr)
     for key, value in res["floors"].items():
         print(f"  floor {key}: {value}", file=sys.stderr)
     for density, entry in res.get("spgemm", {}).items():
         for kind in ("incore", "aires"):
             e = entry[kind]
-            line = f"{e['median_ms']:10.3f} ms ok={e.get('ok')}" if "median_ms" in e else f"FAILED {e.get('error', '')[:120]}"
+            line = (
+                f"{e['median_ms']:10.3f} ms ok={e.get('ok')}"
+                if "median_ms" in e
+                else f"FAILED {e.get('error', '')[:120]}"
+            )
             print(f"  spgemm {density} {kind:7s} {line}", file=sys.stderr)
     print(f"  targets: {res['targets']}", file=sys.stderr)
     print(f"[bench.spmm] wrote {out}", file=sys.stderr)

@@ -319,7 +319,9 @@ class Scheduler:
         self._close_call(rec)
         return y
 
-    def spmm_reserve(self, f: int, dtype: torch.dtype = torch.float32, *, out: str | None = None) -> int:
+    def spmm_reserve(
+        self, f: int, dtype: torch.dtype = torch.float32, *, out: str | None = None
+    ) -> int:
         """Device bytes an :meth:`spmm` with ``F = f`` columns keeps beside the tiles.
 
         The output (``rows x f``), or with ``out="host"`` two write-back staging buffers of the
@@ -500,14 +502,14 @@ class Scheduler:
         if p.resident:
             block = torch.empty(p.resident_bytes, dtype=torch.uint8, device=dev)
             keep.append(block)
-            for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes)):
+            for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes), strict=True):
                 self.store.read_bytes(tile, view)
                 resident[tile] = view
                 loaded += view.numel()
         if p.host:
             block = pinned_empty(p.host_bytes, dev)
             keep.append(block)
-            for tile, view in zip(p.host, _split(block, p.host, self._nbytes)):
+            for tile, view in zip(p.host, _split(block, p.host, self._nbytes), strict=True):
                 self.store.read_bytes(tile, view)
                 host[tile] = view
                 loaded += view.numel()
@@ -632,6 +634,9 @@ class Scheduler:
         stream: Any,
     ) -> None:
         assert self._mem is not None and self._disk is not None
+        if self._cuda:
+            # A new thread starts on device 0: work on the scheduler's device.
+            torch.cuda.set_device(self.device)
         slot = self._mem.disk_slots[worker]
         while (tile := queues.take_disk()) is not None:
             try:
@@ -810,9 +815,7 @@ def _operand_bytes(x: torch.Tensor) -> int:
 
 
 def _narrowable(x: torch.Tensor) -> bool:
-    return (
-        x.crow_indices().dtype != torch.int32 and x._nnz() < 2**31 and max(x.shape) < 2**31
-    )
+    return x.crow_indices().dtype != torch.int32 and x._nnz() < 2**31 and max(x.shape) < 2**31
 
 
 def _narrow_indices(x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,18 @@ from bench.spmm import VARIANTS, main, rmat_adjacency
 
 def test_smoke_runs_every_variant_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "spmm.json"
-    res = main(["--smoke", "--device", "cpu", "--no-drop-caches", "--workdir", str(tmp_path / "w"),
-                "--out", str(out)])
+    res = main(
+        [
+            "--smoke",
+            "--device",
+            "cpu",
+            "--no-drop-caches",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "spmm" and saved["io_mode"] == "cpu"
     assert set(saved["spmm"]) == set(VARIANTS)
@@ -31,8 +41,22 @@ def test_smoke_runs_every_variant_and_writes_json(tmp_path: Path) -> None:
     assert saved["floors"]["disk_floor_ms"] > 0
     assert saved["versions"]["torch"] and "bench.spmm" in saved["command"]
     assert res["graph"]["reused"] is False
-    again = main(["--smoke", "--device", "cpu", "--no-drop-caches", "--densities", "",
-                  "--variants", "incore,host", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    again = main(
+        [
+            "--smoke",
+            "--device",
+            "cpu",
+            "--no-drop-caches",
+            "--densities",
+            "",
+            "--variants",
+            "incore,host",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ]
+    )
     assert again["graph"]["reused"] is True and "spgemm" not in again
 
 

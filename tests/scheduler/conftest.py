@@ -29,4 +29,3 @@ def make_store(tmp_path: Path) -> Callable[..., TileStore]:
         return build_store(m, tmp_path / f"store{count[0]}", **kw)
 
     return make
-

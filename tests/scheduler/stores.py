@@ -43,14 +43,21 @@ def tier_budgets(
     host: int,
     reserve: int,
     disk_workers: int = 2,
+    bounce: bool = False,
 ) -> tuple[int, int]:
     """``(gpu_budget, host_budget)`` placing exactly the first ``resident`` tiles on the device,
-    the next ``host`` in host memory and the rest on disk (CPU device, ``dual=False``)."""
+    the next ``host`` in host memory and the rest on disk (``dual=False``). ``bounce``: disk
+    reads go through pinned bounce buffers (POSIX on a GPU), which the host budget pays for."""
     sizes = [t.nbytes for t in store.tiles]
     slot = max(sizes)
     n_disk = disk_workers if resident + host < len(sizes) else 0
     gpu = (3 + n_disk) * slot + reserve + sum(sizes[:resident])
-    return gpu, sum(sizes[resident : resident + host])
+    return gpu, sum(sizes[resident : resident + host]) + (n_disk * slot if bounce else 0)
+
+
+def bounces(store: TileStore, device: str) -> bool:
+    """Whether disk reads for ``device`` go through pinned bounce buffers."""
+    return device == "cuda" and store.io_mode == "posix"
 
 
 def reserve_of(store: TileStore, f: int, out: str | None = None, device: str = "cpu") -> int:
@@ -59,10 +66,14 @@ def reserve_of(store: TileStore, f: int, out: str | None = None, device: str = "
     return probe.spmm_reserve(f, torch.float64, out=out)
 
 
-def spgemm_budgets(store: TileStore, x: torch.Tensor, *, resident: int, host: int) -> tuple[int, int]:
+def spgemm_budgets(
+    store: TileStore, x: torch.Tensor, *, resident: int, host: int
+) -> tuple[int, int]:
     """Like :func:`tier_budgets` for an ``spgemm`` with ``x``, whose reserve is a quarter of the
     budget: iterate ``budget = base + reserve(budget)`` to its fixed point."""
-    gpu, host_bytes = tier_budgets(store, resident=resident, host=host, reserve=0)
+    gpu, host_bytes = tier_budgets(
+        store, resident=resident, host=host, reserve=0, bounce=bounces(store, x.device.type)
+    )
     base = gpu
     for _ in range(60):
         probe = Scheduler(store, gpu_budget=gpu, host_budget="1GiB", device=x.device)

@@ -25,7 +25,9 @@ def random_csr(shape: tuple[int, int], density: float, seed: int) -> sp.csr_arra
     return sp.csr_array(m)
 
 
-def as_torch(m: sp.csr_array, index: torch.dtype = torch.int32, device: str = "cpu") -> torch.Tensor:
+def as_torch(
+    m: sp.csr_array, index: torch.dtype = torch.int32, device: str = "cpu"
+) -> torch.Tensor:
     return tile_csr(
         torch.tensor(m.indptr, dtype=index, device=device),
         torch.tensor(m.indices, dtype=index, device=device),
@@ -58,7 +60,9 @@ def test_tile_csr_shares_memory_and_casts_on_request() -> None:
     assert b.dtype == torch.float64 and b.crow_indices().data_ptr() == indptr.data_ptr()
 
 
-def operand(shape: tuple[int, int], density: float, seed: int, device: str = "cpu") -> tuple[sp.csr_array, SpgemmOperand]:
+def operand(
+    shape: tuple[int, int], density: float, seed: int, device: str = "cpu"
+) -> tuple[sp.csr_array, SpgemmOperand]:
     x = random_csr(shape, density, seed)
     return x, SpgemmOperand.build(torch.tensor(x.toarray(), device=device).to_sparse_csr())
 
@@ -111,7 +115,9 @@ def test_spgemm_tile_retries_a_silently_wrong_product() -> None:
         product = left @ right
         if left.shape[0] > 2:  # the reported failure: an all-zero product, no error
             return torch.sparse_csr_tensor(
-                product.crow_indices(), product.col_indices(), torch.zeros_like(product.values()),
+                product.crow_indices(),
+                product.col_indices(),
+                torch.zeros_like(product.values()),
                 product.shape,
             )
         return product
@@ -180,4 +186,3 @@ def test_concat_rows_fills_once_and_leaves_gaps_empty(device: str) -> None:
     assert out.layout == torch.sparse_csr and out.crow_indices().dtype == torch.int32
     assert out.device.type == device
     np.testing.assert_array_equal(out.cpu().to_dense().numpy(), expected)
-

@@ -24,7 +24,11 @@ def test_everything_fits_on_the_device() -> None:
 
 def test_tiers_are_filled_in_tile_order() -> None:
     p = place(
-        SIZES, gpu_budget=300 + 200 + 200, host_budget=100, disk_workers=2, direct_disk=True,
+        SIZES,
+        gpu_budget=300 + 200 + 200,
+        host_budget=100,
+        disk_workers=2,
+        direct_disk=True,
         dual=False,
     )
     # Some tiles must stay on disk, so 2 disk slots join the 3 ring slots (500 bytes): 2 tiles
@@ -79,7 +83,8 @@ def test_reserve_comes_before_resident_tiles() -> None:
 
 def test_too_small_a_gpu_budget_states_the_minimum() -> None:
     with pytest.raises(
-        ValueError, match=r"gpu_budget=299 bytes .*minimum working set of 300 bytes \(300 B\): 3 slots of"
+        ValueError,
+        match=r"gpu_budget=299 bytes .*minimum working set of 300 bytes \(300 B\): 3 slots of",
     ):
         place(SIZES, gpu_budget=299, host_budget=10**6, dual=False)
     sizes = [64 << 20] * 4

@@ -42,7 +42,9 @@ def simulate(d: Dispatcher, n_tiles: int) -> tuple[int, int]:
     ("host_rate", "disk_rate", "expected"),
     [(1.0, 1.0, (5, 5)), (3.0, 1.0, (8, 2)), (1.0, 1e-9, (10, 0)), (1e-9, 1.0, (0, 10))],
 )
-def test_both_paths_finish_together(host_rate: float, disk_rate: float, expected: tuple[int, int]) -> None:
+def test_both_paths_finish_together(
+    host_rate: float, disk_rate: float, expected: tuple[int, int]
+) -> None:
     d = Dispatcher(host_rate=host_rate, disk_rate=disk_rate)
     assert simulate(d, 10) == expected
 
