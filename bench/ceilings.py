@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from bench.methods.chunks import csr_tensor
+from bench.methods.result import is_out_of_memory
 from bench.methods.workload import Workload, load_workload
 
 __all__ = [
@@ -128,8 +129,10 @@ def incore_spmm_ms(workload: Workload, columns: int, repeats: int = 5) -> float 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    except torch.OutOfMemoryError:
-        return None
+    except RuntimeError as error:  # torch.OutOfMemoryError included
+        if is_out_of_memory(error):
+            return None
+        raise
     return float(np.median(times) * 1e3)
 
 

