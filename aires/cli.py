@@ -1,0 +1,338 @@
+"""The ``aires`` command: ``aires train``, ``aires tile`` and ``aires data``.
+
+``aires train --dataset cora`` trains Kipf & Welling's GCN with every aggregation out of core
+and prints per-epoch progress and the final test accuracy; ``aires tile`` tiles a matrix (a
+``.npz`` file, a dataset's adjacency, or a generated random graph) and prints the store's
+summary; ``aires data`` generates, converts and describes datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from aires.checks import check_positive_int, parse_size
+
+__all__ = ["build_parser", "main"]
+
+
+def _size(name: str) -> Any:
+    """argparse ``type`` for a byte size ("512MiB"), reporting the option's name on error."""
+
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, name)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _positive(name: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            return check_positive_int(int(text), name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a positive int, got {text!r}"
+            ) from error
+
+    return parse
+
+
+def _add_train(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a GCN with out-of-core aggregation",
+        description="Full-graph GCN training (Kipf & Welling) on AiresGCNConv layers.",
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="cora, citeseer, an OGB name (ogbn-arxiv, ogbn-products; with --root), a synthetic "
+        "preset (synthetic:products, tiny), or a saved graph directory",
+    )
+    parser.add_argument(
+        "--root", default=None, help="dataset root directory (Planetoid, OGB)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="synthetic presets: size relative to the preset (default 1)",
+    )
+    parser.add_argument("--layers", type=_positive("--layers"), default=2)
+    parser.add_argument("--hidden", type=_positive("--hidden"), default=16)
+    parser.add_argument("--epochs", type=_positive("--epochs"), default=200)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=5e-4,
+        help="L2 penalty on the first layer (default 5e-4)",
+    )
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument(
+        "--normalize-features",
+        action="store_true",
+        help="row-normalise the features first (Kipf & Welling, for bag-of-words)",
+    )
+    parser.add_argument(
+        "--gpu-budget",
+        type=_size("--gpu-budget"),
+        default=None,
+        help="GPU bytes for the tiled products, e.g. 2GiB (default: no limit)",
+    )
+    parser.add_argument(
+        "--host-budget",
+        type=_size("--host-budget"),
+        default=None,
+        help="pinned host bytes for tiles, e.g. 8GiB",
+    )
+    parser.add_argument(
+        "--tile-bytes",
+        type=_size("--tile-bytes"),
+        default=None,
+        help="tile capacity, e.g. 64MiB (default: the tiler's)",
+    )
+    parser.add_argument(
+        "--store-dir",
+        default=None,
+        help="keep tile stores here and reuse them across runs",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cuda, cuda:1, cpu (default: cuda if any)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        help="also write the result (history included) to this JSON file",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_train)
+
+
+def _load(dataset: str, root: str | None, scale: float | None, seed: int) -> Any:
+    """A graph by name: ``synthetic:PRESET`` (or a bare preset name) goes to the generator."""
+    from aires.data import PRESETS, load_graph
+
+    name = dataset.removeprefix("synthetic:")
+    if name.lower() in (preset.lower() for preset in PRESETS):
+        return load_graph(name, scale=1.0 if scale is None else scale, seed=seed)
+    if dataset.startswith("synthetic:"):
+        raise ValueError(
+            f"--dataset: unknown synthetic preset {name!r}; presets: {', '.join(PRESETS)}"
+        )
+    if scale is not None:
+        raise ValueError(
+            f"--scale applies to synthetic presets only, not to {dataset!r}"
+        )
+    return load_graph(dataset, root=root)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from aires.train import train
+
+    graph = _load(args.dataset, args.root, args.scale, args.seed)
+    result = train(
+        graph,
+        layers=args.layers,
+        hidden=args.hidden,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        dropout=args.dropout,
+        gpu_budget=args.gpu_budget,
+        host_budget=args.host_budget,
+        tile_bytes=args.tile_bytes,
+        store_dir=args.store_dir,
+        normalize_features=args.normalize_features,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    last = result.history[-1]
+    print(
+        f"{graph.name}: test accuracy {result.test_accuracy:.4f} (val {result.val_accuracy:.4f}, "
+        f"final loss {last.loss:.4f}); {result.epoch_seconds * 1e3:.2f} ms per epoch on "
+        f"{result.device} after a {result.setup_seconds:.2f} s first epoch"
+    )
+    if args.json_out:
+        summary = {
+            "dataset": graph.name,
+            "test_accuracy": result.test_accuracy,
+            "val_accuracy": result.val_accuracy,
+            "epoch_seconds": result.epoch_seconds,
+            "setup_seconds": result.setup_seconds,
+            "device": result.device,
+            "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "history": [dataclasses.asdict(log) for log in result.history],
+        }
+        Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_tile(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "tile",
+        help="tile a matrix and print the store summary",
+        description="Tile a sparse matrix into an aligned row-block store and summarise it. "
+        "The matrix is a scipy .npz (--matrix), a dataset's adjacency (--dataset), "
+        "or, by default, a generated random symmetric graph (--nodes, --degree).",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--matrix", type=Path, help="scipy.sparse.save_npz file")
+    source.add_argument("--dataset", help="a dataset name as for 'aires train'")
+    parser.add_argument("--root", default=None, help="dataset root directory")
+    parser.add_argument(
+        "--nodes",
+        type=_positive("--nodes"),
+        default=10_000,
+        help="generated graph: nodes (default 10000)",
+    )
+    parser.add_argument(
+        "--degree",
+        type=_positive("--degree"),
+        default=16,
+        help="generated graph: mean degree (default 16)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="tile the GCN-normalised adjacency D^-1/2 (A+I) D^-1/2",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="store directory (default: a temporary one, removed afterwards)",
+    )
+    parser.add_argument("--tile-bytes", type=_size("--tile-bytes"), default=None)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(func=_run_tile)
+
+
+def _tile_input(args: argparse.Namespace) -> sp.csr_array:
+    if args.matrix is not None:
+        return sp.csr_array(sp.load_npz(args.matrix))
+    if args.dataset is not None:
+        return _load(args.dataset, args.root, None, args.seed).adj
+    rng = np.random.default_rng(args.seed)
+    pairs = args.nodes * args.degree // 2
+    rows, cols = rng.integers(0, args.nodes, pairs), rng.integers(0, args.nodes, pairs)
+    keep = rows != cols
+    upper = sp.coo_array(
+        (np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
+        shape=(args.nodes, args.nodes),
+    )
+    matrix = (upper + upper.T).tocsr()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def _normalized(matrix: sp.csr_array) -> sp.csr_array:
+    """``D^-1/2 (A + I) D^-1/2`` of an adjacency given as ``adj_t`` (as the layer tiles it)."""
+    import torch
+
+    from aires.gcn_conv import gcn_norm
+
+    coo = matrix.tocoo()
+    adj = torch.sparse_coo_tensor(
+        np.vstack([coo.row, coo.col]),
+        torch.as_tensor(coo.data, dtype=torch.float32),
+        coo.shape,
+    ).coalesce()
+    norm, _ = gcn_norm(adj)
+    indices = norm.indices().numpy()
+    return sp.csr_array(
+        (norm.values().numpy(), (indices[0], indices[1])), shape=matrix.shape
+    )
+
+
+def _run_tile(args: argparse.Namespace) -> int:
+    from aires.tiling import build_store
+
+    matrix = _tile_input(args)
+    if args.normalize:
+        matrix = _normalized(matrix)
+    options: dict[str, Any] = (
+        {} if args.tile_bytes is None else {"tile_bytes": args.tile_bytes}
+    )
+    with tempfile.TemporaryDirectory(prefix="aires-tile-") as scratch:
+        path = args.out if args.out is not None else Path(scratch) / "store"
+        store = build_store(matrix, path, overwrite=args.overwrite, **options)
+        print(json.dumps(_summary(store), indent=2))
+    return 0
+
+
+def _summary(store: Any) -> dict[str, Any]:
+    """What a store holds and how it is laid out."""
+    tiles = store.tiles
+    nnz = np.array([t.nnz for t in tiles], dtype=np.int64)
+    nbytes = np.array([t.nbytes for t in tiles], dtype=np.int64)
+    rows = np.array([t.row_stop - t.row_start for t in tiles], dtype=np.int64)
+    return {
+        "path": str(store.path),
+        "shape": list(store.shape),
+        "nnz": int(store.nnz),
+        "tiles": len(store),
+        "tile_bytes": int(store.tile_bytes),
+        "alignment": int(store.alignment),
+        "index_dtype": str(store.index_dtype),
+        "value_dtype": str(store.value_dtype),
+        "symmetric": store.symmetric,
+        "io_mode": store.io_mode,
+        "bytes_on_disk": int(nbytes.sum()),
+        "split_hub_tiles": int(sum(t.partial for t in tiles)),
+        "per_tile": {
+            "nnz": _spread(nnz),
+            "rows": _spread(rows),
+            "bytes": _spread(nbytes),
+        },
+    }
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {"min": 0, "mean": 0.0, "max": 0}
+    return {
+        "min": int(values.min()),
+        "mean": float(values.mean()),
+        "max": int(values.max()),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aires`` argument parser with its ``train``, ``tile`` and ``data`` subcommands."""
+    from aires.data.cli import add_parser as add_data_parser
+
+    parser = argparse.ArgumentParser(
+        prog="aires", description="Out-of-core GCN training (AIRES)."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train(subparsers)
+    _add_tile(subparsers)
+    add_data_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aires`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
