@@ -70,8 +70,9 @@ def spmm_into(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor, *, accumulate
 
     ``out`` is a contiguous row slice of the output. ``torch.addmm`` with ``out=`` hands the
     slice itself to cuSPARSE as the row-major ``C`` matrix (no copy, no allocation beyond the
-    cached SpMM buffer); ``beta=0`` ignores what ``out`` held (NaN-safe), ``beta=1`` sums
-    pieces of a hub row split over several tiles.
+    cached SpMM buffer); ``beta=0`` overwrites what ``out`` held (callers on CUDA zero it
+    first: cuSPARSE does not promise that ``0 * NaN`` is skipped), ``beta=1`` sums pieces of a
+    hub row split over several tiles.
 
     Shapes:
         a: ``(m, k)`` sparse CSR; x: ``(k, f)`` dense row-major; out: ``(m, f)``.

@@ -274,8 +274,13 @@ class Scheduler:
             rec.peak_bytes = held + acc.numel()
         else:
             y = torch.empty((self._n_rows, f), dtype=x.dtype, device=self.device)
-            for start, stop, _ in self._groups:
-                y[start:stop].zero_()
+            if self._cuda:
+                # cuSPARSE does not promise to ignore C's contents when beta is 0 (0 * NaN is
+                # NaN): one memset, which overlaps the first tile copies.
+                y.zero_()
+            else:
+                for start, stop, _ in self._groups:
+                    y[start:stop].zero_()
             rec.peak_bytes = held + y.numel() * item
         for start, stop in self._uncovered:
             y[start:stop].zero_()
@@ -301,6 +306,8 @@ class Scheduler:
             if free is not None and self._cuda:
                 torch.cuda.current_stream().wait_event(free)
             target = stages[k][: a.shape[0]]
+            if self._cuda:
+                target.zero_()  # see the memset of y above
             spmm_into(a, x, target, accumulate=False)
             done = rec.mark(torch.cuda.current_stream()) if self._cuda else None
             self._stage_free[k] = self._writeback.copy(
@@ -482,9 +489,9 @@ class Scheduler:
                 placement = self._place(reserve)
             except ValueError as error:
                 raise ValueError(f"{what} does not fit: {error}") from None
-            if placement != self.placement:
+            if _layout(placement) != _layout(self.placement):
                 self.close()
-                self.placement = placement
+            self.placement = placement
         if self._mem is None:
             self._materialise()
 
@@ -781,6 +788,11 @@ def _row_groups(
     if cursor < n_rows:
         uncovered.append((cursor, n_rows))
     return groups, uncovered
+
+
+def _layout(p: Placement) -> tuple[Any, ...]:
+    """What a placement allocates: equal layouts share memory, whatever their reserves."""
+    return (p.slot_bytes, p.n_slots, p.n_disk, p.direct_disk, p.resident, p.host, p.disk)
 
 
 def _offsets(groups: list[tuple[int, int, list[int]]]) -> list[int]:

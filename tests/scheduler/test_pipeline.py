@@ -246,6 +246,21 @@ def test_a_wider_output_re_places_tiles(store: TileStore) -> None:
     assert sched.stats.peak_gpu_bytes <= sched.gpu_budget
 
 
+def test_a_wider_output_that_fits_does_not_reload_tiles(
+    store: TileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = Scheduler(store, gpu_budget="1MiB", host_budget=0, device="cpu")
+    sched.spmm(dense_x(store.shape[1], f=2))
+    reads: list[int] = []
+    original = store.read_bytes
+    monkeypatch.setattr(
+        store, "read_bytes", lambda i, out, **kw: reads.append(i) or original(i, out, **kw)
+    )
+    x = dense_x(store.shape[1], f=5)
+    np.testing.assert_allclose(sched.spmm(x).numpy(), hub_matrix() @ x.numpy(), rtol=1e-12)
+    assert reads == [] and len(sched.placement.resident) == len(store)
+
+
 def test_min_gpu_bytes_and_too_small_a_budget(store: TileStore) -> None:
     slot = max(t.nbytes for t in store.tiles)
     sched = Scheduler(store, gpu_budget="1MiB", host_budget="1MiB", device="cpu")
