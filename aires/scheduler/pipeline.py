@@ -124,7 +124,6 @@ class _Memory:
     disk_slots: list[torch.Tensor]
     resident: dict[int, torch.Tensor]
     host: dict[int, torch.Tensor]
-    bounce: list[torch.Tensor] | None
     keep: list[torch.Tensor]
 
 
@@ -526,7 +525,7 @@ class Scheduler:
             block = pinned_empty(p.n_disk * p.slot_bytes, dev)
             keep.append(block)
             bounce = [block[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(p.n_disk)]
-        self._mem = _Memory(views[: p.n_slots], views[p.n_slots :], resident, host, bounce, keep)
+        self._mem = _Memory(views[: p.n_slots], views[p.n_slots :], resident, host, keep)
         # Priors: one timed host -> device slot copy; for the disk, the load just done but no
         # faster than a cold read until the first call measures it.
         source = next(iter(host.values()), None)
