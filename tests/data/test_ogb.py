@@ -1,0 +1,221 @@
+"""OGB through the real ogb package, offline: DatasetSaver -> NodePropPredDataset -> Evaluator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from aires.data import evaluate, load_graph, load_ogb, open_graph
+
+pytest.importorskip("ogb", reason="the OGB tests need the ogb package (pip install aires[ogb])")
+
+N, F, C = 120, 8, 3
+
+
+def _toy(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges (directed, mostly within a class), features (class centroid + noise), labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, N)
+    centroids = rng.normal(size=(C, F)) * 2
+    x = (centroids[y] + rng.normal(size=(N, F))).astype(np.float32)
+    src = rng.integers(0, N, 600)
+    same = [rng.choice(np.flatnonzero(y == y[s])) for s in src[:450]]
+    dst = np.concatenate([same, rng.integers(0, N, 150)])
+    keep = src != dst
+    return np.stack([src[keep], dst[keep]]), x, y
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """A custom dataset written by ogb.io.DatasetSaver: (meta_dict, submission directory)."""
+    from ogb.io import DatasetSaver
+
+    base = tmp_path_factory.mktemp("ogb")
+    edges, x, y = _toy(0)
+    saver = DatasetSaver("ogbn-toy", is_hetero=False, version=1, root=str(base / "submission"))
+    saver.save_graph_list(
+        [{"edge_index": edges, "num_nodes": N, "node_feat": x, "edge_feat": None}]
+    )
+    saver.save_target_labels(y[:, None])
+    perm = np.random.default_rng(1).permutation(N)
+    saver.save_split({"train": perm[:60], "valid": perm[60:90], "test": perm[90:]}, "random")
+    (base / "mapping").mkdir()
+    (base / "mapping" / "README.md").write_text("toy mapping\n")
+    saver.copy_mapping_dir(str(base / "mapping"))
+    saver.save_task_info("multiclass classification", "acc", num_classes=C)
+    return saver.get_meta_dict(), Path(saver.submission_dir)
+
+
+def _write_csv(path: Path, rows: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, header=False, index=False, compression="gzip")
+
+
+@pytest.fixture
+def arxiv_root(tmp_path: Path) -> Path:
+    """A stand-in ogbn-arxiv in OGB's csv layout (what the download unpacks to), tiny."""
+    edges, x, y = _toy(2)
+    d = tmp_path / "ogb" / "ogbn_arxiv"
+    (d / "RELEASE_v1.txt").parent.mkdir(parents=True)
+    (d / "RELEASE_v1.txt").write_text("# Release note for ogbn-arxiv\n")
+    _write_csv(d / "raw" / "edge.csv.gz", edges.T)
+    _write_csv(d / "raw" / "num-node-list.csv.gz", np.array([[N]]))
+    _write_csv(d / "raw" / "num-edge-list.csv.gz", np.array([[edges.shape[1]]]))
+    _write_csv(d / "raw" / "node-feat.csv.gz", x)
+    _write_csv(d / "raw" / "node-label.csv.gz", y[:, None])
+    _write_csv(d / "raw" / "node_year.csv.gz", np.full((N, 1), 2020))
+    for name, idx in (
+        ("train", np.arange(60)),
+        ("valid", np.arange(60, 90)),
+        ("test", np.arange(90, N)),
+    ):
+        _write_csv(d / "split" / "time" / f"{name}.csv.gz", idx[:, None])
+    return tmp_path / "ogb"
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt by ogb to download fails the test."""
+    import ogb.nodeproppred.dataset as dataset_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ogb tried to download")
+
+    monkeypatch.setattr(dataset_module, "decide_download", refuse)
+    monkeypatch.setattr(dataset_module, "download_url", refuse)
+
+
+def test_saver_dataset_loads_through_meta_dict(saved: tuple[dict, Path]) -> None:
+    meta, _ = saved
+    edges, x, y = _toy(0)
+    graph = load_ogb("ogbn-toy", meta_dict=meta)
+    assert graph.num_nodes == N and graph.symmetric is True
+    want = np.unique(np.concatenate([edges, edges[::-1]], axis=1), axis=1)
+    assert graph.num_edges == want.shape[1]
+    assert (graph.adj != graph.adj.T).nnz == 0
+    assert np.array_equal(graph.x_torch().numpy(), x) and np.array_equal(graph.y.numpy(), y)
+    assert len(graph.train_idx) == 60 and len(graph.val_idx) == 30 and len(graph.test_idx) == 30
+    assert graph.provenance["ogb"] == {
+        "name": "ogbn-toy",
+        "num_tasks": 1,
+        "eval_metric": "acc",
+        "custom": True,
+    }
+
+
+def test_saver_dataset_loads_from_submission_directory(saved: tuple[dict, Path]) -> None:
+    meta, submission = saved
+    a = load_ogb("ogbn-toy", meta_dict=meta)
+    for b in (load_ogb(submission), load_graph(submission)):
+        assert b.name == "ogbn-toy"
+        assert np.array_equal(a.adj.indices, b.adj.indices) and torch.equal(a.y, b.y)
+
+
+def _train_dense_gcn(graph: object, epochs: int = 100) -> torch.Tensor:
+    """One GCN layer, dense: softmax(Â X W), Â = D^-1/2 (A + I) D^-1/2; returns logits."""
+    a = torch.from_numpy(graph.adj.toarray()).double() + torch.eye(
+        graph.num_nodes, dtype=torch.float64
+    )
+    d = a.sum(1).rsqrt()
+    ax = (d[:, None] * a * d[None, :]).float() @ graph.x_torch()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(ax.shape[1], graph.num_classes)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            layer(ax[graph.train_idx]), graph.y[graph.train_idx]
+        ).backward()
+        opt.step()
+    return layer(ax).detach()
+
+
+def test_train_and_score_with_ogb_evaluator(
+    saved: tuple[dict, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ogb.nodeproppred import Evaluator
+
+    calls: list[str] = []
+    original = Evaluator.eval
+
+    def spy(self: Evaluator, input_dict: dict) -> dict:
+        calls.append(self.name)
+        return original(self, input_dict)
+
+    monkeypatch.setattr(Evaluator, "eval", spy)
+    graph = load_ogb("ogbn-toy", meta_dict=saved[0])
+    logits = _train_dense_gcn(graph)
+    test = graph.test_idx
+    manual = float((logits.argmax(1)[test] == graph.y[test]).double().mean())
+    assert evaluate(graph, logits, "test") == pytest.approx(manual)
+    assert evaluate(graph, logits.argmax(1), "valid") == evaluate(graph, logits, "val")
+    assert calls == ["ogbn-toy"] * 3
+    assert manual > 0.7  # features carry the class; three classes
+
+
+def test_standard_name_from_root(arxiv_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ogb.nodeproppred import Evaluator
+
+    names: list[str] = []
+    monkeypatch.setattr(Evaluator, "eval", lambda self, d: names.append(self.name) or {"acc": 0.5})
+    edges, _, y = _toy(2)
+    graph = load_ogb("ogbn-arxiv", arxiv_root)
+    assert graph.num_nodes == N and torch.equal(graph.y, torch.from_numpy(y))
+    assert graph.provenance["ogb"]["custom"] is False
+    assert evaluate(graph, torch.zeros(N, dtype=torch.long)) == 0.5 and names == ["ogbn-arxiv"]
+    # second load reads ogb's processed cache (pickled; needs the trusted-load path)
+    assert (arxiv_root / "ogbn_arxiv" / "processed" / "data_processed").is_file()
+    again = load_ogb(arxiv_root / "ogbn_arxiv")
+    assert np.array_equal(again.adj.indices, graph.adj.indices)
+    directed = load_ogb("ogbn-arxiv", arxiv_root, undirected=False)
+    assert directed.num_edges == np.unique(edges, axis=1).shape[1] and directed.symmetric is None
+
+
+def test_root_from_environment_and_out(
+    arxiv_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AIRES_OGB_ROOT", str(arxiv_root))
+    graph = load_ogb("ogbn-arxiv", out=tmp_path / "disk")
+    assert not graph.adj.indices.flags.writeable  # memmap-backed on-disk graph
+    assert open_graph(tmp_path / "disk").provenance["ogb"]["name"] == "ogbn-arxiv"
+    assert graph.num_edges == load_graph("ogbn-arxiv").num_edges
+
+
+def test_missing_files_say_where_and_how(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        load_ogb("ogbn-products", tmp_path)
+    message = str(info.value)
+    for needle in (
+        "AIRES never downloads",
+        "ogbn_products/RELEASE_v1.txt",
+        "ogbn_products/raw/edge.csv.gz",
+        "split/sales_ranking/train.csv.gz",
+        "NodePropPredDataset('ogbn-products'",
+        "products.zip",
+        str(tmp_path / "ogbn_products"),
+    ):
+        assert needle in message
+    with pytest.raises(FileNotFoundError, match="raw/data.npz"):
+        load_ogb("ogbn-papers100M", tmp_path)
+
+
+def test_missing_release_note_is_an_error_not_a_prompt(arxiv_root: Path) -> None:
+    (arxiv_root / "ogbn_arxiv" / "RELEASE_v1.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="RELEASE_v1.txt"):
+        load_ogb("ogbn-arxiv", arxiv_root)
+
+
+def test_bad_names_and_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="supported: ogbn-arxiv, ogbn-products, ogbn-papers100M"):
+        load_ogb("ogbn-nope", tmp_path)
+    monkeypatch.delenv("AIRES_OGB_ROOT", raising=False)
+    with pytest.raises(ValueError, match="root"):
+        load_ogb("ogbn-arxiv")
+    with pytest.raises(NotImplementedError, match="heterogeneous"):
+        load_ogb("ogbn-mag", tmp_path)
+    with pytest.raises(NotImplementedError, match="112 tasks"):
+        load_ogb("ogbn-proteins", tmp_path)
