@@ -15,8 +15,9 @@ removed:
 - ``no-prealloc`` and ``sync`` need scheduler options that do not exist (no way to turn off
   the preallocated slot ring or the copy/compute overlap): they report ``error`` saying so.
 
-Budget: with ``budget_scope="data"`` the scheduler gets the budget less the features (which
-AIRES keeps on the GPU) for its tiles, slots and output; with ``"process"`` one untimed pass at a quarter of the budget measures what training
+Budget: with ``budget_scope="data"`` the scheduler gets the whole budget for its tiles, slots
+and output (the features and activations stay on the GPU on top, as for every method, and show
+in the peak); with ``"process"`` one untimed pass at a quarter of the budget measures what training
 needs beside the scheduler, and the scheduler gets the rest (less a margin).
 
 Statistics: after the timed epochs one more (untimed) product with ``hidden`` columns returns
@@ -89,7 +90,7 @@ def _features(workload: Workload, device: torch.device) -> torch.Tensor:
 
 
 def _scheduler_budget(
-    config: MethodConfig, device: torch.device, features: torch.Tensor, probe: Any
+    config: MethodConfig, device: torch.device, probe: Any
 ) -> int | None:
     """The scheduler's GPU budget (see the module notes); ``probe(budget)`` returns
     ``(peak of one training pass, scheduler peak)`` with the scheduler at ``budget``."""
@@ -97,9 +98,7 @@ def _scheduler_budget(
         return None
     budget = config.gpu_budget
     if config.budget_scope == "data":
-        # AIRES keeps the features on the GPU: they count against the data budget, as the
-        # feature cache's rows do for ``feature-cache``.
-        return budget - features.nbytes
+        return budget
     for share in (4, 2, 1):
         try:
             peak, scheduler_peak = probe(budget // share)
@@ -189,7 +188,7 @@ def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) ->
         return peak, product_stats().peak_gpu_bytes
 
     try:
-        set_budget(_scheduler_budget(config, device, x, probe))
+        set_budget(_scheduler_budget(config, device, probe))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         log = train(forward, list(convs.parameters()), workload, config, device)
@@ -244,7 +243,7 @@ def _run_ablation(
         return peak, product_stats().peak_gpu_bytes
 
     try:
-        model = build(_scheduler_budget(config, device, x, probe))
+        model = build(_scheduler_budget(config, device, probe))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         log = train(model, list(model.parameters()), workload, config, device)
