@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import itertools
 import json
 import platform
@@ -89,8 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu-budget",
         default="auto",
-        help="GPU bytes for AIRES's tiles ('512MiB'); auto: a quarter of the "
-        "adjacency's CSR bytes, so most of the graph streams",
+        help="GPU bytes for AIRES's products ('3GiB': outputs, slots, resident tiles); "
+        "auto: their working set plus a quarter of the adjacency, so most tiles stream",
     )
     parser.add_argument(
         "--host-budget", default=None, help="pinned host bytes for tiles"
@@ -166,11 +167,21 @@ def _adjacency_bytes(graph: Any) -> int:
 
 
 def _gpu_budget(args: argparse.Namespace, graph: Any) -> int | None:
+    """AIRES's device budget: ``--gpu-budget``, or for ``auto`` the scheduler's working set at
+    the widest product (its dense output, 16 MiB of cuSPARSE workspace with margin, 3 ring and
+    2 disk slots of one tile) plus a quarter of the adjacency: most tiles stream."""
     if args.gpu_budget in (None, "none"):
         return None
-    if args.gpu_budget == "auto":
-        return max(_adjacency_bytes(graph) // 4, 1 << 16)
-    return parse_size(args.gpu_budget, "--gpu-budget")
+    if args.gpu_budget != "auto":
+        return parse_size(args.gpu_budget, "--gpu-budget")
+    from aires.tiling.plan import DEFAULT_TILE_BYTES
+
+    tile = (
+        DEFAULT_TILE_BYTES if args.tile_bytes is None else parse_size(args.tile_bytes)
+    )
+    widest = max(graph.num_features, args.hidden, graph.num_classes)
+    output = graph.num_nodes * widest * 4
+    return output + (48 << 20) + 5 * tile + _adjacency_bytes(graph) // 4
 
 
 class _Timer:
@@ -248,7 +259,9 @@ def _aires_model(
 def _aires_details(
     model: Any, x: torch.Tensor, adj_t: Any, args: argparse.Namespace, graph: Any
 ) -> dict[str, Any]:
-    """The store's layout and the statistics of one hidden-width product (where bytes came from)."""
+    """The store's layout, the statistics of one hidden-width product (where its bytes came
+    from) and the product order each layer trains with."""
+    from aires.gcn_conv import choose_order
     from aires.matmul import matmul
 
     conv = model.convs[-1]
@@ -275,6 +288,17 @@ def _aires_details(
             "io_mode": store.io_mode,
         },
         "product_stats": _jsonable(dataclasses.asdict(stats)),
+        "orders": [
+            choose_order(
+                nnz=int(store.nnz),
+                num_nodes=x.size(0),
+                in_columns=c.in_channels,
+                out_columns=c.out_channels,
+                x_nnz=None if x.layout == torch.strided else int(x.values().numel()),
+                x_requires_grad=i > 0,
+            )
+            for i, c in enumerate(model.convs)
+        ],
     }
 
 
@@ -385,11 +409,15 @@ def _versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    for module in ("torch_geometric", "aires", "numpy", "scipy", "kvikio", "cupy"):
+    for module in ("torch_geometric", "numpy", "scipy", "kvikio", "cupy"):
         try:
             versions[module] = getattr(__import__(module), "__version__", "unknown")
         except ImportError:
             versions[module] = None
+    try:
+        versions["aires"] = importlib.metadata.version("aires")
+    except importlib.metadata.PackageNotFoundError:
+        versions["aires"] = None
     return versions
 
 

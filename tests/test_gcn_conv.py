@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import aires.gcn_conv as gcn_conv_module
 from aires.gcn_conv import AiresGCNConv, choose_order, gcn_norm
 from aires.matmul import clear_cache, matmul
+from aires.scheduler.pipeline import SPMM_WORKSPACE
 
 pyg_conv = pytest.importorskip(
     "torch_geometric.nn.conv.gcn_conv", reason="needs torch-geometric"
@@ -31,16 +32,18 @@ NODES, EDGES, F_IN, F_OUT = 200, 3000, 12, 5
 TILE = 4096
 
 
-def out_of_core(columns: int = max(F_IN, F_OUT), nodes: int = NODES) -> dict[str, Any]:
+def out_of_core(
+    columns: int = max(F_IN, F_OUT), nodes: int = NODES, cuda: bool = False
+) -> dict[str, Any]:
     """Tiny tiles and budgets that force the product out of core.
 
     4 KiB tiles hold a few hundred nonzeros, so the test graphs span about 15 tiles. The device
-    budget (the CPU here) is the scheduler's minimum for an output of ``columns`` columns (the
-    output, a ring of 3 slots and 2 disk slots) plus half a tile: the widest product keeps no
-    tile resident. The host budget holds the disk path's 2 bounce buffers and 2 tiles; every
-    other tile is read from the store file on each product.
+    budget is the scheduler's minimum for an output of ``columns`` columns (the output, a ring
+    of 3 slots and 2 disk slots, and on CUDA cuSPARSE's workspace) plus half a tile: the widest
+    product keeps no tile resident. The host budget holds the disk path's 2 bounce buffers and
+    2 tiles; every other tile is read from the store file on each product.
     """
-    gpu = nodes * columns * 4 + 5 * TILE + TILE // 2
+    gpu = nodes * columns * 4 + 5 * TILE + TILE // 2 + (SPMM_WORKSPACE if cuda else 0)
     return {"tile_bytes": TILE, "gpu_budget": gpu, "host_budget": 4 * TILE}
 
 
@@ -111,18 +114,20 @@ def pair(
     *,
     batch: int = 1,
     nodes: int = NODES,
+    device: str = "cpu",
     **kwargs: Any,
 ) -> tuple[torch.nn.Module, AiresGCNConv]:
     """A PyG GCNConv and an out-of-core AiresGCNConv with the same weights (random bias)."""
     torch.manual_seed(0)
-    budgets = out_of_core(batch * max(in_channels, out_channels), nodes)
+    columns = batch * max(in_channels, out_channels)
+    budgets = out_of_core(columns, nodes, cuda=device != "cpu")
     aires = AiresGCNConv(in_channels, out_channels, **kwargs, **budgets)
     args = (in_channels, out_channels)
     pyg = GCNConv(*args, **{k: v for k, v in kwargs.items() if k not in ("order",)})
     if aires.bias is not None:
         torch.nn.init.normal_(aires.bias)
     pyg.load_state_dict(aires.state_dict())
-    return pyg, aires
+    return pyg.to(device), aires.to(device)
 
 
 def features(seed: int = 2, nodes: int = NODES, channels: int = F_IN) -> torch.Tensor:
@@ -144,7 +149,8 @@ def check_parity(
     actual = aires(x_aires, *aires_args)
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) < 1e-5
-    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    upstream = torch.randn(expected.shape, generator=g).to(expected.device)
     (expected * upstream).sum().backward()
     (actual * upstream).sum().backward()
     assert relative_error(aires.lin.weight.grad, pyg.lin.weight.grad) < 1e-5
@@ -391,6 +397,28 @@ def test_sparse_tensor_input() -> None:
         check_parity(pyg, aires, features(), (adj,))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph_on_gpu", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_parity_on_gpu(form: str, graph_on_gpu: bool) -> None:
+    """x on the GPU; the graph there too, or left on the host (it is tiled on the host)."""
+    pyg, aires = pair(F_IN, F_OUT, device="cuda")
+    args = graph_args(form, directed_graph(), None)
+    on_gpu = tuple(a.cuda() for a in args)
+    check_parity(
+        pyg, aires, features().cuda(), on_gpu, on_gpu if graph_on_gpu else args
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["aggregate_first", "transform_first"])
+def test_sparse_features_on_gpu(order: str) -> None:
+    g = torch.Generator().manual_seed(8)
+    dense = (torch.rand(NODES, 64, generator=g) < 0.1).float()
+    pyg, aires = pair(64, F_OUT, order=order, device="cuda")
+    check_parity(pyg, aires, dense.to_sparse_csr().cuda(), (undirected_graph().cuda(),))
+
+
 # --------------------------------------------------------------------------- caching, sharing
 
 
@@ -501,9 +529,11 @@ def test_out_of_core_product_streams_many_tiles(builds: list[Any]) -> None:
         device=x.device,
         return_stats=True,
     )
-    assert stats.tiles_resident == 0 and stats.tiles_h2d >= 1
+    # Two tiles are pinned in host memory, but the dual-way dispatcher may fetch any tile over
+    # either path: what is fixed is that none is resident and most come from the disk.
+    assert stats.tiles_resident == 0
     assert stats.tiles_h2d + stats.tiles_disk == len(store)
-    assert stats.tiles_disk >= len(store) // 2 and stats.bytes_disk > 0
+    assert stats.tiles_disk >= len(store) - 2 and stats.bytes_disk > 0
 
 
 # --------------------------------------------------------------------------- module behaviour

@@ -14,6 +14,7 @@ import torch
 
 import aires.gcn_conv as gcn_conv_module
 from aires.data import Graph, load_planetoid, synthetic
+from aires.scheduler.pipeline import SPMM_WORKSPACE
 from aires.train import GCN, TrainResult, adjacency_t, row_normalize, train
 
 TILE = 4096
@@ -80,6 +81,21 @@ def test_cora_reaches_kipf_welling_accuracy_out_of_core(
     assert result.test_accuracy >= 0.80, result.test_accuracy
     assert len(builds) == 1  # both layers, all epochs: one tiled graph
     assert len(builds[0]) >= 20 and builds[0].symmetric is True
+
+
+@pytest.mark.gpu
+def test_cora_on_gpu_out_of_core(planetoid_dir: Path) -> None:
+    graph = load_planetoid(planetoid_dir / "cora.npz")
+    budgets = out_of_core(graph.num_nodes, 16)
+    budgets["gpu_budget"] += SPMM_WORKSPACE
+    result = train(
+        graph,
+        normalize_features=True,
+        device="cuda",
+        progress=False,
+        **budgets,
+    )
+    assert result.test_accuracy >= 0.80 and result.device.startswith("cuda")
 
 
 def test_train_result_and_history(tiny: Graph) -> None:
