@@ -1,6 +1,13 @@
 """AIRES: out-of-core GCN training with row-block aligned tiles and a three-phase scheduler."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from aires.matmul import matmul
 from aires.tiling import TileStore, build_store
+
+try:
+    __version__ = version("aires")
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed (the GPU machine)
+    __version__ = "0+source"
 
 __all__ = ["TileStore", "build_store", "matmul"]

@@ -44,6 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+import aires
 from aires.checks import parse_size
 from aires.scheduler import Scheduler
 from aires.scheduler.placement import format_bytes
@@ -321,7 +322,7 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "numpy": np.__version__,
         "scipy": importlib.metadata.version("scipy"),
-        "aires": importlib.metadata.version("aires"),
+        "aires": aires.__version__,
     }
     for pkg in ("cupy", "kvikio"):
         try:

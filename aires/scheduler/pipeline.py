@@ -672,12 +672,12 @@ class Scheduler:
                 compute(tile, buf)
                 rec.computes.append((phase, start, rec.mark()))
                 return None
-                with torch.cuda.stream(stream):
-                    if ready is not None:
-                        stream.wait_event(ready)
-                    start = rec.mark(stream)
-                    compute(tile, buf)
-                    end = rec.mark(stream)
+            with torch.cuda.stream(stream):
+                if ready is not None:
+                    stream.wait_event(ready)
+                start = rec.mark(stream)
+                compute(tile, buf)
+                end = rec.mark(stream)
             rec.computes.append((phase, start, end))
         return end
 
