@@ -190,7 +190,7 @@ def _plan(
     for a, b in zip(starts[run_cost > budget].tolist(), stops[run_cost > budget].tolist()):
         edges = _partition_run(cost, a, b, budget)
         bounds.append(np.stack((edges[:-1], edges[1:])))
-    whole = np.concatenate(bounds, axis=1) if bounds else np.zeros((2, 0), np.int64)
+    whole = np.concatenate(bounds, axis=1)
     w_start, w_stop = whole[0], whole[1]
     w_nnz_start = _gather(indptr, w_start)
     w_nnz_stop = _gather(indptr, w_stop)

@@ -5,7 +5,8 @@ Two readers, both reading ``nbytes`` bytes at a file offset into a caller's buff
 - :class:`PosixReader` uses ``os.preadv`` straight into a numpy (or pinned torch) buffer,
   splitting large reads into ``task_size`` pieces read by a thread pool (one thread per request
   leaves an NVMe drive's queue and the page cache's copy bandwidth mostly idle), and folding the
-  CRC-32 in as the pieces arrive. GPU buffers go through a pinned host bounce buffer.
+  CRC-32 in as the pieces arrive. GPU buffers go through a pinned host bounce buffer
+  (:meth:`PosixReader.read_to_tensor`).
 - :class:`KvikioReader` uses ``kvikio.CuFile.pread`` into host or GPU buffers: GPUDirect Storage
   when the ``nvidia-fs`` driver is loaded, else KvikIO's compatibility mode (POSIX reads through
   its own pinned bounce buffers, in its thread pool).
@@ -82,7 +83,8 @@ class PosixReader:
         os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._pool: ThreadPoolExecutor | None = None
         self._bounce: torch.Tensor | None = None
-        self._lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._bounce_lock = threading.Lock()
 
     def read(
         self, offset: int, nbytes: int, out: np.ndarray, *, checksum: bool = False
@@ -118,14 +120,20 @@ class PosixReader:
             wait(futures)  # never return while a thread may still write into ``out``
         return crc if checksum else None
 
-    def read_to_cuda(
+    def read_to_tensor(
         self, offset: int, nbytes: int, out: torch.Tensor, *, checksum: bool = False
     ) -> int | None:
-        """Like :meth:`read`, into a CUDA uint8 tensor through a pinned host bounce buffer."""
-        with self._lock:
+        """Like :meth:`read`, into a uint8 tensor on any device through a host bounce buffer.
+
+        The bounce buffer is pinned when CUDA is available, so the copy to the GPU is a DMA;
+        it is kept (grown to the largest read) and reused, one read at a time.
+        """
+        with self._bounce_lock:
             if self._bounce is None or self._bounce.numel() < nbytes:
                 self._bounce = None  # free the old pinned buffer before pinning a larger one
-                self._bounce = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                self._bounce = torch.empty(
+                    nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available()
+                )
             crc = self.read(offset, nbytes, self._bounce.numpy(), checksum=checksum)
             out[:nbytes].copy_(self._bounce[:nbytes])
         return crc
@@ -139,7 +147,7 @@ class PosixReader:
         self._file.close()
 
     def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:
+        with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="aires-pread")
             return self._pool
@@ -180,9 +188,8 @@ class KvikioReader:
         self.path = Path(path)
         threads = check_positive_int(threads, "threads")
         with KvikioReader._lock:
-            if KvikioReader._users == 0 and kvikio.defaults.get("num_threads") != threads:
-                KvikioReader._settings = kvikio.defaults.set({"num_threads": threads})
-                KvikioReader._settings.__enter__()
+            if KvikioReader._users == 0:
+                KvikioReader._settings = _thread_setting(kvikio.defaults, threads)
             KvikioReader._users += 1
         try:
             self._file = kvikio.CuFile(self.path, "r")
@@ -217,6 +224,26 @@ class KvikioReader:
             if KvikioReader._users == 0 and KvikioReader._settings is not None:
                 KvikioReader._settings.__exit__(None, None, None)
                 KvikioReader._settings = None
+
+
+def _thread_setting(defaults: ModuleType, threads: int) -> Any:
+    """Set KvikIO's thread count through a restorable context (entered here), unless it is set.
+
+    KvikIO >= 24.12 spells it ``defaults.set({"num_threads": n})``, applied on creation; older
+    versions ``defaults.set_num_threads(n)``, applied on entry. Both restore on exit.
+
+    Returns:
+        The entered context, or ``None`` when the count already was ``threads``.
+    """
+    if hasattr(defaults, "get") and hasattr(defaults, "set"):
+        current, make = defaults.get("num_threads"), lambda: defaults.set({"num_threads": threads})
+    else:
+        current, make = defaults.get_num_threads(), lambda: defaults.set_num_threads(threads)
+    if current == threads:
+        return None
+    setting = make()
+    setting.__enter__()
+    return setting
 
 
 def _compat_mode_preferred(kvikio: ModuleType) -> bool:

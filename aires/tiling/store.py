@@ -216,7 +216,7 @@ class TileStore:
             if isinstance(target, np.ndarray):
                 crc = self._posix_reader().read(info.offset, info.nbytes, target, checksum=verify)
             elif self.io_mode == "posix":
-                crc = self._posix_reader().read_to_cuda(
+                crc = self._posix_reader().read_to_tensor(
                     info.offset, info.nbytes, target, checksum=verify
                 )
             else:
@@ -249,7 +249,7 @@ class TileStore:
         info = self.tile_info(i)
         if not isinstance(buf, (np.ndarray, torch.Tensor)):
             raise TypeError(f"buf must be a numpy array or torch tensor, got {type(buf).__name__}")
-        target = _byte_buffer(buf, info.nbytes, f"tile {info.index}", host_numpy=False)
+        target = _byte_buffer(buf, info.nbytes, f"tile {info.index}", name="buf", host_numpy=False)
         return tile_views(target, info.n_rows, info.nnz, self.index_dtype, self.value_dtype)
 
     def read_tile(self, i: int, out: Any = None, *, verify: bool = True) -> TileCSR:
@@ -268,7 +268,7 @@ class TileStore:
         if out is None:
             out = np.empty(info.nbytes, dtype=np.uint8)
         elif not isinstance(out, (np.ndarray, torch.Tensor)):
-            out = torch.as_tensor(out, device="cuda")
+            out = torch.as_tensor(out)
         self.read_bytes(i, out, verify=verify)
         indptr, indices, data = self.tile_arrays(i, out)
         return TileCSR(
@@ -421,7 +421,9 @@ def build_store(
         alignment: tile offset and length granularity in the data file (power of two >= 256).
         index_dtype: ``int32``/``int64`` to force; ``None`` picks the narrowest that fits.
         value_dtype: ``float16``, ``float32`` (``None``) or ``float64``; values are cast.
-        overwrite: replace an existing non-empty ``path`` (built aside first, then swapped in).
+        overwrite: replace an existing non-empty ``path``: the new store is built aside, then
+            the old one is renamed away, the new one renamed in and the old one deleted, so
+            readers never see a partial store (for an instant, no store).
         progress: show a tqdm progress bar.
         symmetric: record that the matrix is (``True``) or is not (``False``) symmetric;
             ``None`` records nothing. Not checked.
@@ -488,6 +490,8 @@ def _build(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         checksums = _write_tiles(src, plan, tmp / DATA_NAME, progress, path.name)
+        columns = (plan.row_start, plan.row_stop, plan.tile_nnz, plan.offset, plan.nbytes)
+        columns += (checksums, plan.partial)
         manifest = Manifest(
             shape=plan.shape,
             nnz=plan.nnz,
@@ -498,15 +502,7 @@ def _build(
             symmetric=symmetric,
             data_file=DATA_NAME,
             data_bytes=plan.total_bytes,
-            tiles=[
-                TileInfo(
-                    i,
-                    *(int(a[i]) for a in _plan_columns(plan)),
-                    int(checksums[i]),
-                    bool(plan.partial[i]),
-                )
-                for i in range(len(plan))
-            ],
+            tiles=[TileInfo(i, *row) for i, row in enumerate(zip(*(c.tolist() for c in columns)))],
             extra=extra,
         )
         with open(tmp / MANIFEST_NAME, "wb") as f:
@@ -520,11 +516,6 @@ def _build(
         raise
     _fsync_dir(path.parent)
     return TileStore.open(path)
-
-
-def _plan_columns(plan: TilePlan) -> tuple[np.ndarray, ...]:
-    """The plan's per-tile columns in :class:`TileInfo` order, up to ``checksum``."""
-    return (plan.row_start, plan.row_stop, plan.tile_nnz, plan.offset, plan.nbytes)
 
 
 def _write_tiles(
@@ -772,7 +763,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _byte_buffer(
-    out: Any, nbytes: int, what: str, *, host_numpy: bool = True
+    out: Any, nbytes: int, what: str, *, name: str = "out", host_numpy: bool = True
 ) -> np.ndarray | torch.Tensor:
     """``out`` as a flat uint8 numpy array or torch tensor of at least ``nbytes`` bytes.
 
@@ -781,23 +772,23 @@ def _byte_buffer(
     """
     if isinstance(out, np.ndarray):
         if out.dtype != np.uint8:
-            raise TypeError(f"out must have dtype uint8, got {out.dtype}")
+            raise TypeError(f"{name} must have dtype uint8, got {out.dtype}")
         if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be a contiguous, writable array")
+            raise ValueError(f"{name} must be a contiguous, writable array")
         flat = out.reshape(-1)
     elif isinstance(out, torch.Tensor) or hasattr(out, "__cuda_array_interface__"):
-        tensor = out if isinstance(out, torch.Tensor) else torch.as_tensor(out, device="cuda")
+        tensor = out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
         if tensor.dtype != torch.uint8:
-            raise TypeError(f"out must have dtype torch.uint8, got {tensor.dtype}")
+            raise TypeError(f"{name} must have dtype torch.uint8, got {tensor.dtype}")
         if not tensor.is_contiguous():
-            raise ValueError("out must be a contiguous tensor")
+            raise ValueError(f"{name} must be a contiguous tensor")
         if tensor.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(f"reading into {tensor.device.type} tensors is not supported")
         flat = tensor.view(-1)
         if host_numpy and flat.device.type == "cpu":
             flat = flat.numpy()
     else:
-        raise TypeError(f"out must be a numpy array or a torch tensor, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(out).__name__}")
     if flat.shape[0] < nbytes:
-        raise ValueError(f"out holds {flat.shape[0]} bytes, but {what} needs {nbytes}")
+        raise ValueError(f"{name} holds {flat.shape[0]} bytes, but {what} needs {nbytes}")
     return flat

@@ -37,11 +37,20 @@ def random_csr(
     hubs: tuple[int, ...] = (),
     dtype: type = np.float32,
 ) -> sp.csr_array:
-    """A random CSR with empty rows and columns (density < 1) and the given rows made dense."""
-    a = sp.random_array(shape, density=density, rng=rng, format="lil", dtype=dtype)
-    for r in hubs:
-        a[r, :] = rng.standard_normal(shape[1]).astype(dtype) + 5.0
-    return sp.csr_array(a)
+    """A random CSR with empty rows and columns (density < 1) and the given rows made dense.
+
+    Built from numpy draws so it is the same on every scipy version.
+    """
+    rows, cols = shape
+    cells = rng.choice(rows * cols, int(round(density * rows * cols)), replace=False)
+    dense_cells = (np.asarray(hubs, dtype=np.int64)[:, None] * cols + np.arange(cols)).ravel()
+    cells = np.union1d(cells, dense_cells).astype(np.int64)
+    values = (rng.standard_normal(len(cells)) + 5.0).astype(dtype)
+    return sp.csr_array((values, (cells // max(cols, 1), cells % max(cols, 1))), shape=shape)
+
+
+def eye(n: int) -> sp.csr_array:
+    return sp.csr_array(sp.identity(n, dtype=np.float32, format="csr"))
 
 
 def assert_round_trip(store: TileStore, a: sp.csr_array) -> None:
@@ -225,7 +234,7 @@ def test_memmap_input_is_streamed(tmp_path: Path) -> None:
 
 
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    build_store(sp.eye_array(50, format="csr"), tmp_path / "s", progress=True)
+    build_store(eye(50), tmp_path / "s", progress=True)
     assert "tiling s" in capsys.readouterr().err
 
 
@@ -370,7 +379,7 @@ def test_unknown_manifest_version(store: TileStore) -> None:
 
 KILLED_BUILD = """
 import os, sys, time
-import numpy as np, scipy.sparse as sp
+import numpy as np
 from aires.tiling import build_store
 
 real_pwrite = os.pwrite
@@ -380,7 +389,9 @@ def pwrite_then_hang(fd, data, offset):
     time.sleep(120)
     return written
 os.pwrite = pwrite_then_hang
-a = sp.random_array((2000, 2000), density=0.01, rng=0, format="csr", dtype=np.float32)
+rng = np.random.default_rng(0)
+indptr = np.arange(0, 40_001, 20)
+a = (indptr, rng.integers(0, 2000, 40_000), rng.random(40_000, dtype=np.float32), (2000, 2000))
 build_store(a, sys.argv[1], tile_bytes=4096, progress=False)
 """
 
@@ -404,14 +415,14 @@ def test_killed_build_leaves_no_store(tmp_path: Path) -> None:
     assert len(leftovers) == 1 and (leftovers[0] / "tiles.bin").exists()
     with pytest.raises(FileNotFoundError):
         TileStore.open(target)
-    a = sp.random_array((2000, 2000), density=0.01, rng=0, format="csr", dtype=np.float32)
+    a = random_csr(np.random.default_rng(0), (2000, 2000), 0.01)
     assert_round_trip(build_store(a, target, tile_bytes=4096, progress=False), a)
     assert not leftovers[0].exists()  # the rerun removed the dead build's directory
 
 
 def test_existing_path_refused_unless_overwrite(tmp_path: Path) -> None:
-    a = sp.eye_array(10, format="csr", dtype=np.float32)
-    b = sp.random_array((10, 10), density=0.5, rng=0, format="csr", dtype=np.float32)
+    a = eye(10)
+    b = random_csr(np.random.default_rng(0), (10, 10), 0.5)
     (tmp_path / "empty").mkdir()
     build_store(a, tmp_path / "empty", progress=False)  # an empty directory is fine
     (tmp_path / "file").write_text("precious")
@@ -435,9 +446,7 @@ def test_write_error_removes_the_partial_build(
     with pytest.raises(
         OSError, match=r"writing tile \d+ to .*tiles.bin failed: No space left on device"
     ) as caught:
-        build_store(
-            sp.eye_array(100, format="csr"), tmp_path / "s", tile_bytes=4096, progress=False
-        )
+        build_store(eye(100), tmp_path / "s", tile_bytes=4096, progress=False)
     assert caught.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
 
@@ -450,7 +459,7 @@ def test_not_enough_space_is_refused_up_front(
         OSError,
         match=r"not enough free space in .* for a tile store of \d+ bytes \(4096 bytes free\)",
     ):
-        build_store(sp.eye_array(10_000, format="csr"), tmp_path / "s", progress=False)
+        build_store(eye(10_000), tmp_path / "s", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -459,7 +468,7 @@ def test_stale_temporary_directories_are_removed(tmp_path: Path) -> None:
     alive = tmp_path / f".s.tmp-{os.getpid()}-keep"
     dead.mkdir()
     alive.mkdir()
-    build_store(sp.eye_array(3, format="csr"), tmp_path / "s", progress=False)
+    build_store(eye(3), tmp_path / "s", progress=False)
     assert not dead.exists() and alive.exists()
 
 
@@ -531,7 +540,7 @@ def test_invalid_matrices_leave_nothing(
 
 
 def test_bad_build_arguments(tmp_path: Path) -> None:
-    a = sp.eye_array(3, format="csr")
+    a = eye(3)
     with pytest.raises(TypeError, match="symmetric must be True, False or None"):
         build_store(a, tmp_path / "s", symmetric="yes", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="alignment must be a power of two"):
@@ -561,17 +570,15 @@ def test_stale_transpose_is_rebuilt(tmp_path: Path) -> None:
 
 
 def test_symmetric_store_is_its_own_transpose(tmp_path: Path) -> None:
-    a = sp.csr_array(
-        sp.random_array((30, 30), density=0.2, rng=0)
-        + sp.random_array((30, 30), density=0.2, rng=0).T
-    )
+    half = random_csr(np.random.default_rng(6), (30, 30), 0.2)
+    a = sp.csr_array(half + half.T)
     store = build_store(a, tmp_path / "s", symmetric=True, progress=False)
     assert store.symmetric is True and store.transpose() is store
     assert TileStore.open(tmp_path / "s").symmetric is True
 
 
 def test_transpose_never_overwrites_other_stores(tmp_path: Path) -> None:
-    a = sp.eye_array(4, format="csr")
+    a = eye(4)
     store = build_store(a, tmp_path / "s", progress=False)
     build_store(a, tmp_path / "other", progress=False)
     with pytest.raises(FileExistsError, match="holds a tile store that is not a transpose"):
