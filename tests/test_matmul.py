@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +12,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import aires.matmul as matmul_module
 from aires.matmul import clear_cache, matmul
+
+# The package exports the function under the module's name, so fetch the module itself.
+matmul_module = importlib.import_module("aires.matmul")
 from aires.scheduler import RunStats
 from aires.tiling import TileStore, build_store
 
