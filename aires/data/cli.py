@@ -34,6 +34,12 @@ from aires.data.storage import MANIFEST, save_graph
 __all__ = ["add_parser", "main"]
 
 _DEFAULT_SPARSE_DENSITY = 0.01
+_DESCRIPTION = """generate, convert and describe graphs
+
+examples:
+  aires data generate --preset products --scale 1 --seed 0 --out DIR --report r.json
+  aires data convert edges.txt --out DIR   # or an .npz, an OGB dataset dir, ogbn-NAME --root R
+  aires data describe DIR_OR_NAME [--json]"""
 _ERRORS = (
     ValueError,
     TypeError,
@@ -53,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "data",
         help="generate, convert and describe graphs",
-        description=__doc__,
+        description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_commands(parser)
@@ -63,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aires data`` with ``argv`` (without the leading ``data``); returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="aires data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="aires data", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _add_commands(parser)
     args = parser.parse_args(argv)

@@ -121,3 +121,20 @@ def test_add_parser_registers_data_command() -> None:
     assert args.command == "data" and args.graph == "cora" and callable(args.func)
     with pytest.raises(SystemExit):
         parser.parse_args(["data", "generate"])  # --preset is required
+
+
+def test_convert_ogb_datasets(
+    tmp_path: Path,
+    ogb_saved: tuple[dict, Path],
+    arxiv_root: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["convert", str(ogb_saved[1]), "--out", str(tmp_path / "toy"), "--quiet"]) == 0
+    toy = open_graph(tmp_path / "toy")
+    assert toy.provenance["ogb"]["name"] == "ogbn-toy" and toy.symmetric is True
+    argv = ["convert", "ogbn-arxiv", "--root", str(arxiv_root), "--out", str(tmp_path / "arxiv")]
+    assert main([*argv, "--directed", "--quiet"]) == 0
+    assert open_graph(tmp_path / "arxiv").symmetric is None
+    capsys.readouterr()
+    assert main(["describe", "ogbn-arxiv", "--root", str(arxiv_root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == 120

@@ -5,76 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from aires.data import evaluate, load_graph, load_ogb, open_graph
 
+from .conftest import TOY_NODES as N
+from .conftest import toy_graph
+
 pytest.importorskip("ogb", reason="the OGB tests need the ogb package (pip install aires[ogb])")
-
-N, F, C = 120, 8, 3
-
-
-def _toy(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges (directed, mostly within a class), features (class centroid + noise), labels."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, C, N)
-    centroids = rng.normal(size=(C, F)) * 2
-    x = (centroids[y] + rng.normal(size=(N, F))).astype(np.float32)
-    src = rng.integers(0, N, 600)
-    same = [rng.choice(np.flatnonzero(y == y[s])) for s in src[:450]]
-    dst = np.concatenate([same, rng.integers(0, N, 150)])
-    keep = src != dst
-    return np.stack([src[keep], dst[keep]]), x, y
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """A custom dataset written by ogb.io.DatasetSaver: (meta_dict, submission directory)."""
-    from ogb.io import DatasetSaver
-
-    base = tmp_path_factory.mktemp("ogb")
-    edges, x, y = _toy(0)
-    saver = DatasetSaver("ogbn-toy", is_hetero=False, version=1, root=str(base / "submission"))
-    saver.save_graph_list(
-        [{"edge_index": edges, "num_nodes": N, "node_feat": x, "edge_feat": None}]
-    )
-    saver.save_target_labels(y[:, None])
-    perm = np.random.default_rng(1).permutation(N)
-    saver.save_split({"train": perm[:60], "valid": perm[60:90], "test": perm[90:]}, "random")
-    (base / "mapping").mkdir()
-    (base / "mapping" / "README.md").write_text("toy mapping\n")
-    saver.copy_mapping_dir(str(base / "mapping"))
-    saver.save_task_info("multiclass classification", "acc", num_classes=C)
-    return saver.get_meta_dict(), Path(saver.submission_dir)
-
-
-def _write_csv(path: Path, rows: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, header=False, index=False, compression="gzip")
-
-
-@pytest.fixture
-def arxiv_root(tmp_path: Path) -> Path:
-    """A stand-in ogbn-arxiv in OGB's csv layout (what the download unpacks to), tiny."""
-    edges, x, y = _toy(2)
-    d = tmp_path / "ogb" / "ogbn_arxiv"
-    (d / "RELEASE_v1.txt").parent.mkdir(parents=True)
-    (d / "RELEASE_v1.txt").write_text("# Release note for ogbn-arxiv\n")
-    _write_csv(d / "raw" / "edge.csv.gz", edges.T)
-    _write_csv(d / "raw" / "num-node-list.csv.gz", np.array([[N]]))
-    _write_csv(d / "raw" / "num-edge-list.csv.gz", np.array([[edges.shape[1]]]))
-    _write_csv(d / "raw" / "node-feat.csv.gz", x)
-    _write_csv(d / "raw" / "node-label.csv.gz", y[:, None])
-    _write_csv(d / "raw" / "node_year.csv.gz", np.full((N, 1), 2020))
-    for name, idx in (
-        ("train", np.arange(60)),
-        ("valid", np.arange(60, 90)),
-        ("test", np.arange(90, N)),
-    ):
-        _write_csv(d / "split" / "time" / f"{name}.csv.gz", idx[:, None])
-    return tmp_path / "ogb"
 
 
 @pytest.fixture(autouse=True)
@@ -89,9 +28,9 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dataset_module, "download_url", refuse)
 
 
-def test_saver_dataset_loads_through_meta_dict(saved: tuple[dict, Path]) -> None:
-    meta, _ = saved
-    edges, x, y = _toy(0)
+def test_saver_dataset_loads_through_meta_dict(ogb_saved: tuple[dict, Path]) -> None:
+    meta, _ = ogb_saved
+    edges, x, y = toy_graph(0)
     graph = load_ogb("ogbn-toy", meta_dict=meta)
     assert graph.num_nodes == N and graph.symmetric is True
     want = np.unique(np.concatenate([edges, edges[::-1]], axis=1), axis=1)
@@ -107,8 +46,8 @@ def test_saver_dataset_loads_through_meta_dict(saved: tuple[dict, Path]) -> None
     }
 
 
-def test_saver_dataset_loads_from_submission_directory(saved: tuple[dict, Path]) -> None:
-    meta, submission = saved
+def test_saver_dataset_loads_from_submission_directory(ogb_saved: tuple[dict, Path]) -> None:
+    meta, submission = ogb_saved
     a = load_ogb("ogbn-toy", meta_dict=meta)
     for b in (load_ogb(submission), load_graph(submission)):
         assert b.name == "ogbn-toy"
@@ -135,7 +74,7 @@ def _train_dense_gcn(graph: object, epochs: int = 100) -> torch.Tensor:
 
 
 def test_train_and_score_with_ogb_evaluator(
-    saved: tuple[dict, Path], monkeypatch: pytest.MonkeyPatch
+    ogb_saved: tuple[dict, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ogb.nodeproppred import Evaluator
 
@@ -147,7 +86,7 @@ def test_train_and_score_with_ogb_evaluator(
         return original(self, input_dict)
 
     monkeypatch.setattr(Evaluator, "eval", spy)
-    graph = load_ogb("ogbn-toy", meta_dict=saved[0])
+    graph = load_ogb("ogbn-toy", meta_dict=ogb_saved[0])
     logits = _train_dense_gcn(graph)
     test = graph.test_idx
     manual = float((logits.argmax(1)[test] == graph.y[test]).double().mean())
@@ -162,7 +101,7 @@ def test_standard_name_from_root(arxiv_root: Path, monkeypatch: pytest.MonkeyPat
 
     names: list[str] = []
     monkeypatch.setattr(Evaluator, "eval", lambda self, d: names.append(self.name) or {"acc": 0.5})
-    edges, _, y = _toy(2)
+    edges, _, y = toy_graph(2)
     graph = load_ogb("ogbn-arxiv", arxiv_root)
     assert graph.num_nodes == N and torch.equal(graph.y, torch.from_numpy(y))
     assert graph.provenance["ogb"]["custom"] is False
