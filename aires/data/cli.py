@@ -69,7 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aires data`` with ``argv`` (without the leading ``data``); returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="aires data", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="aires data",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_commands(parser)
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ next to its destination and renamed when complete: a graph directory is either w
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -54,7 +55,7 @@ _DTYPES = {
     "test_idx": np.int64,
 }
 _REQUIRED = ("adj_indptr", "adj_indices", "adj_data", "train_idx", "val_idx", "test_idx")
-_COPY_ROWS = 1 << 22
+_COPY_ELEMENTS = 1 << 23  # entries copied at once (64 MiB of int64)
 
 
 def is_graph_dir(path: str | os.PathLike[str]) -> bool:
@@ -121,8 +122,9 @@ class GraphWriter:
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu().numpy()
         out = self.array(name, values.shape)
-        for start in range(0, len(values), _COPY_ROWS):
-            out[start : start + _COPY_ROWS] = values[start : start + _COPY_ROWS]
+        step = max(1, _COPY_ELEMENTS // max(1, math.prod(values.shape[1:])))
+        for start in range(0, len(values), step):
+            out[start : start + step] = values[start : start + step]
 
     def commit(
         self,
@@ -190,8 +192,9 @@ def save_graph(graph: Graph, path: str | os.PathLike[str], *, overwrite: bool = 
         writer.put("adj_indptr", np.asarray(graph.adj.indptr))
         writer.put("adj_indices", np.asarray(graph.adj.indices))
         data = writer.array("adj_data", (graph.num_edges,))
-        for start in range(0, graph.num_edges, _COPY_ROWS):
-            data[start : start + _COPY_ROWS] = graph.adj.data[start : start + _COPY_ROWS]
+        for start in range(0, graph.num_edges, _COPY_ELEMENTS):
+            stop = start + _COPY_ELEMENTS
+            data[start:stop] = graph.adj.data[start:stop]
         if isinstance(graph.x, sp.csr_array):
             writer.put("x_indptr", np.asarray(graph.x.indptr))
             writer.put("x_indices", np.asarray(graph.x.indices))
