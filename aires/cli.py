@@ -90,7 +90,8 @@ def _add_train(subparsers: Any) -> None:
         "--gpu-budget",
         type=_size("--gpu-budget"),
         default=None,
-        help="GPU bytes for the tiled products, e.g. 2GiB (default: no limit)",
+        help="device bytes each tiled product may use, e.g. 2GiB (default: the free "
+        "memory less a margin)",
     )
     parser.add_argument(
         "--host-budget",

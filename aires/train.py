@@ -215,8 +215,10 @@ def train(
         lr: Adam learning rate.
         weight_decay: L2 penalty on the first layer.
         dropout: dropout probability.
-        gpu_budget: GPU bytes for the tiled products (``"2GiB"``); None: no limit.
-        host_budget: pinned host bytes for tiles; None: the default.
+        gpu_budget: device bytes each tiled product may allocate (``"2GiB"``: its output,
+            slots and resident tiles); None: :func:`aires.matmul.matmul`'s default (the free
+            device memory less a margin).
+        host_budget: pinned host bytes for tiles; None: the default (half the RAM).
         tile_bytes: tile capacity; None: the tiler's default.
         store_dir: where tile stores are kept (reused across runs); None: temporary.
         normalize_features: row-normalise the features first (:func:`row_normalize`), as
@@ -255,7 +257,6 @@ def train(
         else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     torch.manual_seed(seed)
-    np.random.seed(seed)
 
     x = graph.x_torch()
     x = (row_normalize(x) if normalize_features else x).to(device)

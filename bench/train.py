@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import itertools
 import json
 import platform
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import aires
 from aires.checks import parse_size
 
 __all__ = ["VARIANTS", "main", "parse_args", "run_variant"]
@@ -166,10 +166,34 @@ def _adjacency_bytes(graph: Any) -> int:
     return 8 * graph.num_edges + 4 * (graph.num_nodes + 1)
 
 
+def _layer_products(graph: Any, args: argparse.Namespace) -> list[tuple[str, int]]:
+    """``(order, columns)`` of each layer's product with ``A`` in training (see
+    :func:`aires.gcn_conv.choose_order`): the input features need no gradient, hidden ones do."""
+    from aires.gcn_conv import choose_order
+
+    widths = (
+        [graph.num_features] + [args.hidden] * (args.layers - 1) + [graph.num_classes]
+    )
+    x_nnz = int(graph.x.nnz) if graph.sparse_features else None
+    products = []
+    for i, (f_in, f_out) in enumerate(itertools.pairwise(widths)):
+        order = choose_order(
+            nnz=graph.num_edges + graph.num_nodes,
+            num_nodes=graph.num_nodes,
+            in_columns=f_in,
+            out_columns=f_out,
+            x_nnz=x_nnz if i == 0 else None,
+            x_requires_grad=i > 0,
+        )
+        products.append((order, f_in if order == "aggregate_first" else f_out))
+    return products
+
+
 def _gpu_budget(args: argparse.Namespace, graph: Any) -> int | None:
     """AIRES's device budget: ``--gpu-budget``, or for ``auto`` the scheduler's working set at
-    the widest product (its dense output, 16 MiB of cuSPARSE workspace with margin, 3 ring and
-    2 disk slots of one tile) plus a quarter of the adjacency: most tiles stream."""
+    the widest product training runs (its dense output, 16 MiB of cuSPARSE workspace with
+    margin, 3 ring and 2 disk slots of one tile) plus a quarter of the adjacency: at least three
+    quarters of the tiles stream on every product."""
     if args.gpu_budget in (None, "none"):
         return None
     if args.gpu_budget != "auto":
@@ -179,7 +203,7 @@ def _gpu_budget(args: argparse.Namespace, graph: Any) -> int | None:
     tile = (
         DEFAULT_TILE_BYTES if args.tile_bytes is None else parse_size(args.tile_bytes)
     )
-    widest = max(graph.num_features, args.hidden, graph.num_classes)
+    widest = max(columns for _, columns in _layer_products(graph, args))
     output = graph.num_nodes * widest * 4
     return output + (48 << 20) + 5 * tile + _adjacency_bytes(graph) // 4
 
@@ -259,16 +283,15 @@ def _aires_model(
 def _aires_details(
     model: Any, x: torch.Tensor, adj_t: Any, args: argparse.Namespace, graph: Any
 ) -> dict[str, Any]:
-    """The store's layout, the statistics of one hidden-width product (where its bytes came
-    from) and the product order each layer trains with."""
-    from aires.gcn_conv import choose_order
+    """The store's layout, each layer's product order and width, and the statistics of one
+    product at the widest width (where its bytes came from)."""
     from aires.matmul import matmul
 
-    conv = model.convs[-1]
-    store = conv.adjacency_store(
-        torch.empty(x.size(0), conv.in_channels, device=x.device), adj_t
-    )
-    h = torch.randn(x.size(0), args.hidden, device=x.device)
+    conv = model.convs[0]
+    store = conv.adjacency_store(x, adj_t)
+    products = _layer_products(graph, args)
+    widest = max(columns for _, columns in products)
+    h = torch.randn(x.size(0), widest, device=x.device)
     _, stats = matmul(
         store,
         h,
@@ -283,22 +306,13 @@ def _aires_details(
         "store": {
             "tiles": len(store),
             "tile_bytes": int(store.tile_bytes),
+            "bytes": int(sum(t.nbytes for t in store.tiles)),
             "nnz": int(store.nnz),
             "symmetric": store.symmetric,
             "io_mode": store.io_mode,
         },
+        "layers": [{"order": order, "columns": columns} for order, columns in products],
         "product_stats": _jsonable(dataclasses.asdict(stats)),
-        "orders": [
-            choose_order(
-                nnz=int(store.nnz),
-                num_nodes=x.size(0),
-                in_columns=c.in_channels,
-                out_columns=c.out_channels,
-                x_nnz=None if x.layout == torch.strided else int(x.values().numel()),
-                x_requires_grad=i > 0,
-            )
-            for i, c in enumerate(model.convs)
-        ],
     }
 
 
@@ -414,10 +428,7 @@ def _versions() -> dict[str, str | None]:
             versions[module] = getattr(__import__(module), "__version__", "unknown")
         except ImportError:
             versions[module] = None
-    try:
-        versions["aires"] = importlib.metadata.version("aires")
-    except importlib.metadata.PackageNotFoundError:
-        versions["aires"] = None
+    versions["aires"] = aires.__version__
     return versions
 
 
