@@ -322,6 +322,21 @@ def test_sparse_features(layout: torch.layout, order: str) -> None:
     check_parity(pyg, aires, x, (undirected_graph(),))
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_float64(form: str) -> None:
+    """float64 features keep float64 tiles: agreement far below float32 rounding."""
+    pyg, aires = pair(F_IN, F_OUT)
+    pyg.double()
+    aires.double()
+    args = graph_args(form, directed_graph(), None)
+    args = tuple(
+        a.double() if a.is_floating_point() or a.is_sparse else a for a in args
+    )
+    x = features().double()
+    with torch.no_grad():
+        assert relative_error(aires(x, *args), pyg(x, *args)) < 1e-12
+
+
 def test_sparse_features_like_pyg_test() -> None:
     """PyG's test_gcn_conv_with_sparse_input_feature: a sparse COO x with two nonzeros."""
     x = torch.sparse_coo_tensor(
