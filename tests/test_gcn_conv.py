@@ -51,6 +51,7 @@ OUT_OF_CORE = out_of_core()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
