@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from aires.gcn_conv import AiresGCNConv, gcn_norm
 from aires.matmul import matmul
 from aires.tiling import TileStore, build_store
 
@@ -10,4 +11,4 @@ try:
 except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed (the GPU machine)
     __version__ = "0+source"
 
-__all__ = ["TileStore", "build_store", "matmul"]
+__all__ = ["AiresGCNConv", "TileStore", "build_store", "gcn_norm", "matmul"]
