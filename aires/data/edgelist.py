@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aires.checks import check_positive_int
 from aires.data._external_sort import CSRBuilder
 from aires.data.graph import Graph
 from aires.data.storage import GraphWriter, open_graph
@@ -53,7 +54,9 @@ def convert_edge_list(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a line does not parse, an id is negative or ``>= num_nodes``.
+        ValueError: a line does not parse, an id is negative or ``>= num_nodes``, the file
+            holds no edges and ``num_nodes`` is not given, or ``num_nodes`` is not positive.
+        TypeError: ``num_nodes`` is not an int.
     """
     source = Path(path).expanduser()
     if not source.is_file():
@@ -64,8 +67,12 @@ def convert_edge_list(
             raise ValueError(f"{source}: negative node id {min(src.min(), dst.min())}")
         count += len(src)
         largest = max(largest, int(src.max(initial=-1)), int(dst.max(initial=-1)))
-    n = largest + 1 if num_nodes is None else int(num_nodes)
-    if n <= largest or n < 1:
+    if num_nodes is None and count == 0:
+        raise ValueError(
+            f"{source}: the edge list holds no edges; pass num_nodes for a graph without edges"
+        )
+    n = largest + 1 if num_nodes is None else check_positive_int(num_nodes, "num_nodes")
+    if n <= largest:
         raise ValueError(f"num_nodes={num_nodes} but {source} has node id {largest}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with GraphWriter(out, overwrite=overwrite) as writer:

@@ -1,8 +1,14 @@
-"""OGB node-property datasets through the real ``ogb`` package, from a local root; no download.
+"""OGB node-property datasets read with the ``ogb`` package's own parsers, from a local root.
 
 ``ogb.nodeproppred.NodePropPredDataset`` downloads whatever it does not find (and asks on stdin
-when a release note is missing), so every file it needs is checked here first; when one is
-missing the error says where the files go and what to run on a machine with internet.
+when a release note is missing), and caches the parsed graph as a pickle
+(``processed/data_processed``) that it unpickles on every later load: a file that runs code when
+loaded. So AIRES does what that class does on a first load, with the same ``ogb.io`` readers of
+the raw csv/npz files, and never reads, or writes, the pickle cache: nothing a dataset directory
+holds is unpickled (``split_dict.pt`` and ``meta_dict.pt`` are read with
+``torch.load(weights_only=True)``, allowing numpy arrays only). Every file needed is checked
+first; when one is missing the error says where the files go and what to run on a machine with
+internet.
 
 Layout under ``root`` (what ``NodePropPredDataset(name, root)`` creates when it downloads)::
 
@@ -12,7 +18,7 @@ Layout under ``root`` (what ``NodePropPredDataset(name, root)`` creates when it 
       raw/node-feat.csv.gz  raw/node-label.csv.gz          (csv datasets: arxiv, products)
       raw/data.npz  raw/node-label.npz                     (binary datasets: papers100M)
       split/sales_ranking/train.csv.gz  valid.csv.gz  test.csv.gz   (or split_dict.pt)
-      processed/data_processed                             (written by ogb on first load)
+      processed/data_processed                             (ogb's pickle cache: never read)
 
 Custom datasets written by ``ogb.io.DatasetSaver`` load from their ``meta_dict`` (or from the
 saver's submission directory, which holds ``meta_dict.pt``).
@@ -22,10 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +92,9 @@ def load_ogb(
 
     Raises:
         FileNotFoundError: files are missing (the message gives the layout and how to get them).
-        ValueError: unknown name, or no root given.
+        ValueError: unknown name, or no root given; a ``meta_dict.pt`` or ``split_dict.pt``
+            that holds anything but plain data (it is never unpickled), or names a directory
+            outside the dataset.
         NotImplementedError: heterogeneous or multi-task datasets (ogbn-mag, ogbn-proteins).
         ImportError: ``ogb`` is not installed.
     """
@@ -102,18 +109,7 @@ def load_ogb(
             "only single-task classification scored by accuracy is supported"
         )
     _check_files(dataset_name, dataset_dir, meta)
-    # Archives unpacked by hand may lack the (empty) processed/ that ogb writes its cache into.
-    (dataset_dir / "processed").mkdir(exist_ok=True)
-    NodePropPredDataset = _ogb_dataset_class()
-    with _trusted_torch_load(), contextlib.redirect_stdout(sys.stderr):
-        if root_dir is None:
-            dataset = NodePropPredDataset(
-                dataset_name, meta_dict={**meta, "dir_path": str(dataset_dir)}
-            )
-        else:
-            dataset = NodePropPredDataset(dataset_name, root=str(root_dir))
-        graph, labels = dataset[0]
-        split = dataset.get_idx_split()
+    graph, labels, split = _read_dataset(dataset_dir, meta)
     info = {
         "name": dataset_name,
         "num_tasks": int(meta["num tasks"]),
@@ -164,12 +160,85 @@ def load_ogb(
     return loaded
 
 
-def _ogb_dataset_class() -> type:
+def _read_dataset(
+    dataset_dir: Path, meta: dict[str, Any]
+) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+    """``(graph dict, labels, split)`` as ``NodePropPredDataset`` gives them, from the raw files.
+
+    The same ``ogb.io`` readers and the same files as ogb's first load (its ``pre_process`` and
+    ``get_idx_split``), without its pickle cache. Additional node and edge files (such as
+    ogbn-arxiv's ``node_year``) are not read: AIRES does not use them.
+    """
     try:
-        from ogb.nodeproppred import NodePropPredDataset
+        import pandas as pd
+        from ogb.io.read_graph_raw import read_binary_graph_raw, read_csv_graph_raw
     except ImportError as err:
         raise ImportError(f"loading OGB datasets needs the ogb package: {_EXTRA}") from err
-    return NodePropPredDataset
+    raw = dataset_dir / "raw"
+    inverse = meta.get("add_inverse_edge") == "True"
+    with contextlib.redirect_stdout(sys.stderr):  # ogb's readers print progress
+        if meta.get("binary") == "True":
+            graph = read_binary_graph_raw(str(raw), add_inverse_edge=inverse)[0]
+            with np.load(raw / "node-label.npz", allow_pickle=False) as npz:
+                labels = npz["node_label"]
+        else:
+            graph = read_csv_graph_raw(str(raw), add_inverse_edge=inverse)[0]
+            labels = pd.read_csv(raw / "node-label.csv.gz", compression="gzip", header=None).values
+    split_dir = dataset_dir / "split" / _plain_name(meta["split"], "split", dataset_dir)
+    if (split_dir / "split_dict.pt").is_file():
+        split = _load_plain(split_dir / "split_dict.pt")
+        if not isinstance(split, dict) or not {"train", "valid", "test"} <= split.keys():
+            raise ValueError(f"{split_dir / 'split_dict.pt'}: no train/valid/test split in it")
+    else:
+        split = {
+            part: pd.read_csv(
+                split_dir / f"{part}.csv.gz", compression="gzip", header=None
+            ).values.T[0]
+            for part in ("train", "valid", "test")
+        }
+    return graph, labels, split
+
+
+def _load_plain(path: Path) -> Any:
+    """A ``torch.save`` file that holds only tensors, numpy arrays and plain containers.
+
+    ``weights_only=True`` runs torch's restricted unpickler, here allowing the few numpy globals
+    that rebuild a numeric array and nothing else, so a crafted file cannot run code.
+
+    Raises:
+        ValueError: the file holds anything else (or is not a ``torch.save`` file).
+    """
+    with torch.serialization.safe_globals(_numpy_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ValueError(
+                f"{path}: not loaded: it is not a torch.save file of plain arrays and values "
+                f"(AIRES never unpickles anything else): {str(err).splitlines()[0]}"
+            ) from err
+
+
+def _numpy_globals() -> list[Any]:
+    """What unpickling a numeric numpy array needs: its rebuild function, ``ndarray`` and the
+    numeric dtypes (no object dtype), under numpy 2 names and numpy 1's ``numpy.core``."""
+    reconstruct = np.empty(0).__reduce__()[0]
+    dtypes = [type(np.dtype(code)) for code in "?bhilqBHILQefd"]
+    return [
+        reconstruct,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        *dtypes,
+    ]
+
+
+def _plain_name(value: Any, what: str, source: Path) -> str:
+    """``value`` if it is a plain file name (no separator, not ``..``), else ``ValueError``."""
+    text = str(value)
+    if text in ("", ".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise ValueError(f"{source}: {what} must be a plain name, got {text!r}")
+    return text
 
 
 def _master() -> dict[str, dict[str, str]]:
@@ -199,8 +268,11 @@ def _resolve(
         return text, None, dict(meta_dict), Path(meta_dict["dir_path"])
     path = Path(text).expanduser()
     if path.is_dir() and (path / "meta_dict.pt").is_file():
-        meta = torch.load(path / "meta_dict.pt", weights_only=True)
-        dataset_dir = path / str(meta["download_name"])
+        meta = _load_plain(path / "meta_dict.pt")
+        if not isinstance(meta, dict) or "download_name" not in meta:
+            raise ValueError(f"{path / 'meta_dict.pt'}: not an ogb meta_dict (no download_name)")
+        download = _plain_name(meta["download_name"], "download_name", path / "meta_dict.pt")
+        dataset_dir = path / download
         return (
             f"ogbn-{meta['download_name']}",
             None,
@@ -226,9 +298,8 @@ def _check_files(name: str, dataset_dir: Path, meta: dict[str, Any]) -> None:
     release = dataset_dir / f"RELEASE_v{meta['version']}.txt"
     if not release.is_file():
         missing.append(release)
-    if not (dataset_dir / "processed" / "data_processed").is_file():
-        missing += [p for p in _raw_files(dataset_dir, meta) if not p.is_file()]
-    split = dataset_dir / "split" / str(meta["split"])
+    missing += [p for p in _raw_files(dataset_dir, meta) if not p.is_file()]
+    split = dataset_dir / "split" / _plain_name(meta["split"], "split", dataset_dir)
     if not (split / "split_dict.pt").is_file():
         missing += [
             p
@@ -236,13 +307,6 @@ def _check_files(name: str, dataset_dir: Path, meta: dict[str, Any]) -> None:
             if not p.is_file()
         ]
     if not missing:
-        if not (dataset_dir / "processed" / "data_processed").is_file() and not os.access(
-            dataset_dir, os.W_OK
-        ):
-            raise PermissionError(
-                f"{dataset_dir} is read-only, but ogb writes processed/data_processed on the first "
-                "load; load it once from a writable copy"
-            )
         return
     layout = "\n".join(
         f"    {p.relative_to(dataset_dir.parent)}"
@@ -271,32 +335,7 @@ def _raw_files(dataset_dir: Path, meta: dict[str, Any]) -> list[Path]:
     files = ["edge", "num-node-list", "num-edge-list", "node-label"]
     if meta.get("has_node_attr") == "True":
         files.append("node-feat")
-    for key in ("additional node files", "additional edge files"):
-        if meta.get(key, "None") != "None":
-            files += str(meta[key]).split(",")
     return [raw / f"{f}.csv.gz" for f in files]
-
-
-@contextlib.contextmanager
-def _trusted_torch_load() -> Iterator[None]:
-    """Let ogb 1.3.6 read its own pickles under torch >= 2.6.
-
-    ogb caches ``processed/data_processed`` with pickle protocol 4 and numpy arrays, which the
-    weights-only loader (torch's default since 2.6) rejects. The files are the user's local
-    dataset, which ogb always unpickled; the override lasts for this call only.
-    """
-    var = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    old = os.environ.get(var)
-    os.environ[var] = "1"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
 
 
 def _write(

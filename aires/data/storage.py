@@ -228,21 +228,17 @@ def open_graph(path: str | os.PathLike[str], *, mmap: bool = True) -> Graph:
 
     Raises:
         FileNotFoundError: no ``graph.json`` or a listed array is missing.
-        ValueError: unknown format or version, or an array's dtype or shape differs from the
-            manifest (a truncated or foreign file).
+        ValueError: a manifest that is not valid JSON, of an unknown format or version, or
+            listing an array that is not one of the format's (array names are never paths, so
+            nothing outside the directory is read); an array file that is a link leading
+            outside the directory; an array whose dtype or shape differs from the manifest (a
+            truncated or foreign file).
     """
     root = Path(path).expanduser()
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{root} is not an on-disk graph: {manifest_path} is missing")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{manifest_path}: format {manifest.get('format')!r} "
-            f"version {manifest.get('version')!r}"
-            f" is not readable here (expected {FORMAT!r} version {FORMAT_VERSION})"
-        )
+    manifest = _read_manifest(manifest_path)
     arrays: dict[str, np.ndarray] = {}
     for key, spec in manifest["arrays"].items():
         file = root / f"{key}.npy"
@@ -250,6 +246,8 @@ def open_graph(path: str | os.PathLike[str], *, mmap: bool = True) -> Graph:
             raise FileNotFoundError(
                 f"{root}: array file {file.name} listed in {MANIFEST} is missing"
             )
+        if file.resolve().parent != root.resolve():
+            raise ValueError(f"{file}: a link to {file.resolve()}, outside the graph directory")
         try:
             arr = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
         except ValueError as err:
@@ -291,3 +289,39 @@ def open_graph(path: str | os.PathLike[str], *, mmap: bool = True) -> Graph:
         provenance=provenance,
         symmetric=manifest.get("symmetric"),
     )
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """``graph.json`` parsed and checked: format, version, and only the format's arrays, each
+    with the format's dtype (so an array name can never be a path out of the directory)."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a valid JSON manifest ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not an AIRES graph manifest (a JSON object expected)")
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}"
+            f" is not readable here (expected {FORMAT!r} version {FORMAT_VERSION})"
+        )
+    keys = ("name", "num_nodes", "num_features", "num_classes", "arrays")
+    missing = [k for k in keys if k not in manifest]
+    arrays = manifest.get("arrays")
+    if missing or not isinstance(arrays, dict):
+        raise ValueError(f"{path}: malformed manifest, missing or invalid: {missing or ['arrays']}")
+    for key, spec in arrays.items():
+        if key not in _DTYPES:
+            raise ValueError(
+                f"{path}: unknown array {key!r}; a graph holds only {', '.join(_DTYPES)}"
+            )
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("shape"), list)
+            or spec.get("dtype") != np.dtype(_DTYPES[key]).str
+        ):
+            raise ValueError(
+                f"{path}: array {key!r} must be listed with shape and dtype "
+                f"{np.dtype(_DTYPES[key]).str!r}, got {spec!r:.120}"
+            )
+    return manifest

@@ -79,8 +79,9 @@ class TileStore:
 
         Raises:
             FileNotFoundError: no store, no manifest or no data file at ``path``.
-            ValueError: an unknown format version or a manifest that does not describe a valid
-                store (the message names the file).
+            ValueError: an unknown format version, a manifest that does not describe a valid
+                store (the message names the file), or a data file that is a link leading
+                outside the store directory.
             TileCorruptError: the data file's size is not what the manifest says (the message
                 names the file, the expected size and the first tile cut off).
         """
@@ -90,6 +91,10 @@ class TileStore:
         data = path / manifest.data_file
         if not data.is_file():
             raise FileNotFoundError(f"{data}: data file missing from tile store {path}")
+        if data.resolve().parent != path.resolve():
+            raise ValueError(
+                f"{data}: data file is a link to {data.resolve()}, outside the tile store {path}"
+            )
         size = data.stat().st_size
         if size != manifest.data_bytes:
             cut = next((t.index for t in manifest.tiles if t.offset + t.nbytes > size), None)
@@ -548,7 +553,14 @@ def _write_tiles(
         return len(tile)
 
     try:
-        os.ftruncate(fd, plan.total_bytes)
+        try:
+            os.ftruncate(fd, plan.total_bytes)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"sizing {data_path} to {plan.total_bytes} bytes failed: {error.strerror} "
+                "(disk full, or a file size limit such as ulimit -f?)",
+            ) from error
         workers = min(_BUILD_THREADS, os.cpu_count() or 1)
         bar = tqdm(
             total=plan.total_bytes,

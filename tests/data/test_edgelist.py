@@ -66,3 +66,15 @@ def test_karate_fixture(tmp_path: Path) -> None:
     info = convert_edge_list(fixture, tmp_path / "karate").describe()
     assert (info["nodes"], info["undirected_edges"], info["self_loops"]) == (34, 78, 0)
     assert (info["degree"]["min"], info["degree"]["max"]) == (1, 17)
+
+
+def test_empty_edge_list_is_named(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("# only a comment\n")
+    with pytest.raises(ValueError, match=r"empty.txt: the edge list holds no edges; pass num_nodes"):
+        convert_edge_list(tmp_path / "empty.txt", tmp_path / "g")
+    for bad, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match=rf"num_nodes must be .*got {bad}"):
+            convert_edge_list(tmp_path / "empty.txt", tmp_path / "g", num_nodes=bad)
+    assert not (tmp_path / "g").exists()
+    isolated = convert_edge_list(tmp_path / "empty.txt", tmp_path / "g", num_nodes=3)
+    assert isolated.num_nodes == 3 and isolated.num_edges == 0

@@ -1,4 +1,4 @@
-"""OGB through the real ogb package, offline: DatasetSaver -> NodePropPredDataset -> Evaluator."""
+"""OGB through the real ogb package, offline: DatasetSaver -> ogb's raw readers -> Evaluator."""
 
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def test_standard_name_from_root(arxiv_root: Path, monkeypatch: pytest.MonkeyPat
     assert graph.num_nodes == N and torch.equal(graph.y, torch.from_numpy(y))
     assert graph.provenance["ogb"]["custom"] is False
     assert evaluate(graph, torch.zeros(N, dtype=torch.long)) == 0.5 and names == ["ogbn-arxiv"]
-    # second load reads ogb's processed cache (pickled; needs the trusted-load path)
-    assert (arxiv_root / "ogbn_arxiv" / "processed" / "data_processed").is_file()
+    # ogb's pickle cache is neither written nor read
+    assert not (arxiv_root / "ogbn_arxiv" / "processed").exists()
     again = load_ogb(arxiv_root / "ogbn_arxiv")
     assert np.array_equal(again.adj.indices, graph.adj.indices)
     directed = load_ogb("ogbn-arxiv", arxiv_root, undirected=False)
@@ -158,3 +158,67 @@ def test_bad_names_and_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         load_ogb("ogbn-mag", tmp_path)
     with pytest.raises(NotImplementedError, match="112 tasks"):
         load_ogb("ogbn-proteins", tmp_path)
+
+
+class _Payload:
+    """Unpickling this creates ``path``: the marker of code run by a pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
+def test_pickle_cache_is_never_unpickled(arxiv_root: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    processed = arxiv_root / "ogbn_arxiv" / "processed"
+    processed.mkdir()
+    torch.save({"graph": _Payload(marker), "labels": _Payload(marker)}, processed / "data_processed")
+    graph = load_ogb("ogbn-arxiv", arxiv_root)
+    assert not marker.exists()
+    assert graph.num_nodes == N and torch.equal(graph.y, torch.from_numpy(toy_graph(2)[2]))
+
+
+def test_crafted_split_dict_is_refused_not_run(arxiv_root: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    torch.save({"train": _Payload(marker)}, arxiv_root / "ogbn_arxiv/split/time/split_dict.pt")
+    with pytest.raises(ValueError, match=r"split_dict.pt: not loaded: .*never unpickles"):
+        load_ogb("ogbn-arxiv", arxiv_root)
+    assert not marker.exists()
+
+
+def test_numpy_split_dict_loads_with_weights_only(arxiv_root: Path) -> None:
+    split = {"train": np.arange(50), "valid": np.arange(50, 80), "test": np.arange(80, N)}
+    torch.save(split, arxiv_root / "ogbn_arxiv/split/time/split_dict.pt")
+    graph = load_ogb("ogbn-arxiv", arxiv_root)
+    assert len(graph.train_idx) == 50 and len(graph.val_idx) == 30
+
+
+def test_crafted_meta_dict_is_refused_not_run(
+    ogb_saved: tuple[dict, Path], tmp_path: Path
+) -> None:
+    marker = tmp_path / "code-ran"
+    (tmp_path / "sub").mkdir()
+    torch.save({"download_name": _Payload(marker)}, tmp_path / "sub" / "meta_dict.pt")
+    with pytest.raises(ValueError, match=r"meta_dict.pt: not loaded"):
+        load_ogb(tmp_path / "sub")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../toy", "/etc", ".."])
+def test_meta_dict_cannot_point_outside(
+    ogb_saved: tuple[dict, Path], tmp_path: Path, name: str
+) -> None:
+    _, submission = ogb_saved
+    saved = torch.load(submission / "meta_dict.pt", weights_only=True)
+    (tmp_path / "sub").mkdir()
+    torch.save({**saved, "download_name": name}, tmp_path / "sub" / "meta_dict.pt")
+    with pytest.raises(ValueError, match=rf"download_name must be a plain name, got '{name}'"):
+        load_ogb(tmp_path / "sub")
+
+
+def test_split_name_cannot_point_outside(ogb_saved: tuple[dict, Path]) -> None:
+    meta, _ = ogb_saved
+    with pytest.raises(ValueError, match=r"split must be a plain name, got '\.\./x'"):
+        load_ogb("ogbn-toy", meta_dict={**meta, "split": "../x"})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,4 +126,56 @@ def test_open_errors(tmp_path: Path, rng: np.random.Generator) -> None:
 
     (path / "y.npy").unlink()
     with pytest.raises(FileNotFoundError, match="y.npy"):
+        open_graph(path)
+
+
+@pytest.mark.parametrize("key", ["../y", "/etc/passwd", "sub/y", "passwd"])
+def test_manifest_array_names_cannot_leave_the_directory(
+    tmp_path: Path, rng: np.random.Generator, key: str
+) -> None:
+    path = save_graph(_graph(rng, False), tmp_path / "g")
+    manifest = json.loads((path / "graph.json").read_text())
+    manifest["arrays"][key] = {"dtype": "<i8", "shape": [40]}
+    (path / "graph.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"unknown array '{key}'; a graph holds only adj_indptr"):
+        open_graph(path)
+
+
+def test_array_file_linked_outside_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = save_graph(_graph(rng, False), tmp_path / "g")
+    outside = tmp_path / "elsewhere.npy"
+    (path / "y.npy").rename(outside)
+    (path / "y.npy").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"y.npy: a link to .*elsewhere.npy, outside the graph"):
+        open_graph(path)
+
+
+def _without(manifest: dict, key: str) -> dict:
+    return {k: v for k, v in manifest.items() if k != key}
+
+
+def _adj_data_as_float64(manifest: dict) -> dict:
+    manifest["arrays"]["adj_data"]["dtype"] = "<f8"
+    return manifest
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: b"{not json", "not a valid JSON manifest"),
+        (lambda m: b"[1, 2]", "a JSON object expected"),
+        (lambda m: {**m, "arrays": None}, r"malformed manifest, missing or invalid: \['arrays'\]"),
+        (lambda m: _without(m, "num_nodes"), r"missing or invalid: \['num_nodes'\]"),
+        (_adj_data_as_float64, r"array 'adj_data' must be listed with shape and dtype '<f4'"),
+    ],
+    ids=["not-json", "not-object", "arrays-null", "num-nodes-missing", "foreign-dtype"],
+)
+def test_malformed_manifest_is_a_value_error(
+    tmp_path: Path, rng: np.random.Generator, edit: Callable[[dict], Any], message: str
+) -> None:
+    path = save_graph(_graph(rng, False), tmp_path / "g")
+    changed = edit(json.loads((path / "graph.json").read_text()))
+    raw = changed if isinstance(changed, bytes) else json.dumps(changed).encode()
+    (path / "graph.json").write_bytes(raw)
+    with pytest.raises(ValueError, match=message):
         open_graph(path)
