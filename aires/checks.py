@@ -8,6 +8,7 @@ wrong result deep inside a kernel.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ _UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# A sign is matched so that "-1MB" is reported as negative rather than as unparseable.
+_SIZE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(value: int | float | str, name: str = "size", *, allow_zero: bool = False) -> int:
@@ -38,6 +40,11 @@ def parse_size(value: int | float | str, name: str = "size", *, allow_zero: bool
 
     Units are decimal (``kB``, ``MB``, ``GB``) or binary (``KiB``, ``MiB``, ``GiB``), case-blind.
     ``name`` is the argument's name, used in the error message.
+
+    Raises:
+        ValueError: an unparseable string (``"8 GiBs"``, ``"abc"``), a fraction of a byte, a
+            negative size, or zero unless ``allow_zero``; the message names ``name`` and value.
+        TypeError: ``value`` is not an int, float or str (``bool`` included).
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a byte count or a size string, got {value!r}")
@@ -55,11 +62,12 @@ def parse_size(value: int | float | str, name: str = "size", *, allow_zero: bool
                 f"{name}: cannot parse {value!r} as a size; use bytes or a number with a unit "
                 "such as '512MiB', '8GiB' or '2GB'"
             )
-        nbytes = int(float(match.group(1)) * _UNITS[unit])
+        nbytes = int(Fraction(match.group(1)) * _UNITS[unit])  # exact, also past 2**53
     else:
         raise TypeError(f"{name} must be a byte count or a size string, got {type(value).__name__}")
     if nbytes < 0 or (nbytes == 0 and not allow_zero):
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return nbytes
 
 
