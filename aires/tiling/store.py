@@ -481,14 +481,19 @@ def _build(
     extra: dict[str, Any],
 ) -> TileStore:
     _check_destination(path, overwrite)
-    plan = plan_tiles(
-        src.indptr,
-        n_cols=src.shape[1],
-        tile_bytes=tile_bytes,
-        alignment=alignment,
-        index_dtype=index_dtype,
-        value_dtype=value_dtype,
-    )
+    try:
+        plan = plan_tiles(
+            src.indptr,
+            n_cols=src.shape[1],
+            tile_bytes=tile_bytes,
+            alignment=alignment,
+            index_dtype=index_dtype,
+            value_dtype=value_dtype,
+        )
+    except ValueError as error:
+        if str(error).startswith("indptr"):  # the planner's scan of the row pointer
+            raise ValueError(f"matrix: {error}") from error
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     _check_space(path.parent, plan.total_bytes)
