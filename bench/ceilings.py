@@ -8,7 +8,10 @@ AIRES comes:
   pages evicted first (``posix_fadvise(DONTNEED)``, and ``drop_caches`` when running as root);
   ``cold`` says whether eviction was possible;
 - ``incore_spmm_ms``: one in-core SpMM ``Â @ X`` with ``X`` of ``hidden`` columns, the torch
-  CSR (cuSPARSE) kernel every method uses, median of several runs.
+  CSR (cuSPARSE) kernel every method uses, median of several runs timed with CUDA events.
+
+These are the measurements DESIGN.md quotes ("host to GPU, pinned, 1 GiB copies"; "disk, cold
+read, one thread").
 
 Run as ``python -m bench.ceilings CONFIG.json OUT.json`` in a process of its own (the CLI does),
 so its GPU allocations never count against a method.
@@ -47,10 +50,13 @@ _READ_CHUNK = 16 << 20
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
-    """Pinned host to GPU bandwidth in GB/s (``None`` without a GPU)."""
+    """Pinned host to GPU bandwidth in GB/s of ``repeats`` back-to-back ``nbytes`` copies.
+
+    ``None`` without a GPU.
+    """
     if not torch.cuda.is_available():
         return None
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     device.copy_(host, non_blocking=True)  # warm-up: maps the pages, wakes the link
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -107,9 +113,11 @@ def disk_read_bandwidth(directory: str | Path, nbytes: int) -> tuple[float, bool
 def incore_spmm_ms(workload: Workload, columns: int, repeats: int = 5) -> float | None:
     """Median time (ms) of ``Â @ X`` in core, ``X`` random with ``columns`` columns.
 
+    Timed with CUDA events on a GPU (``perf_counter`` on a CPU), one warm-up call first.
     ``None`` when ``Â`` and ``X`` do not fit the device (the ceiling is then unmeasurable).
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     index = np.int32 if max(workload.nnz, workload.num_nodes) < 2**31 else np.int64
     try:
         matrix = csr_tensor(
@@ -122,13 +130,17 @@ def incore_spmm_ms(workload: Workload, columns: int, repeats: int = 5) -> float 
         torch.sparse.mm(matrix, dense)  # warm-up: cuSPARSE handle and workspace
         times = []
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            torch.sparse.mm(matrix, dense)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            if cuda:
+                start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                torch.sparse.mm(matrix, dense)
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                torch.sparse.mm(matrix, dense)
+                times.append(time.perf_counter() - t0)
     except RuntimeError as error:  # torch.OutOfMemoryError included
         if is_out_of_memory(error):
             return None

@@ -9,7 +9,15 @@ baseline) in seconds on a CPU-only machine and prints the table. On a GPU, for e
 
 Every method (and the ceiling measurements) runs in a process of its own, so each starts with
 clean GPU memory and one method's out-of-memory or crash is recorded (status ``oom``/``error``)
-while the others still run.
+while the others still run. The workload (graph generated or loaded, adjacency normalised,
+files written) is prepared once per run, in a process of its own, and memory-mapped by every
+method; it is kept in ``--cache-dir`` and reused by later runs with the same dataset, scale and
+seed. AIRES's tile stores are kept there too.
+
+Time: ``--timeout`` bounds each method, ``--time-limit`` the whole run (preparation, ceilings
+and methods). A method that the time limit leaves no room for is recorded as ``error`` (not
+run), and the JSON and the plot are rewritten after every method, so a run stopped from outside
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,9 @@ from bench.methods.config import BUDGET_SCOPES
 from bench.methods.workload import load_workload
 from bench.report import format_bytes, format_table, plot, validate
 
-__all__ = ["DEFAULT", "banner", "document", "main", "parse_args", "run_method"]
+__all__ = [
+    "DEFAULT", "MIN_METHOD_SECONDS", "banner", "document", "main", "parse_args", "run_method",
+]
 
 #: The embedded default run: small enough for a CPU in seconds, no data files needed.
 DEFAULT: dict[str, Any] = {
@@ -83,8 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", help="write the PNG bar chart here")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"),
                         help="prepared workloads, tile stores, ceiling scratch file")
-    parser.add_argument("--timeout", type=float, default=1800.0,
-                        help="seconds per method before it is stopped (default 1800)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per method (and for the ceilings) before it is stopped "
+                        "(default 600)")
+    parser.add_argument("--time-limit", type=float,
+                        help="seconds for the whole run, preparation included: methods that "
+                        "would start after it are recorded as not run (default: none)")
     parser.add_argument("--copy-bytes", default="1GiB", help="size of the h2d ceiling copies")
     parser.add_argument("--disk-bytes", help="size of the disk ceiling file (GPU 1GiB, CPU 64MiB)")
     args = parser.parse_args(argv)
@@ -101,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_positive_int(getattr(args, name), f"--{name}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("timeout", "time_limit"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.scale is not None and not args.scale > 0:
         raise ValueError(f"--scale must be positive, got {args.scale}")
     if args.gpu_budget is not None:
@@ -130,8 +149,13 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_child(module: str, config: Path, out: Path, timeout: float) -> tuple[dict | None, str]:
-    """Run ``python -m module config out``; its JSON result (or None) and its output's tail."""
+def _run_child(
+    module: str, config: Path, out: Path, timeout: float | None
+) -> tuple[dict | None, str]:
+    """Run ``python -m module config out``; its JSON result (or None) and its output's tail.
+
+    A child still running after ``timeout`` seconds is killed (its GPU memory goes with it).
+    """
     command = [sys.executable, "-m", module, str(config), str(out)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -144,8 +168,23 @@ def _run_child(module: str, config: Path, out: Path, timeout: float) -> tuple[di
     return None, f"exited with status {done.returncode} and no result: {tail}"
 
 
-def run_method(args: argparse.Namespace, name: str, workload: Path, scratch: Path) -> MethodResult:
-    """Run one method in a subprocess; a crash or timeout becomes an ``error`` result."""
+def _seconds_left(timeout: float | None, deadline: float | None) -> float | None:
+    """Seconds a child may run: its own ``timeout``, cut to what the run has left."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    return left if timeout is None else min(timeout, left)
+
+
+def run_method(
+    args: argparse.Namespace, name: str, workload: Path, scratch: Path,
+    timeout: float | None = None,
+) -> MethodResult:
+    """Run one method in a subprocess; a crash or timeout becomes an ``error`` result.
+
+    Args:
+        timeout: seconds before the method is stopped (default ``args.timeout``).
+    """
     config = MethodConfig(
         method=name, workload=str(workload), gpu_budget=args.gpu_budget,
         budget_scope=args.budget_scope, epochs=args.epochs, warmup=args.warmup,
@@ -155,10 +194,13 @@ def run_method(args: argparse.Namespace, name: str, workload: Path, scratch: Pat
     )
     config_path, out = scratch / f"{name}.config.json", scratch / f"{name}.result.json"
     config.dump(config_path)
-    entry, tail = _run_child("bench.methods.run", config_path, out, args.timeout)
-    if entry is None:
-        return MethodResult(status="error", error=tail)
-    return MethodResult.from_json(entry)
+    start = time.monotonic()
+    entry, tail = _run_child("bench.methods.run", config_path, out,
+                             args.timeout if timeout is None else timeout)
+    result = (MethodResult(status="error", error=tail) if entry is None
+              else MethodResult.from_json(entry))
+    result.extra["wall_s"] = round(time.monotonic() - start, 2)
+    return result
 
 
 def _git_commit() -> str | None:
@@ -194,6 +236,10 @@ def banner(args: argparse.Namespace, facts: dict[str, Any], dataset: dict[str, A
     ])
 
 
+#: A method is not started with fewer seconds than this left of ``--time-limit``.
+MIN_METHOD_SECONDS = 15.0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aires-bench``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -202,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as error:
         print(f"aires-bench: {error}", file=sys.stderr)
         return 2
+    started = time.monotonic()
+    deadline = None if args.time_limit is None else started + args.time_limit
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="aires-bench-") as tmp:
@@ -210,38 +258,60 @@ def main(argv: list[str] | None = None) -> int:
         spec.write_text(json.dumps({"dataset": args.dataset, "cache_dir": str(cache),
                                     "root": args.root, "scale": args.scale, "seed": args.seed}))
         prepared, tail = _run_child("bench.methods.workload", spec, scratch / "workload.json",
-                                    args.timeout)
+                                    _seconds_left(None, deadline))
         if prepared is None:
             print(f"aires-bench: preparing {args.dataset!r} failed: {tail}", file=sys.stderr)
             return 1
         workload_dir = Path(prepared["path"])
         dataset = load_workload(workload_dir).describe()
+        prepare_s = time.monotonic() - started
         probe = scratch / "ceilings.config.json"
         probe.write_text(json.dumps({
             "workload": str(workload_dir), "hidden": args.hidden, "copy_bytes": args.copy_bytes,
             "disk_bytes": args.disk_bytes, "scratch": str(cache),
         }))
         measured, tail = _run_child("bench.ceilings", probe, scratch / "ceilings.json",
-                                    args.timeout)
+                                    _seconds_left(args.timeout, deadline))
         if measured is None:
             print(f"aires-bench: measuring the ceilings failed: {tail}", file=sys.stderr)
             return 1
         facts, ceilings = measured["device"], measured["ceilings"]
         print(banner(args, facts, dataset, ceilings, measured["disk_cold"]), flush=True)
+        print(f"workload {workload_dir} ready in {prepare_s:.1f} s; ceilings in "
+              f"{time.monotonic() - started - prepare_s:.1f} s", flush=True)
         results: dict[str, MethodResult] = {}
         for name in args.methods:
             print(f"  running {name} ...", end=" ", flush=True)
-            results[name] = run_method(args, name, workload_dir, scratch)
-            print(results[name].status, flush=True)
+            timeout = _seconds_left(args.timeout, deadline)
+            if timeout is not None and timeout < MIN_METHOD_SECONDS:
+                results[name] = MethodResult(
+                    status="error",
+                    error=f"not run: --time-limit of {args.time_limit:g} s reached",
+                )
+            else:
+                results[name] = run_method(args, name, workload_dir, scratch, timeout)
+            print(f"{results[name].status} ({results[name].extra.get('wall_s', 0):.1f} s)",
+                  flush=True)
             doc = document(args, argv, facts, dataset, ceilings, results)
-            if args.out:  # after every method, so a run cut short still leaves its results
+            # After every method, so a run stopped from outside keeps what it measured.
+            if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+            if args.plot:
+                Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    plot(doc, args.plot)
+                except ImportError as error:  # the JSON is the result; the plot can follow
+                    print(f"\naires-bench: no plot: {error}; render it later with "
+                          f"python -m bench.report {args.out or 'RESULT.json'} --plot "
+                          f"{args.plot}", file=sys.stderr)
+                    args.plot = None
     print(format_table(doc))
+    print(f"total {time.monotonic() - started:.1f} s")
     if args.out:
         print(f"wrote {args.out}")
     if args.plot:
-        print(f"wrote {plot(doc, args.plot)}")
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -18,7 +18,10 @@ holds every timed epoch; ``dataset.edges`` counts the stored entries of the inpu
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ __all__ = [
     "TOP_KEYS",
     "format_bytes",
     "format_table",
+    "main",
     "plot",
     "speedups",
     "validate",
@@ -184,8 +188,14 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
 
     Returns:
         The PNG written.
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the plot needs matplotlib (pip install aires[bench])") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,3 +233,31 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report RESULT.json [--plot OUT.png]``: check, tabulate and plot a result.
+
+    Renders a benchmark JSON anywhere, e.g. on a workstation for results measured on a GPU
+    machine without matplotlib.
+    """
+    parser = argparse.ArgumentParser(prog="python -m bench.report",
+                                     description="Check a benchmark JSON, print its table and "
+                                     "optionally plot it.")
+    parser.add_argument("result", help="benchmark JSON written by aires-bench --out")
+    parser.add_argument("--plot", help="write the PNG bar chart here")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        doc = json.loads(Path(args.result).read_text())
+        validate(doc)
+    except (OSError, ValueError) as error:
+        print(f"bench.report: {args.result}: {error}", file=sys.stderr)
+        return 2
+    print(format_table(doc))
+    if args.plot:
+        print(f"wrote {plot(doc, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,23 +10,33 @@ transform first) with an :class:`aires.scheduler.Scheduler` built with one part 
 removed:
 
 - ``no-align``: tiles aligned to 256 bytes instead of 4 KiB (no direct I/O, no GDS);
+- ``no-prealloc``: a fresh device buffer per streamed tile instead of the slot ring
+  (``prealloc=False``);
+- ``sync``: each tile loaded, then computed, one at a time: no copy/compute overlap
+  (``overlap=False``);
 - ``host-only``: no NVMe path: every streamed tile from pinned host memory (``dual=False``);
-- ``disk-only``: no host tier: every streamed tile from NVMe (``host_budget=0``);
-- ``no-prealloc`` and ``sync`` need scheduler options that do not exist (no way to turn off
-  the preallocated slot ring or the copy/compute overlap): they report ``error`` saying so.
+- ``disk-only``: no host tier: every streamed tile from NVMe (``host_budget=0``).
 
-Budget: with ``budget_scope="data"`` the scheduler gets the whole budget for its tiles, slots
-and output (the features and activations stay on the GPU on top, as for every method, and show
-in the peak); with ``"process"`` one untimed pass at a quarter of the budget measures what training
-needs beside the scheduler, and the scheduler gets the rest (less a margin).
+A variant whose option the installed scheduler does not have reports ``error`` saying so.
 
-Statistics: after the timed epochs one more (untimed) product with ``hidden`` columns returns
-the scheduler's :class:`~aires.scheduler.RunStats`; bytes per epoch are that pass's bytes times
-the passes an epoch makes (forward and backward of each layer over the same symmetric tiles).
+Budget: with ``budget_scope="data"`` the budget bounds the graph data the scheduler keeps on
+the GPU (resident tiles and slots); like every method, AIRES keeps its activations on the GPU on
+top of it, and the output of each product is one of them, so the scheduler is given the budget
+plus its output reserve for the widest product training runs (:func:`product_widths`). The
+features stay on the GPU as AIRES's first activation (also on top, and in the peak). With
+``"process"`` one untimed pass at a quarter of the budget measures what training needs beside
+the scheduler, and the scheduler gets the rest (less a margin).
+
+Statistics: after the timed epochs one more (untimed) product with the widest product's columns
+returns the scheduler's :class:`~aires.scheduler.RunStats`; bytes per epoch are that pass's
+bytes times the passes an epoch makes (forward and backward of each layer over the same
+symmetric tiles).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +48,26 @@ from bench.methods.chunks import csr_tensor
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
 from bench.methods.result import MethodResult, OverBudgetError
-from bench.methods.training import initial_parameters, layer_dims, peak_of_one_pass, train
+from bench.methods.training import (
+    initial_parameters,
+    layer_dims,
+    peak_of_one_pass,
+    train,
+)
 from bench.methods.workload import Workload
 
-__all__ = ["SchedulerAdjacency", "VARIANTS", "run"]
+__all__ = ["VARIANTS", "SchedulerAdjacency", "missing_options", "product_widths", "run"]
 
-#: Ablation variant -> (tile alignment, Scheduler keyword arguments), or the missing option.
-VARIANTS: dict[str, tuple[int, dict[str, Any]] | str] = {
+#: Ablation variant -> (tile alignment, Scheduler keyword arguments).
+VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
     "no-align": (256, {}),
+    "no-prealloc": (4096, {"prealloc": False}),
+    "sync": (4096, {"overlap": False}),
     "host-only": (4096, {"dual": False}),
     "disk-only": (4096, {"host_budget": 0}),
-    "no-prealloc": "aires.scheduler.Scheduler has no option to allocate per tile",
-    "sync": "aires.scheduler.Scheduler has no option to run copies and computes in sequence",
 }
+#: A budget no placement exhausts: for a scheduler that only answers questions (no memory).
+_ANY_BUDGET = 1 << 50
 _MARGIN_BYTES = 128 << 20
 
 
@@ -59,6 +76,42 @@ def _budget_error(error: ValueError) -> Exception:
     if "minimum working set" in str(error):
         return OverBudgetError(str(error))
     return error
+
+
+def missing_options(options: dict[str, Any]) -> list[str]:
+    """The keyword arguments of ``options`` that :class:`aires.scheduler.Scheduler` lacks."""
+    from aires.scheduler import Scheduler
+
+    accepted = inspect.signature(Scheduler).parameters
+    return [name for name in options if name not in accepted]
+
+
+def product_widths(dims: list[int], nnz: int, n: int, order: str) -> list[int]:
+    """Columns of every product with ``Â`` in one epoch: each layer's forward and backward.
+
+    ``transform_first`` multiplies ``Â`` by ``H W`` (``F_out`` columns) forward and by the
+    output gradient backward; ``auto`` asks :func:`aires.gcn_conv.choose_order` per layer, and
+    an aggregate-first layer multiplies by ``H`` (``F_in`` columns), backward only if ``H``
+    needs a gradient (not the input features).
+    """
+    if order == "transform_first":
+        return [width for width in dims[1:] for _ in range(2)]
+    from aires.gcn_conv import choose_order
+
+    widths: list[int] = []
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        first = choose_order(nnz=nnz, num_nodes=n, in_columns=fan_in, out_columns=fan_out,
+                             x_requires_grad=i > 0) == "aggregate_first"
+        widths += [fan_in] * (2 if i > 0 else 1) if first else [fan_out] * 2
+    return widths
+
+
+def _output_reserve(store: Any, width: int, device: torch.device) -> int:
+    """Device bytes a scheduler over ``store`` keeps beside its tiles for a product with
+    ``width`` columns: the output and the kernel workspace (the scheduler's own rule)."""
+    from aires.scheduler import Scheduler
+
+    return Scheduler(store, gpu_budget=_ANY_BUDGET, device=device).spmm_reserve(width)
 
 
 class SchedulerAdjacency:
@@ -90,15 +143,24 @@ def _features(workload: Workload, device: torch.device) -> torch.Tensor:
 
 
 def _scheduler_budget(
-    config: MethodConfig, device: torch.device, probe: Any
+    config: MethodConfig,
+    device: torch.device,
+    probe: Callable[[int], tuple[int, int]],
+    reserve: Callable[[], int],
 ) -> int | None:
-    """The scheduler's GPU budget (see the module notes); ``probe(budget)`` returns
-    ``(peak of one training pass, scheduler peak)`` with the scheduler at ``budget``."""
+    """The scheduler's GPU budget (see the module notes).
+
+    Args:
+        probe: ``probe(budget)`` returns ``(peak of one training pass, scheduler peak)`` with
+            the scheduler at ``budget`` (``budget_scope="process"``).
+        reserve: ``reserve()`` returns the scheduler's output reserve for the widest product
+            (``budget_scope="data"``).
+    """
     if device.type != "cuda" or config.gpu_budget is None:
         return None
     budget = config.gpu_budget
     if config.budget_scope == "data":
-        return budget
+        return budget + reserve()
     for share in (4, 2, 1):
         try:
             peak, scheduler_peak = probe(budget // share)
@@ -107,20 +169,6 @@ def _scheduler_budget(
             if share == 1:
                 raise _budget_error(error) from error
     return budget - (peak - scheduler_peak) - max(_MARGIN_BYTES, budget // 20)
-
-
-def _passes_per_epoch(dims: list[int], nnz: int, n: int, order: str) -> int:
-    """Products over ``Â`` in one epoch: each layer's forward and, if needed, backward."""
-    if order == "transform_first":
-        return 2 * (len(dims) - 1)
-    from aires.gcn_conv import choose_order
-
-    passes = 0
-    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-        first = choose_order(nnz=nnz, num_nodes=n, in_columns=fan_in, out_columns=fan_out,
-                             x_requires_grad=i > 0) == "aggregate_first"
-        passes += 1 if first and i == 0 else 2
-    return passes
 
 
 def _stats_result(
@@ -176,9 +224,11 @@ def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) ->
         for conv in convs:
             conv.gpu_budget = budget
 
+    widths = product_widths(dims, workload.nnz, workload.num_nodes, config.order)
+
     def product_stats() -> Any:
         store = convs[0].adjacency_store(x, adj_t)
-        probe = torch.randn(workload.num_nodes, config.hidden, device=device)
+        probe = torch.randn(workload.num_nodes, max(widths), device=device)
         return matmul(store, probe, gpu_budget=convs[0].gpu_budget, device=device,
                       return_stats=True)[1]
 
@@ -187,17 +237,19 @@ def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) ->
         peak = peak_of_one_pass(forward, list(convs.parameters()), workload, device)
         return peak, product_stats().peak_gpu_bytes
 
+    def reserve() -> int:
+        return _output_reserve(convs[0].adjacency_store(x, adj_t), max(widths), device)
+
     try:
-        set_budget(_scheduler_budget(config, device, probe))
+        set_budget(_scheduler_budget(config, device, probe, reserve))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         log = train(forward, list(convs.parameters()), workload, config, device)
         stats = product_stats()
     except ValueError as error:
         raise _budget_error(error) from error
-    passes = _passes_per_epoch(dims, workload.nnz, workload.num_nodes, config.order)
-    return _stats_result(log, device, stats, passes, gpu_budget_scheduler=convs[0].gpu_budget,
-                         order=config.order)
+    return _stats_result(log, device, stats, len(widths), gpu_budget_scheduler=convs[0].gpu_budget,
+                         features_on_gpu_bytes=x.nbytes, order=config.order)
 
 
 def _store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
@@ -217,13 +269,17 @@ def _run_ablation(
 ) -> MethodResult:
     from aires.scheduler import Scheduler
 
-    spec = VARIANTS[variant]
-    if isinstance(spec, str):
-        raise NotImplementedError(f"ablation {variant!r} is not available: {spec}")
-    alignment, options = spec
+    alignment, options = VARIANTS[variant]
+    missing = missing_options(options)
+    if missing:
+        raise NotImplementedError(
+            f"ablation {variant!r} is not available: aires.scheduler.Scheduler has no option "
+            f"{', '.join(map(repr, missing))}"
+        )
     store = _store(workload, config, alignment)
     x = _features(workload, device)
     dims = layer_dims(workload, config)
+    widths = product_widths(dims, workload.nnz, workload.num_nodes, "transform_first")
     state: dict[str, Any] = {}
 
     def build(budget: int | None) -> StreamedGCN:
@@ -234,7 +290,7 @@ def _run_ablation(
                            SchedulerAdjacency(state["scheduler"]), device)
 
     def product_stats() -> Any:
-        state["scheduler"].spmm(torch.randn(workload.num_nodes, config.hidden, device=device))
+        state["scheduler"].spmm(torch.randn(workload.num_nodes, max(widths), device=device))
         return state["scheduler"].stats
 
     def probe(budget: int) -> tuple[int, int]:
@@ -243,7 +299,9 @@ def _run_ablation(
         return peak, product_stats().peak_gpu_bytes
 
     try:
-        model = build(_scheduler_budget(config, device, probe))
+        model = build(_scheduler_budget(
+            config, device, probe, lambda: _output_reserve(store, max(widths), device)
+        ))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         log = train(model, list(model.parameters()), workload, config, device)
@@ -253,9 +311,10 @@ def _run_ablation(
     finally:
         if "scheduler" in state:
             state["scheduler"].close()
-    return _stats_result(log, device, stats, 2 * (len(dims) - 1),
+    return _stats_result(log, device, stats, len(widths),
                          ablation={"variant": variant, "alignment": alignment, **options},
-                         gpu_budget_scheduler=state["scheduler"].gpu_budget)
+                         gpu_budget_scheduler=state["scheduler"].gpu_budget,
+                         features_on_gpu_bytes=x.nbytes)
 
 
 def run(workload: Workload, config: MethodConfig) -> MethodResult:
@@ -265,7 +324,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         OverBudgetError: the budget is below AIRES's minimum working set.
         NotImplementedError: an ablation the scheduler has no option for.
     """
-    device = torch.device(config.device)
+    device = config.torch_device()
     variant = config.method.removeprefix("aires").removeprefix("-")
     if not variant:
         return _run_conv(workload, config, device)

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 __all__ = ["BUDGET_SCOPES", "MethodConfig"]
 
 BUDGET_SCOPES = ("process", "data")
@@ -32,7 +34,7 @@ class MethodConfig:
         lr: Adam learning rate.
         tile_bytes: bytes per AIRES tile, and per row chunk of the chunked baselines.
         seed: seed of the weights.
-        device: ``"cuda"`` or ``"cpu"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; see :meth:`torch_device`.
         order: AIRES's product order: ``"transform_first"`` (``Â (X W)``, PyG's and the
             baselines') or ``"auto"`` (AIRES's cost model).
         store_dir: where AIRES keeps its tile stores between runs (``None``: temporary).
@@ -52,6 +54,25 @@ class MethodConfig:
     device: str = "cpu"
     order: str = "transform_first"
     store_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device: cannot use {self.device!r} ({error})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        """The compute device, with its index on CUDA (``cuda`` becomes the current device).
+
+        Several ``torch.cuda`` calls (``set_per_process_memory_fraction`` among them) reject a
+        CUDA device without an index, so every method works on this one.
+        """
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def dump(self, path: str | Path) -> None:
         """Write the configuration as JSON (read back by :meth:`load`)."""

@@ -8,7 +8,9 @@ The baseline of GPU feature-caching systems (PaGraph, GNNLab, Data Tiering) in f
   (zero-copy through unified virtual addressing), gathered chunk by chunk for ``X W`` and
   ``Xᵀ G``;
 - the adjacency stays in pinned host memory and is copied a row chunk at a time into one
-  preallocated GPU buffer for every product (synchronously: these systems do not pipeline it).
+  preallocated GPU buffer for every product, on the compute stream: each copy waits for the
+  previous chunk's product (these systems do not pipeline it), but the host never waits for
+  the GPU, so the kernels are queued back to back.
 
 Zero-copy view: with unified virtual addressing, memory from ``cudaHostAlloc`` (PyTorch's
 pinned allocator) has the same address on host and GPU, so a pinned tensor's pointer, handed to
@@ -138,8 +140,9 @@ class CachedFeatures:
         r0, r1 = self.chunks[i]
         hit, slots, miss, nodes = self.plan[i]
         rows = torch.empty(r1 - r0, self.host.shape[1], device=self.device)
-        rows[hit] = self.cache.index_select(0, slots)
-        rows[miss] = self.remote.index_select(0, nodes)
+        # index_copy_ with int64 indices: no host synchronisation (a boolean mask would).
+        rows.index_copy_(0, hit, self.cache.index_select(0, slots))
+        rows.index_copy_(0, miss, self.remote.index_select(0, nodes))
         self.traffic.h2d += len(nodes) * self.row_bytes
         return rows
 
@@ -199,9 +202,11 @@ class PinnedAdjacency:
         for i, (r0, r1) in enumerate(self.chunks):
             s, e = int(self.indptr[r0]), int(self.indptr[r1])
             crow, col, val = crow_buf[: r1 - r0 + 1], col_buf[: e - s], val_buf[: e - s]
-            crow.copy_(self.local_crow[r0 + i : r1 + i + 1])
-            col.copy_(self.indices[s:e])
-            val.copy_(self.data[s:e])
+            # Pinned sources: asynchronous copies, ordered after the previous chunk's product
+            # (which read the same buffer) by the stream.
+            crow.copy_(self.local_crow[r0 + i : r1 + i + 1], non_blocking=True)
+            col.copy_(self.indices[s:e], non_blocking=True)
+            val.copy_(self.data[s:e], non_blocking=True)
             self.traffic.h2d += crow.nbytes + col.nbytes + val.nbytes
             out[r0:r1] = torch.sparse.mm(csr_tensor(crow, col, val, self.n), dense)
         return out
@@ -209,7 +214,7 @@ class PinnedAdjacency:
 
 def run(workload: Workload, config: MethodConfig) -> MethodResult:
     """Train with a degree-ordered feature cache; report times, traffic and the cache size."""
-    device = torch.device(config.device)
+    device = config.torch_device()
     traffic = Traffic()
     features = CachedFeatures(workload, config.tile_bytes, device, traffic)
     adjacency = PinnedAdjacency(workload, config.tile_bytes, device, traffic)

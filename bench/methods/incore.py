@@ -36,7 +36,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         raise ImportError(
             "the incore baseline needs PyTorch Geometric (pip install aires[pyg])"
         ) from error
-    device = torch.device(config.device)
+    device = config.torch_device()
     data_bytes = workload.adjacency_bytes + workload.x.nbytes
     budget = config.gpu_budget if device.type == "cuda" else None
     if budget is not None and config.budget_scope == "data" and data_bytes > budget:

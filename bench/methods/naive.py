@@ -83,7 +83,7 @@ class NaiveFeatures:
 
 def run(workload: Workload, config: MethodConfig) -> MethodResult:
     """Train with naive chunked copies; report epoch times and bytes copied per epoch."""
-    device = torch.device(config.device)
+    device = config.torch_device()
     traffic = Traffic()
     model = StreamedGCN(
         initial_parameters(layer_dims(workload, config), config.seed),

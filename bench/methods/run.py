@@ -24,9 +24,8 @@ from bench.methods.workload import load_workload
 __all__ = ["main", "run_method"]
 
 
-def _cap_process(config: MethodConfig) -> None:
+def _cap_process(config: MethodConfig, device: torch.device) -> None:
     """Cap this process's PyTorch allocator at the GPU budget (``budget_scope="process"``)."""
-    device = torch.device(config.device)
     if device.type != "cuda" or config.gpu_budget is None or config.budget_scope != "process":
         return
     total = torch.cuda.get_device_properties(device).total_memory
@@ -39,18 +38,19 @@ def run_method(config: MethodConfig) -> MethodResult:
         raise ValueError(
             f"budget_scope must be one of {BUDGET_SCOPES}, got {config.budget_scope!r}"
         )
-    device = torch.device(config.device)
     torch.manual_seed(config.seed)
+    device: torch.device | None = None
     try:
-        _cap_process(config)
+        device = config.torch_device()
+        _cap_process(config, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return method_module(config.method).run(load_workload(config.workload), config)
     except Exception as error:  # noqa: BLE001 - every failure is a result, not a crash
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        cuda = device is not None and device.type == "cuda"
         return MethodResult(
             status="oom" if is_out_of_memory(error) else "error",
-            peak_gpu_bytes=peak,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
             error=f"{type(error).__name__}: {error}".strip()[:2000],
             extra={"traceback": traceback.format_exc(limit=6)[-4000:]},
         )
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     # torch warns on every CSR tensor built; the baselines build one per chunk.
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     if len(args) != 2:
         print("usage: python -m bench.methods.run CONFIG.json RESULT.json", file=sys.stderr)
         return 2

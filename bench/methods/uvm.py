@@ -195,7 +195,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     Raises:
         RuntimeError: no CUDA device, or the managed bytes are not below the GPU's free memory.
     """
-    device = torch.device(config.device)
+    device = config.torch_device()
     if device.type != "cuda":
         raise RuntimeError("uvm needs a CUDA GPU (managed memory); none is in use")
     need = managed_bytes(workload)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import cli
 from bench.cli import DEFAULT, main, parse_args
 from bench.methods import ABLATIONS
 from bench.report import validate
@@ -47,6 +48,22 @@ def test_results_json_plot_and_failed_method(temp_root: Path, tmp_path: Path) ->
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_methods_the_time_limit_leaves_no_room_for_are_recorded_not_run(
+    temp_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "MIN_METHOD_SECONDS", 1e6)
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    status = main([
+        "--dataset", DEFAULT["dataset"], "--scale", str(DEFAULT["scale"]), "--methods", "naive",
+        "--cache-dir", str(temp_root / "aires-bench"), "--time-limit", "3600",
+        "--out", str(out), "--plot", str(png),
+    ])
+    assert status == 0
+    entry = json.loads(out.read_text())["methods"]["naive"]
+    assert entry["status"] == "error" and "--time-limit" in entry["error"]
+    assert png.is_file()
+
+
 def test_arguments_are_parsed_and_checked() -> None:
     args = parse_args(["--dataset", "cora", "--gpu-budget", "8GiB", "--ablation"])
     assert args.gpu_budget == 8 << 30 and args.hidden == 256
@@ -63,6 +80,8 @@ def test_arguments_are_parsed_and_checked() -> None:
         (["--gpu-budget", "lots"], "--gpu-budget"),
         (["--epochs", "0"], "--epochs"),
         (["--scale", "-1"], "--scale"),
+        (["--time-limit", "0"], "--time-limit"),
+        (["--timeout", "-5"], "--timeout"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from bench.methods import ABLATIONS, METHODS, MethodConfig, check_method
-from bench.methods.aires import VARIANTS
+from bench.methods.aires import VARIANTS, missing_options, product_widths
 from bench.methods.chunks import csr_row_chunks, dense_row_chunks
 from bench.methods.result import MethodResult, OverBudgetError, is_out_of_memory
 from bench.methods.run import run_method
 from bench.methods.workload import load_workload
 
-CPU_METHODS = (
-    "aires", "aires-no-align", "aires-host-only", "aires-disk-only", "naive", "feature-cache",
-    "incore",
-)
+# Ablations whose scheduler option exists run; the others must say what is missing.
+AVAILABLE = [v for v in ABLATIONS if not missing_options(VARIANTS[v][1])]
+MISSING = [v for v in ABLATIONS if v not in AVAILABLE]
+CPU_METHODS = ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore")
 
 
 def _config(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
@@ -72,7 +72,7 @@ def test_aires_reports_scheduler_statistics(workload_dir: Path) -> None:
     assert result.bytes_h2d is not None and result.bytes_disk is not None
 
 
-@pytest.mark.parametrize("variant", [v for v, spec in VARIANTS.items() if isinstance(spec, str)])
+@pytest.mark.parametrize("variant", MISSING)
 def test_ablations_without_a_scheduler_option_say_what_is_missing(
     workload_dir: Path, variant: str
 ) -> None:
@@ -83,6 +83,26 @@ def test_ablations_without_a_scheduler_option_say_what_is_missing(
 
 def test_every_ablation_has_a_variant() -> None:
     assert set(VARIANTS) == set(ABLATIONS)
+    assert missing_options({"dual": False, "no_such_option": 1}) == ["no_such_option"]
+
+
+def test_product_widths_follow_the_product_order() -> None:
+    # Transform first: each layer multiplies Â by its output width, forward and backward.
+    assert product_widths([100, 256, 47], 10**6, 10**4, "transform_first") == [256, 256, 47, 47]
+    # Auto: a first layer whose input needs no gradient and is not much wider than its output
+    # aggregates first, once (no backward pass through the input features).
+    assert product_widths([16, 256, 47], 10**6, 10**4, "auto") == [16, 47, 47]
+
+
+def test_cuda_device_gets_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda.set_per_process_memory_fraction (and others) reject an index-less "cuda".
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    config = MethodConfig(method="naive", workload="w", gpu_budget=None, device="cuda")
+    assert config.torch_device() == torch.device("cuda", 3)
+    assert replace(config, device="cuda:1").torch_device() == torch.device("cuda", 1)
+    assert replace(config, device="cpu").torch_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="device"):
+        replace(config, device="tpu")
 
 
 def test_uvm_needs_a_gpu(workload_dir: Path) -> None:
@@ -139,7 +159,8 @@ def _gpu(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "method", ("aires", "aires-host-only", "naive", "feature-cache", "incore", "uvm")
+    "method",
+    ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore", "uvm"),
 )
 def test_gpu_methods_train_the_same_model(
     workload_dir: Path, method: str, reference: MethodResult
@@ -160,13 +181,27 @@ def test_aires_fits_its_budget(workload_dir: Path, scope: str) -> None:
 
 
 @pytest.mark.gpu
+def test_aires_data_budget_bounds_tiles_not_activations(workload_dir: Path) -> None:
+    # The scheduler's output is an activation, on top of the budget as every method's are.
+    # Ten 4 KiB tiles; 32 KiB hold five slots and three resident tiles.
+    budget = 32 << 10
+    result = run_method(_gpu(workload_dir, "aires", tile_bytes=4096, gpu_budget=budget,
+                             budget_scope="data"))
+    assert result.status == "ok", result.error
+    assert result.extra["gpu_budget_scheduler"] > budget
+    assert result.extra["run_stats"]["bytes_resident"] <= budget
+    assert result.extra["run_stats"]["tiles_resident"] < result.extra["run_stats"]["n_tiles"]
+
+
+@pytest.mark.gpu
 def test_aires_disk_only_reads_from_disk(workload_dir: Path) -> None:
-    # Tiny tiles and the smallest budget the scheduler accepts leave most tiles streamed.
+    # Ten 4 KiB tiles, a budget for the five slots and three resident tiles: the other seven
+    # are read from disk on every product, none from pinned host memory.
     result = run_method(_gpu(workload_dir, "aires-disk-only", tile_bytes=4096,
-                             gpu_budget=8 << 20, budget_scope="data"))
-    assert result.status in ("ok", "oom"), result.error
-    if result.status == "ok":
-        assert result.bytes_h2d == 0
+                             gpu_budget=32 << 10, budget_scope="data"))
+    assert result.status == "ok", result.error
+    assert result.bytes_h2d == 0
+    assert result.bytes_disk > 0
 
 
 @pytest.mark.gpu
@@ -180,6 +215,7 @@ def test_incore_over_budget_reports_oom(workload_dir: Path) -> None:
 @pytest.mark.gpu
 def test_feature_cache_fills_the_room_the_budget_leaves(workload_dir: Path) -> None:
     result = run_method(_gpu(workload_dir, "feature-cache", gpu_budget=1 << 30))
+    assert result.status == "ok", result.error
     assert result.extra["cached_fraction"] == pytest.approx(1.0)
     assert result.bytes_h2d is not None
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import format_bytes, format_table, plot, speedups, validate
+from bench.report import format_bytes, format_table, main, plot, speedups, validate
 
 
 @pytest.fixture
@@ -112,3 +112,17 @@ def test_plot_writes_a_png(doc: dict[str, Any], tmp_path: Path) -> None:
     path = plot(doc, tmp_path / "bench.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5000
+
+
+def test_report_command_tabulates_and_plots(
+    doc: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps(doc))
+    assert main([str(result), "--plot", str(tmp_path / "bench.png")]) == 0
+    assert "overlap 0.91" in capsys.readouterr().out
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    del doc["mode"]
+    result.write_text(json.dumps(doc))
+    assert main([str(result)]) == 2
+    assert "missing keys ['mode']" in capsys.readouterr().err
