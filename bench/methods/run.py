@@ -25,11 +25,18 @@ __all__ = ["main", "run_method"]
 
 
 def _cap_process(config: MethodConfig, device: torch.device) -> None:
-    """Cap this process's PyTorch allocator at the GPU budget (``budget_scope="process"``)."""
-    if device.type != "cuda" or config.gpu_budget is None or config.budget_scope != "process":
+    """Cap this process's PyTorch allocator at the GPU budget (``budget_scope="process"``).
+
+    Without a process budget the cap is lifted, so runs in one process (the tests) do not
+    inherit the previous run's cap.
+    """
+    if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, config.gpu_budget / total), device)
+    fraction = 1.0
+    if config.gpu_budget is not None and config.budget_scope == "process":
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, config.gpu_budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 def run_method(config: MethodConfig) -> MethodResult:
