@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -167,9 +168,11 @@ class PosixReader:
 class KvikioReader:
     """Reads byte ranges of one file with ``kvikio.CuFile`` into host or CUDA buffers.
 
-    KvikIO's thread pool size is process-wide: while any reader is open it is set to
-    ``threads`` (through ``kvikio.defaults.set`` used as a context), and the last reader to
-    close restores the previous value. Nothing is changed at import time.
+    KvikIO's thread pool size is process-wide. While readers are open it is the largest
+    ``threads`` any open reader asked for (so a reader never gets fewer threads than it asked
+    for because another was opened first); when the last reader closes (or is garbage
+    collected) the value found before the first one opened is restored. Nothing is changed at
+    import time.
 
     Args:
         path: the file.
@@ -179,24 +182,20 @@ class KvikioReader:
         ImportError: KvikIO is not installed.
     """
 
-    _lock = threading.Lock()
-    _users = 0
-    _settings: Any = None
-
     def __init__(self, path: str | os.PathLike[str], *, threads: int = DEFAULT_THREADS) -> None:
         kvikio = _import_kvikio(required=True)
         self.path = Path(path)
         threads = check_positive_int(threads, "threads")
-        with KvikioReader._lock:
-            if KvikioReader._users == 0:
-                KvikioReader._settings = _thread_setting(kvikio.defaults, threads)
-            KvikioReader._users += 1
+        self._closed = False
+        self._token = _THREADS.acquire(kvikio.defaults, threads)
+        # A reader dropped without close() still gives its request back.
+        self._release = weakref.finalize(self, _THREADS.release, kvikio.defaults, self._token)
+        self._release.atexit = False  # at exit KvikIO may already be torn down
         try:
             self._file = kvikio.CuFile(self.path, "r")
         except BaseException:
             self._release()
             raise
-        self._closed = False
 
     def read(self, offset: int, nbytes: int, out: Any) -> None:
         """Read ``nbytes`` bytes at ``offset`` into ``out`` (numpy, cupy or torch, host or CUDA).
@@ -211,39 +210,66 @@ class KvikioReader:
             )
 
     def close(self) -> None:
-        """Close the file; the last open reader restores KvikIO's thread count."""
+        """Close the file and give back this reader's thread request (idempotent)."""
         if not self._closed:
             self._closed = True
             self._file.close()
             self._release()
 
-    @staticmethod
-    def _release() -> None:
-        with KvikioReader._lock:
-            KvikioReader._users -= 1
-            if KvikioReader._users == 0 and KvikioReader._settings is not None:
-                KvikioReader._settings.__exit__(None, None, None)
-                KvikioReader._settings = None
 
+class _ThreadRequests:
+    """The KvikIO thread counts open readers asked for, and the value to restore.
 
-def _thread_setting(defaults: ModuleType, threads: int) -> Any:
-    """Set KvikIO's thread count through a restorable context (entered here), unless it is set.
-
-    KvikIO >= 24.12 spells it ``defaults.set({"num_threads": n})``, applied on creation; older
-    versions ``defaults.set_num_threads(n)``, applied on entry. Both restore on exit.
-
-    Returns:
-        The entered context, or ``None`` when the count already was ``threads``.
+    ``kvikio.defaults.set`` (KvikIO >= 24.12; ``num_threads_reset`` before) applies a value at
+    once, and its context manager restores what *it* saw, which is wrong when readers close
+    out of order; so the previous value is kept here and every change is an explicit set.
     """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[int, int] = {}
+        self._next = 0
+        self._saved: int | None = None
+
+    def acquire(self, defaults: ModuleType, threads: int) -> int:
+        """Register a request for ``threads``; apply the largest open request. Returns a token."""
+        with self._lock:
+            if not self._requests:
+                self._saved = _get_threads(defaults)
+            token = self._next
+            self._next += 1
+            self._requests[token] = threads
+            self._apply(defaults, max(self._requests.values()))
+            return token
+
+    def release(self, defaults: ModuleType, token: int) -> None:
+        """Drop request ``token``; restore the saved value when it was the last one."""
+        with self._lock:
+            if self._requests.pop(token, None) is None:
+                return
+            if self._requests:
+                self._apply(defaults, max(self._requests.values()))
+            elif self._saved is not None:
+                self._apply(defaults, self._saved)
+                self._saved = None
+
+    @staticmethod
+    def _apply(defaults: ModuleType, threads: int) -> None:
+        if _get_threads(defaults) == threads:
+            return  # resetting the pool waits for running tasks: skip when nothing changes
+        if hasattr(defaults, "get") and hasattr(defaults, "set"):
+            defaults.set({"num_threads": threads})  # applied on creation, no ``with`` needed
+        else:
+            defaults.num_threads_reset(threads)
+
+
+_THREADS = _ThreadRequests()
+
+
+def _get_threads(defaults: ModuleType) -> int:
     if hasattr(defaults, "get") and hasattr(defaults, "set"):
-        current, make = defaults.get("num_threads"), lambda: defaults.set({"num_threads": threads})
-    else:
-        current, make = defaults.get_num_threads(), lambda: defaults.set_num_threads(threads)
-    if current == threads:
-        return None
-    setting = make()
-    setting.__enter__()
-    return setting
+        return int(defaults.get("num_threads"))
+    return int(defaults.get_num_threads())
 
 
 def _compat_mode_preferred(kvikio: ModuleType) -> bool:

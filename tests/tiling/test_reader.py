@@ -107,8 +107,11 @@ def test_kvikio_read_is_exact(blob: tuple[Path, bytes], device: str) -> None:
 @pytest.mark.gpu
 @needs_kvikio
 def test_kvikio_threads_set_while_open_and_restored(blob: tuple[Path, bytes]) -> None:
+    import gc
+
     import kvikio.defaults
 
+    gc.collect()  # readers of stores earlier tests dropped give their requests back first
     before = kvikio.defaults.get("num_threads")
     wanted = before + 3
     first = KvikioReader(blob[0], threads=wanted)
@@ -119,3 +122,73 @@ def test_kvikio_threads_set_while_open_and_restored(blob: tuple[Path, bytes]) ->
     second.close()
     second.close()  # closing twice is harmless
     assert kvikio.defaults.get("num_threads") == before
+
+
+class _FakeDefaults:
+    """``kvikio.defaults`` of KvikIO >= 24.12: ``set`` applies at once and returns a context."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.sets: list[int] = []
+
+    def get(self, name: str) -> int:
+        assert name == "num_threads"
+        return self.threads
+
+    def set(self, config: dict[str, int]) -> None:
+        self.threads = config["num_threads"]
+        self.sets.append(self.threads)
+
+
+class _FakeCuFile:
+    def __init__(self, path: Path, mode: str) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_kvikio(monkeypatch: pytest.MonkeyPatch) -> _FakeDefaults:
+    from types import SimpleNamespace
+
+    from aires.tiling import reader
+
+    defaults = _FakeDefaults(threads=1)
+    module = SimpleNamespace(defaults=defaults, CuFile=_FakeCuFile)
+    monkeypatch.setattr(reader, "_import_kvikio", lambda required: module)
+    # Real readers (stores other tests opened on a GPU machine) are not this fake's business.
+    monkeypatch.setattr(reader, "_THREADS", reader._ThreadRequests())
+    return defaults
+
+
+def test_kvikio_threads_follow_the_largest_open_request(
+    blob: tuple[Path, bytes], fake_kvikio: _FakeDefaults
+) -> None:
+    # The GPU log's failure: a reader already open at 16 threads (a store left open) made a
+    # later reader asking for 19 keep 16.
+    first = KvikioReader(blob[0], threads=16)
+    second = KvikioReader(blob[0], threads=19)
+    assert fake_kvikio.threads == 19
+    third = KvikioReader(blob[0], threads=4)
+    assert fake_kvikio.threads == 19
+    second.close()  # out of order: the largest request still open wins
+    assert fake_kvikio.threads == 16
+    first.close()
+    first.close()  # closing twice is harmless
+    assert fake_kvikio.threads == 4
+    third.close()
+    assert fake_kvikio.threads == 1  # the value before the first reader opened
+
+
+def test_kvikio_reader_dropped_without_close_gives_its_threads_back(
+    blob: tuple[Path, bytes], fake_kvikio: _FakeDefaults
+) -> None:
+    import gc
+
+    reader = KvikioReader(blob[0], threads=7)
+    assert fake_kvikio.threads == 7
+    del reader
+    gc.collect()
+    assert fake_kvikio.threads == 1
+    assert fake_kvikio.sets == [7, 1]  # no needless pool resets
