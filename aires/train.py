@@ -60,6 +60,7 @@ class GCN(nn.Module):
         host_budget: int | str | None = None,
         tile_bytes: int | str | None = None,
         store_dir: str | None = None,
+        order: str = "auto",
     ) -> None:
         super().__init__()
         check_positive_int(layers, "layers")
@@ -75,6 +76,7 @@ class GCN(nn.Module):
                 host_budget=host_budget,
                 tile_bytes=tile_bytes,
                 store_dir=store_dir,
+                order=order,
             )
             for i in range(layers)
         )
