@@ -18,6 +18,7 @@ import tempfile
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,13 @@ __all__ = ["matmul", "clear_cache"]
 #: beyond this many is closed.
 MAX_SCHEDULERS = 4
 
+#: The Scheduler arguments ``scheduler_options`` may set.
+SCHEDULER_OPTIONS = ("slots", "disk_workers", "dual", "prealloc", "overlap")
+
 _lock = threading.RLock()
-_schedulers: OrderedDict[tuple[str, int | None, int | None, str], Scheduler] = OrderedDict()
+_schedulers: OrderedDict[
+    tuple[str, int | None, int | None, str, tuple[tuple[str, Any], ...]], Scheduler
+] = OrderedDict()
 # (id of A, or of its indptr for a tuple; value dtype) -> (weak reference to it, store)
 _stores: dict[tuple[int, str], tuple[Any, TileStore]] = {}
 
@@ -49,6 +55,7 @@ def matmul(
     device: torch.device | str | None = None,
     out: str | None = None,
     return_stats: bool = False,
+    scheduler_options: dict[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, RunStats]:
     """``A @ X`` out of core: cuSPARSE SpMM for a dense ``X``, SpGEMM for a sparse one.
 
@@ -67,6 +74,11 @@ def matmul(
         out: ``None`` (result on ``device``) or ``"host"`` (result in pinned host memory,
             written back tile by tile, for outputs that must not stay on the GPU).
         return_stats: Also return the call's :class:`~aires.scheduler.RunStats`.
+        scheduler_options: Further :class:`~aires.scheduler.Scheduler` arguments, by name:
+            ``slots``, ``disk_workers``, ``dual``, and the ablation switches ``prealloc``
+            (``False``: a fresh device buffer per tile instead of the slot ring) and
+            ``overlap`` (``False``: each tile's load and compute run one after the other).
+            Schedulers are cached per store, budgets, device and these options.
 
     Returns:
         ``Y`` of shape ``(A.shape[0], F)`` and ``X``'s dtype, or ``(Y, stats)``.
@@ -74,7 +86,8 @@ def matmul(
     Raises:
         ValueError: shapes that do not chain (naming both), ``X`` on another device, a bad
             ``out``, or a budget below the minimum working set (stated in the message).
-        TypeError: ``X`` is not a floating torch tensor.
+        TypeError: ``X`` is not a floating torch tensor; ``scheduler_options`` is not a dict
+            of known option names.
         NotImplementedError: ``X`` is sparse and requires a gradient.
 
     Shapes:
@@ -104,7 +117,8 @@ def matmul(
         )
     gpu = None if gpu_budget is None else parse_size(gpu_budget, "gpu_budget")
     host = None if host_budget is None else parse_size(host_budget, "host_budget", allow_zero=True)
-    scheduler = _scheduler(store, gpu, host, dev)
+    options = _check_options(scheduler_options)
+    scheduler = _scheduler(store, gpu, host, dev, options)
     if sparse:
         if X.requires_grad:
             raise NotImplementedError("the gradient with respect to a sparse X is not supported")
@@ -112,7 +126,7 @@ def matmul(
     else:
 
         def transposed() -> Scheduler:
-            return _scheduler(store.transpose(), gpu, host, dev)
+            return _scheduler(store.transpose(), gpu, host, dev, options)
 
         y = _Product.apply(X, scheduler, transposed, out)
     if return_stats:
@@ -133,12 +147,22 @@ def clear_cache() -> None:
 
 
 class _Product(torch.autograd.Function):
-    """``Y = A @ X`` with ``dX = A.T @ dY``; ``A`` is data, not a differentiable input."""
+    """``Y = A @ X`` with ``dX = A.T @ dY``; ``A`` is data, not a differentiable input.
+
+    The scheduler computes without autograd (its kernels write into buffers); this function
+    supplies the gradient. The backward pass is itself a ``_Product`` (of ``A.T``, whose
+    transpose is ``A`` again), so higher-order gradients (``create_graph=True``) are right too.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, scheduler: Scheduler, transposed: Any, out: str | None
+        ctx: Any,
+        x: torch.Tensor,
+        scheduler: Scheduler,
+        transposed: Callable[[], Scheduler],
+        out: str | None,
     ) -> torch.Tensor:
+        ctx.scheduler = scheduler
         ctx.transposed = transposed
         ctx.device = x.device
         return scheduler.spmm(x, out=out)
@@ -147,18 +171,40 @@ class _Product(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        dx = ctx.transposed().spmm(dy.to(ctx.device, non_blocking=True).contiguous())
+        scheduler = ctx.scheduler
+        dy = dy.to(ctx.device, non_blocking=True).contiguous()
+        dx = _Product.apply(dy, ctx.transposed(), lambda: scheduler, None)
         return dx, None, None, None
 
 
+def _check_options(options: Any) -> tuple[tuple[str, Any], ...]:
+    """``scheduler_options`` as a sorted, hashable tuple (values are checked by Scheduler)."""
+    if options is None:
+        return ()
+    if not isinstance(options, dict):
+        raise TypeError(f"scheduler_options must be a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(SCHEDULER_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"scheduler_options has unknown names {unknown}; choose from {list(SCHEDULER_OPTIONS)}"
+        )
+    return tuple(sorted(options.items()))
+
+
 def _scheduler(
-    store: TileStore, gpu: int | None, host: int | None, device: torch.device
+    store: TileStore,
+    gpu: int | None,
+    host: int | None,
+    device: torch.device,
+    options: tuple[tuple[str, Any], ...] = (),
 ) -> Scheduler:
-    key = (str(Path(store.path).resolve()), gpu, host, str(device))
+    key = (str(Path(store.path).resolve()), gpu, host, str(device), options)
     with _lock:
         scheduler = _schedulers.get(key)
         if scheduler is None:
-            scheduler = Scheduler(store, gpu_budget=gpu, host_budget=host, device=device)
+            scheduler = Scheduler(
+                store, gpu_budget=gpu, host_budget=host, device=device, **dict(options)
+            )
             _schedulers[key] = scheduler
             while len(_schedulers) > MAX_SCHEDULERS:
                 _, old = _schedulers.popitem(last=False)

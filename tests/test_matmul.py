@@ -100,6 +100,57 @@ def test_gradcheck_in_float64() -> None:
     assert torch.autograd.gradcheck(lambda t: matmul(m, t, gpu_budget="32KiB"), (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_with_tiles_streamed_by_the_disk_threads(tmp_path: Path, device: str) -> None:
+    # Grad mode is per thread: the disk workers computed with it on and addmm(out=) refused
+    # an X that requires grad (seen from AiresGCNConv's training tests).
+    m = matrix()
+    store = store_of(m, tmp_path / "a")
+    slot = max(t.nbytes for t in store.tiles)
+    x = dense(60, device=device, grad=True)
+    budget = 5 * slot + 80 * 4 * 8 + (16 << 20 if device == "cuda" else 0)
+    y, stats = matmul(store, x, gpu_budget=budget, host_budget=0, return_stats=True)
+    assert stats.tiles_disk == len(store) and stats.tiles_resident == 0
+    assert y.requires_grad
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad.cpu().numpy(), m.T @ np.ones((80, 4)), rtol=1e-12)
+
+
+def test_second_order_gradients_in_float64() -> None:
+    m = matrix((30, 20))
+    x = dense(20, f=3, grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: matmul(m, t, gpu_budget="32KiB") ** 2, (x,))
+
+
+@pytest.mark.parametrize(
+    "options", [{"prealloc": False}, {"overlap": False}, {"prealloc": False, "overlap": False}]
+)
+def test_scheduler_options_reach_the_scheduler(tmp_path: Path, options: dict[str, bool]) -> None:
+    m = symmetric()
+    store = store_of(m, tmp_path / "s", symmetric=True)
+    x = dense(70, grad=True)
+    kw = {"gpu_budget": "12KiB", "host_budget": "2KiB"}
+    y, stats = matmul(store, x, scheduler_options=options, return_stats=True, **kw)
+    assert stats.tiles_resident and stats.tiles_h2d and stats.tiles_disk
+    np.testing.assert_allclose(y.detach().numpy(), m @ x.detach().numpy(), rtol=1e-12)
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), m.T @ np.ones((70, 4)), rtol=1e-12)
+    [scheduler] = matmul_module._schedulers.values()
+    assert all(getattr(scheduler, f"_{k}") == v for k, v in options.items())
+    matmul(store, x, **kw)  # default options: a second scheduler
+    assert len(matmul_module._schedulers) == 2
+
+
+def test_scheduler_options_are_validated() -> None:
+    m = matrix()
+    with pytest.raises(TypeError, match=r"unknown names \['ring'\]"):
+        matmul(m, dense(60), scheduler_options={"ring": False})
+    with pytest.raises(TypeError, match="scheduler_options must be a dict"):
+        matmul(m, dense(60), scheduler_options=[("prealloc", False)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="overlap must be a bool"):
+        matmul(m, dense(60), scheduler_options={"overlap": "no"})
+
+
 def test_out_host_returns_host_memory_and_differentiates() -> None:
     m = matrix()
     x = dense(60, grad=True)

@@ -5,6 +5,9 @@ Every tile arrives as three zero-copy views ``(indptr, indices, data)`` over a b
 invariant check (the store verified the bytes), so on CUDA the product is one cuSPARSE call:
 ``cusparseSpMM`` for a dense right-hand side, ``cusparseSpGEMM`` (default algorithm, the only
 one PyTorch exposes) for a sparse one.
+
+The kernels write into caller buffers (``out=``), which autograd refuses for inputs that
+require grad, so each runs under ``torch.no_grad``: gradients are ``aires.matmul``'s business.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def tile_csr(
     )
 
 
+@torch.no_grad()
 def spmm_into(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> None:
     """``out = a @ x`` (or ``out += a @ x``) in place, with no temporary.
 
@@ -113,6 +117,7 @@ class SpgemmOperand:
     rtol: float
 
     @classmethod
+    @torch.no_grad()
     def build(cls, x: torch.Tensor) -> SpgemmOperand:
         """Prepare sparse CSR ``x`` (one pass over its values)."""
         crow = x.crow_indices()
@@ -167,6 +172,7 @@ def _check_rows(a: torch.Tensor, product: torch.Tensor, op: SpgemmOperand) -> bo
     return bool(((got - expected).abs() <= op.rtol * bound + tiny).all())
 
 
+@torch.no_grad()
 def spgemm_tile(
     a: torch.Tensor,
     op: SpgemmOperand,
@@ -201,8 +207,12 @@ def spgemm_tile(
     crow_host = crow.cpu().numpy()
     if a._nnz() == 0 or rows == 0:
         return [(0, _empty_csr(rows, op.n_cols, a))]
-    per_entry = op.row_nnz[a.col_indices().to(torch.int64)]
-    cum = torch.cat([per_entry.new_zeros(1), torch.cumsum(per_entry, 0)])[crow].cpu().numpy()
+    # Products per row boundary in one tile-sized int64 temporary (no int64 copy of the
+    # column indices, an in-place running sum), freed before the first SpGEMM.
+    running = torch.index_select(op.row_nnz, 0, a.col_indices()).cumsum_(0)
+    at = running[(crow - 1).clamp_min(0)]
+    cum = torch.where(crow > 0, at, torch.zeros_like(at)).cpu().numpy()
+    del running, at
     bounds = _cut_rows(cum, max(int(max_products), 1))
 
     def multiply_rows(r0: int, r1: int) -> list[tuple[int, torch.Tensor]]:
@@ -315,12 +325,13 @@ def concat_rows(
     total = sum(p._nnz() for _, p in pieces)
     wide = total >= 2**31 or n_cols >= 2**31
     index_dtype = torch.int64 if wide else torch.int32
-    counts = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    for r, p in pieces:
-        crow = p.crow_indices().to(device=device, dtype=torch.int64)
-        counts[r : r + p.shape[0]] = crow[1:] - crow[:-1]
+    # Row lengths go straight into the row pointer, summed in place: the only temporaries
+    # are one piece's lengths and the final narrowing copy.
     indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, 0, out=indptr[1:])
+    for r, p in pieces:
+        crow = p.crow_indices()
+        indptr[r + 1 : r + 1 + p.shape[0]] = crow[1:] - crow[:-1]
+    indptr.cumsum_(0)
     indices = torch.empty(total, dtype=index_dtype, device=device)
     values = torch.empty(total, dtype=dtype, device=device)
     offset = 0

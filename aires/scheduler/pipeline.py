@@ -12,22 +12,37 @@ each product as a pipeline:
    it; the copy stream waits, on the GPU, for that compute. The CPU keeps at most two
    computes ahead of the GPU so the disk path's computes interleave instead of queueing
    behind every host tile.
+5. For a dense product the host path's first and last tiles are copied and computed in row
+   parts (:data:`SPLIT_PARTS`): the compute starts after a part of the first tile instead of all
+   of it, and what is left after the last copy is a part's compute, not a tile's.
 
 All computes go to one stream (the caller's current stream), so results are ordered for the
 caller with no extra synchronisation; they are issued under one lock, so pieces of a hub row
 split over tiles (``TileInfo.partial``) accumulate in a fixed order and never race. CUDA events
 order load -> compute -> slot reuse. The steady state allocates nothing: the output comes from
-the caching allocator at the same size each call, cuSPARSE's buffer likewise.
+the caching allocator at the same size each call, cuSPARSE's buffer likewise. The previous
+call's statistics are reduced while this call's first copies are in flight, never before the
+first copy is queued (that CPU work would sit on the critical path of a short call).
+
+Two switches exist for ablations (what the ring and the overlap are worth): ``prealloc=False``
+gives every tile a fresh device buffer (freed once its compute is done, so the budget still
+holds) instead of a ring slot, and ``overlap=False`` runs each tile's load and compute one
+after the other, waiting for each, with one tile in flight.
+
+Kernels never record autograd history (``torch.no_grad`` here and in every disk thread, where
+grad mode is on by default): gradients come from ``aires.matmul``'s autograd function.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -67,10 +82,20 @@ __all__ = ["Scheduler"]
 #: Device bytes kept for cuSPARSE's SpMM buffer and small temporaries (CUDA only: the CPU
 #: kernel needs no buffer).
 SPMM_WORKSPACE = 16 << 20
+#: The least SpGEMM workspace planned for on CUDA: cuSPARSE sizes its SpGEMM buffers itself,
+#: and the per-product model (``BYTES_PER_PRODUCT``) was measured on large products only.
+SPGEMM_WORKSPACE = 16 << 20
 #: How many computes the CPU may run ahead of the GPU on the host path.
 LAG = 2
 #: Write-back staging buffers (compute into one while the other is copied out).
 STAGES = 2
+#: Calls whose marks wait to be reduced to stats (each holds a few CUDA events per tile).
+MAX_PENDING = 4
+#: Row parts the first and the last host-path tile of a dense product are copied and computed
+#: in: the compute of a part starts while the next part is still on the bus, which shortens the
+#: pipeline's ramp (nothing to compute until a first tile lands) and its tail (the last tile's
+#: compute after the last copy) to a part's instead of a tile's.
+SPLIT_PARTS = 4
 _IO_MODES = ("gds", "kvikio-compat", "posix")
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -118,13 +143,29 @@ class _Queues:
 
 @dataclass
 class _Memory:
-    """Everything a placement allocated; dropped as a whole when the placement changes."""
+    """Everything a placement allocated; dropped as a whole when the placement changes.
 
-    ring: list[torch.Tensor]
-    disk_slots: list[torch.Tensor]
+    ``ring`` and ``disk_slots`` are views of one slab, or (``prealloc=False``) the buffer each
+    slot holds now, ``None`` before its first tile.
+    """
+
+    ring: list[torch.Tensor | None]
+    disk_slots: list[torch.Tensor | None]
     resident: dict[int, torch.Tensor]
     host: dict[int, torch.Tensor]
     keep: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Rows ``[r0, r1)`` of a tile, their nonzeros ``[lo, hi)``, and the ``(offset, length)``
+    byte ranges of the tile they need (row pointer, column indices, values)."""
+
+    r0: int
+    r1: int
+    lo: int
+    hi: int
+    ranges: tuple[tuple[int, int], ...]
 
 
 class Scheduler:
@@ -142,6 +183,13 @@ class Scheduler:
         disk_workers: Concurrent tile reads on the disk path (each with its own slot).
         dual: Let the disk path also carry tiles that sit in pinned memory when it would
             deliver them sooner (dual-way transfer). ``False`` uses it for phase-3 tiles only.
+        prealloc: Preallocate the device slots (a ring for the host path, one slot per disk
+            worker). ``False`` (ablation) allocates a fresh device buffer for every streamed
+            tile and frees it once its compute is done (same budget, allocator traffic and a
+            CPU wait per tile).
+        overlap: Overlap loads with computes. ``False`` (ablation) loads a tile, waits,
+            computes it, waits, then moves to the next: no copy/compute overlap and no
+            concurrency between the host and disk paths.
 
     Raises:
         ValueError: a budget is below the minimum working set (the message states it), or an
@@ -164,6 +212,8 @@ class Scheduler:
         slots: int = MIN_SLOTS,
         disk_workers: int = 2,
         dual: bool = True,
+        prealloc: bool = True,
+        overlap: bool = True,
     ) -> None:
         for attr in ("tiles", "shape", "read_bytes", "tile_arrays", "io_mode"):
             if not hasattr(store, attr):
@@ -184,8 +234,9 @@ class Scheduler:
             if host_budget is None
             else parse_size(host_budget, "host_budget", allow_zero=True)
         )
-        if not isinstance(dual, bool):
-            raise TypeError(f"dual must be a bool, got {dual!r}")
+        for name, flag in (("dual", dual), ("prealloc", prealloc), ("overlap", overlap)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if self._cuda:
             if store.io_mode not in _IO_MODES:
                 raise ValueError(f"store.io_mode must be one of {_IO_MODES}, got {store.io_mode!r}")
@@ -198,8 +249,11 @@ class Scheduler:
         self._slots = slots
         self._disk_workers = disk_workers
         self._dual = dual
+        self._prealloc = prealloc
+        self._overlap = overlap
         self._tiles = list(store.tiles)
         self._nbytes = [int(t.nbytes) for t in self._tiles]
+        self._nnz = sum(int(t.nnz) for t in self._tiles)
         self._n_rows, self._n_cols = (int(s) for s in store.shape)
         self._max_rows = max((t.row_stop - t.row_start for t in self._tiles), default=0)
         self._groups, self._uncovered = _row_groups(self._tiles, self._n_rows)
@@ -219,6 +273,7 @@ class Scheduler:
         self._stage_free: list[Any] = [None] * STAGES
         self._lock = threading.Lock()
         self._views: dict[tuple[int, int], Any] = {}
+        self._parts: dict[int, list[_Part] | None] = {}
         self._pending: list[Recorder] = []
         self._stats: RunStats | None = None
 
@@ -235,8 +290,11 @@ class Scheduler:
         self._collect(block=True)
         return self._stats
 
+    @torch.no_grad()
     def spmm(self, x: torch.Tensor, *, out: str | None = None) -> torch.Tensor:
         """``A @ X`` for a dense ``X`` (cuSPARSE SpMM per tile).
+
+        The result carries no autograd history (``aires.matmul`` is the differentiable entry).
 
         Args:
             x: Dense ``(A.shape[1], F)`` float tensor on the scheduler's device.
@@ -313,7 +371,12 @@ class Scheduler:
                 y[info.row_start : info.row_stop], target, done, rec
             )
 
-        self._run(compute, rec)
+        def compute_rows(tile: int, buf: torch.Tensor, part: _Part) -> None:
+            row = self._tiles[tile].row_start
+            a = self._csr_rows(tile, buf, x.dtype, part)
+            spmm_into(a, x, y[row + part.r0 : row + part.r1], accumulate=False)
+
+        self._run(compute, rec, None if to_host else compute_rows)
         if to_host:
             done = rec.mark(torch.cuda.current_stream()) if self._cuda else None
             for g, (start, stop, _) in enumerate(self._groups):
@@ -347,26 +410,54 @@ class Scheduler:
             return (STAGES * self._max_rows + self._acc_rows) * f * item + workspace
         return self._n_rows * f * item + workspace
 
-    def spgemm_reserve(self, x: torch.Tensor) -> int:
+    def spgemm_reserve(self, x: torch.Tensor, *, out: str | None = None) -> int:
         """Device bytes an :meth:`spgemm` with this ``X`` keeps beside the tiles.
 
         What the call allocates for ``X`` (an int32 copy of its indices when they are int64,
-        ``|values|``, three vectors over its rows) plus a quarter of the budget (at least two
-        slots' worth) for the SpGEMM workspace and result pieces; resident tiles make room for
-        it when needed.
+        ``|values|``, three vectors over its rows); a quarter of the budget (at least two slots'
+        worth, and 16 MiB on CUDA) for the SpGEMM workspace and the result pieces kept on the
+        device; and, unless ``out="host"``, room for the assembled result at its largest
+        (``min(rows * F, nnz(A) * longest row of X)`` entries, plus its row pointer). Resident
+        tiles make room for it when needed; a budget that cannot hold it is a ``ValueError``
+        before any work. The minimum device budget for such a call is
+        ``(slots + disk workers) * slot_bytes`` plus this.
         """
         x = self._check_sparse(x)
-        slot = self.placement.slot_bytes
-        return _operand_bytes(x) + max(self.gpu_budget // 4, 2 * slot)
+        to_host = _check_out(out)
+        result = 0 if to_host else self._spgemm_result_bytes(x)
+        return _operand_bytes(x) + self._spgemm_workspace() + result
 
+    def _spgemm_workspace(self) -> int:
+        floor = SPGEMM_WORKSPACE if self._cuda else 0
+        return max(self.gpu_budget // 4, 2 * self.placement.slot_bytes, floor)
+
+    def _spgemm_result_bytes(self, x: torch.Tensor, nnz: int | None = None) -> int:
+        """Device bytes of the result assembled on the device (``nnz`` entries, or the most
+        there can be: ``min(rows * F, nnz(A) * max row length of X)``).
+
+        The column indices and values, the row pointer in int64 while it is summed plus its
+        final copy, and one piece's row counts in flight (``concat_rows``).
+        """
+        f = int(x.shape[1])
+        if nnz is None:
+            crow = x.crow_indices()
+            longest = int((crow[1:] - crow[:-1]).max()) if x.shape[0] else 0
+            nnz = min(self._n_rows * f, self._nnz * longest)
+        index = 8 if nnz >= 2**31 or f >= 2**31 else 4
+        item = x.element_size()
+        return nnz * (index + item) + (self._n_rows + 1) * (8 + index) + (self._max_rows + 1) * 8
+
+    @torch.no_grad()
     def spgemm(self, x: torch.Tensor, *, out: str | None = None) -> torch.Tensor:
         """``A @ X`` for a sparse ``X`` (cuSPARSE SpGEMM per tile), a sparse CSR result.
 
         Each tile's product is cut into row pieces whose intermediate products fit the
-        workspace allowance (what the budget leaves after slots, resident tiles and the prepared
-        ``X``), retried in halves if cuSPARSE still runs out of resources, and checked by row
-        sums. Pieces stay on the device while they fit a quarter of the allowance and move
-        to host memory after that; the result is assembled once at its exact size.
+        workspace allowance (what the budget leaves after slots, resident tiles, the prepared
+        ``X`` and the result's room), retried in halves if cuSPARSE still runs out of
+        resources, and checked by row sums. Pieces stay on the device while they fit a quarter
+        of the allowance and move to host memory after that; pieces of hub rows are summed in
+        host memory; the result is assembled once at its exact size, into the room reserved for
+        it (:meth:`spgemm_reserve`), so the budget holds by construction.
 
         Args:
             x: Sparse CSR (or COO) ``(A.shape[1], F)`` float tensor on the scheduler's device.
@@ -376,24 +467,30 @@ class Scheduler:
             Sparse CSR ``(A.shape[0], F)`` with ``x``'s dtype (int32 indices when they fit).
 
         Raises:
-            ValueError, TypeError: bad ``x`` or ``out``; the result does not fit the budget
-                on the device (use ``out="host"``).
+            ValueError, TypeError: bad ``x`` or ``out``; the workspace, or the result's room on
+                the device, does not fit the budget (the message says so; ``out="host"`` needs
+                no room for the result).
             RuntimeError: a single row's product still fails.
         """
         x = self._check_sparse(x)
         to_host = _check_out(out)
         op_bytes = _operand_bytes(x)
-        reserve = self.spgemm_reserve(x)
+        room = 0 if to_host else self._spgemm_result_bytes(x)
+        reserve = op_bytes + self._spgemm_workspace() + room
         x = _narrow_indices(x)
-        self._prepare(max(reserve, self.placement.reserve_bytes), "an SpGEMM workspace")
+        what = "an SpGEMM workspace" if to_host else (
+            f"an SpGEMM workspace and the result's room ({format_bytes(room)}; out='host' "
+            "needs none)"
+        )
+        self._prepare(max(reserve, self.placement.reserve_bytes), what)
         rec = self._recorder("spgemm")
         operand = SpgemmOperand.build(x)
         held_fixed = self.placement.gpu_bytes - self.placement.reserve_bytes + op_bytes
-        avail = self.gpu_budget - held_fixed
+        avail = self.gpu_budget - held_fixed - room
         max_products = max(avail // 2 // BYTES_PER_PRODUCT, 1)
         keep_limit = avail // 4
         pieces: list[tuple[int, int, torch.Tensor]] = []
-        on_device = [0]
+        kept = [0]
         peak = [held_fixed]
 
         def compute(tile: int, buf: torch.Tensor) -> None:
@@ -401,38 +498,35 @@ class Scheduler:
             a = self._csr(tile, buf, x.dtype)
             for offset, piece in spgemm_tile(a, operand, max_products=max_products):
                 nbytes = _tensor_bytes(piece)
-                if self._cuda and on_device[0] + nbytes > keep_limit:
-                    t0 = rec.mark(torch.cuda.current_stream())
-                    piece = piece.to("cpu")
-                    rec.writebacks.append((nbytes, t0, rec.mark(torch.cuda.current_stream())))
-                elif self._cuda:
-                    on_device[0] += nbytes
-                    peak[0] = max(peak[0], held_fixed + on_device[0] + avail // 2)
+                if kept[0] + nbytes > keep_limit:
+                    # On the CPU the piece already is in host memory: only the rule runs.
+                    if self._cuda:
+                        t0 = rec.mark(torch.cuda.current_stream())
+                        piece = piece.to("cpu")
+                        rec.writebacks.append((nbytes, t0, rec.mark(torch.cuda.current_stream())))
+                else:
+                    kept[0] += nbytes
+                    peak[0] = max(peak[0], held_fixed + kept[0] + avail // 2)
                 pieces.append((tile, info.row_start + offset, piece))
 
         self._run(compute, rec)
         grouped: dict[int, list[tuple[int, torch.Tensor]]] = {}
         final: list[tuple[int, torch.Tensor]] = []
-        target = torch.device("cpu") if to_host else self.device
         for tile, row, piece in pieces:
             group = self._group_of.get(tile)
             if group is None:
                 final.append((row, piece))
             else:
-                grouped.setdefault(group, []).append((row, piece.to(target)))
+                # Hub-row pieces are a few rows: summing them in host memory keeps the
+                # coalescing temporaries off the device.
+                grouped.setdefault(group, []).append((row, piece.to("cpu")))
         final.extend(sum_pieces(parts) for parts in grouped.values())
-        total = sum(_tensor_bytes(p) for _, p in final) + (self._n_rows + 1) * 8
-        if not to_host and self._cuda and held_fixed + on_device[0] + total > self.gpu_budget:
-            raise ValueError(
-                f"the SpGEMM result needs {total} bytes ({format_bytes(total)}) on the device "
-                f"but gpu_budget={self.gpu_budget} ({format_bytes(self.gpu_budget)}) leaves "
-                f"{self.gpu_budget - held_fixed - on_device[0]} bytes; pass out='host' or a "
-                "larger budget"
-            )
+        target = torch.device("cpu") if to_host else self.device
         result = concat_rows(final, (self._n_rows, int(x.shape[1])), device=target, dtype=x.dtype)
         if self._cuda:
             rec.end = rec.mark(torch.cuda.current_stream())
-        rec.peak_bytes = max(peak[0], held_fixed + on_device[0] + (0 if to_host else total))
+        total = 0 if to_host else self._spgemm_result_bytes(x, result._nnz())
+        rec.peak_bytes = max(peak[0], held_fixed + kept[0] + total)
         rec.extra["max_products"] = int(max_products)
         rec.extra["pieces"] = len(pieces)
         self._close_call(rec)
@@ -450,6 +544,7 @@ class Scheduler:
         self._disk = None
         self._stage = None
         self._views.clear()
+        self._parts.clear()
 
     def __enter__(self) -> Scheduler:
         return self
@@ -482,7 +577,6 @@ class Scheduler:
 
     def _prepare(self, reserve: int, what: str) -> None:
         """Make sure the placement reserves ``reserve`` device bytes and memory is allocated."""
-        self._collect(block=False)
         if reserve > self.placement.reserve_bytes:
             try:
                 placement = self._place(reserve)
@@ -498,9 +592,12 @@ class Scheduler:
         p = self.placement
         dev = self.device
         n_ring = p.n_slots + p.n_disk
-        slab = torch.empty(n_ring * p.slot_bytes, dtype=torch.uint8, device=dev)
-        views = [slab[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(n_ring)]
-        keep = [slab]
+        keep: list[torch.Tensor] = []
+        views: list[torch.Tensor | None] = [None] * n_ring
+        if self._prealloc:
+            slab = torch.empty(n_ring * p.slot_bytes, dtype=torch.uint8, device=dev)
+            views = [slab[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(n_ring)]
+            keep.append(slab)
         resident: dict[int, torch.Tensor] = {}
         host: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
@@ -529,15 +626,23 @@ class Scheduler:
         # Priors: one timed host -> device slot copy; for the disk, the load just done but no
         # faster than a cold read until the first call measures it.
         source = next(iter(host.values()), None)
-        host_rate = copy_rate(views[0][: source.numel()], source) if source is not None else 1e10
-        self.dispatcher.rates["host"] = host_rate
+        if source is not None:
+            probe = views[0] if views[0] is not None else self._fresh_slot()
+            self.dispatcher.rates["host"] = copy_rate(probe[: source.numel()], source)
+            del probe
+        else:
+            self.dispatcher.rates["host"] = 1e10
         self.dispatcher.rates["disk"] = min(load_rate, DISK_PRIOR)
         self._ring_free = [None] * p.n_slots
         self._disk_free = [None] * p.n_disk
         self._ring_next = 0
         if p.n_disk:
-            self._disk = DiskPath(self.store, dev, views[p.n_slots :], bounce, self.dispatcher)
+            self._disk = DiskPath(self.store, dev, bounce, self.dispatcher)
             self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
+
+    def _fresh_slot(self) -> torch.Tensor:
+        """A new device buffer of one slot (``prealloc=False``)."""
+        return torch.empty(self.placement.slot_bytes, dtype=torch.uint8, device=self.device)
 
     def _staging(self, nbytes: int) -> torch.Tensor:
         """A device byte buffer for write-back staging, kept and grown only when needed.
@@ -556,13 +661,14 @@ class Scheduler:
 
         The views (and the CSR tensor over them, when no cast is needed) are cached per tile
         and buffer: they stay valid while the buffer is refilled, which keeps the per-tile
-        Python work to a dictionary lookup.
+        Python work to a dictionary lookup. Fresh per-tile buffers (``prealloc=False``) are
+        never cached: a cached view would keep its buffer alive past the budget.
         """
         key = (tile, buf.data_ptr())
-        cached = self._views.get(key)
+        cached = self._views.get(key) if self._prealloc else None
         if cached is None:
             indptr, indices, data = self.store.tile_arrays(tile, buf)
-            if data.dtype != dtype:
+            if data.dtype != dtype or not self._prealloc:
                 return tile_csr(indptr, indices, data, self._n_cols, dtype)
             cached = self._views[key] = tile_csr(indptr, indices, data, self._n_cols)
         if cached.dtype != dtype:
@@ -571,10 +677,76 @@ class Scheduler:
             )
         return cached
 
+    def _csr_rows(
+        self, tile: int, buf: torch.Tensor, dtype: torch.dtype, part: _Part
+    ) -> torch.Tensor:
+        """Rows ``[part.r0, part.r1)`` of tile ``tile`` held in ``buf``, as sparse CSR.
+
+        The row pointer slice is rebased to start at 0 (one small device op, on the stream the
+        compute runs on); the column indices and values are views.
+        """
+        indptr, indices, data = self.store.tile_arrays(tile, buf)
+        crow = indptr[part.r0 : part.r1 + 1]
+        if part.lo:
+            crow = crow - part.lo
+        lo, hi = part.lo, part.hi
+        return tile_csr(crow, indices[lo:hi], data[lo:hi], self._n_cols, dtype)
+
+    def _row_parts(self, tile: int) -> list[_Part] | None:
+        """:data:`SPLIT_PARTS` row parts of host tile ``tile`` of about equal nonzeros, with the
+        byte ranges each needs; ``None`` when the tile is not split (too few rows, a piece of a
+        summed row group, or on CUDA a row pointer too long for the kernel workspace's room for
+        the rebased copy). Computed once per tile from its pinned bytes."""
+        if tile in self._parts:
+            return self._parts[tile]
+        assert self._mem is not None
+        info = self._tiles[tile]
+        rows = info.row_stop - info.row_start
+        src = self._mem.host[tile]
+        indptr, indices, data = self.store.tile_arrays(tile, src)
+        isz, vsz = indptr.element_size(), data.element_size()
+        parts: list[_Part] | None = None
+        small = not self._cuda or (rows + 1) * isz <= SPMM_WORKSPACE // 4
+        if rows >= SPLIT_PARTS and tile not in self._group_of and small:
+            ip = indptr.numpy()
+            nnz = int(ip[-1])
+            cuts = [0]
+            for k in range(1, SPLIT_PARTS):
+                r = int(np.searchsorted(ip, nnz * k // SPLIT_PARTS, side="left"))
+                cuts.append(min(max(r, cuts[-1] + 1), rows - (SPLIT_PARTS - k)))
+            cuts.append(rows)
+            base = src.data_ptr()
+            o_ip, o_ix, o_v = (t.data_ptr() - base for t in (indptr, indices, data))
+            parts = []
+            for r0, r1 in itertools.pairwise(cuts):
+                lo, hi = int(ip[r0]), int(ip[r1])
+                # Row pointer entries r0..r1; entry r0 came with the part before (no byte is
+                # written twice while a compute may read it).
+                first = r0 if r0 == 0 else r0 + 1
+                ranges = [(o_ip + first * isz, (r1 - first + 1) * isz)]
+                if hi > lo:
+                    n = hi - lo
+                    ranges += [(o_ix + lo * isz, n * isz), (o_v + lo * vsz, n * vsz)]
+                parts.append(_Part(r0, r1, lo, hi, tuple(ranges)))
+        self._parts[tile] = parts
+        return parts
+
     # ------------------------------------------------------------------ the pipeline
 
-    def _run(self, compute: Callable[[int, torch.Tensor], None], rec: Recorder) -> None:
-        """Load every tile once over its path and ``compute(tile, buffer)`` on it."""
+    def _run(
+        self,
+        compute: Callable[[int, torch.Tensor], None],
+        rec: Recorder,
+        compute_rows: Callable[[int, torch.Tensor, _Part], None] | None = None,
+    ) -> None:
+        """Load every tile once over its path and ``compute(tile, buffer)`` on it.
+
+        With ``compute_rows`` (a product whose tiles can be computed a row part at a time), the
+        host path's first and last tiles are copied and computed in :data:`SPLIT_PARTS` parts.
+        """
+        if not self._overlap:
+            self._run_serial(compute, rec)
+            return
         mem = self._mem
         assert mem is not None
         p = self.placement
@@ -587,26 +759,51 @@ class Scheduler:
                 self._pool.submit(self._disk_worker, k, queues, compute, rec, stream)
                 for k in range(p.n_disk)
             ]
+        collected = False
+        first = True
+
+        def load(tile: int) -> tuple[int, int, Any]:
+            nonlocal first
+            split = compute_rows is not None and (first or not queues.host)
+            first = False
+            return self._load_host(tile, rec, split=split)
+
         try:
             pending: deque[tuple[int, int, Any]] = deque()
             while len(pending) < p.n_slots and (tile := queues.take_host()) is not None:
-                pending.append(self._load_host(tile, rec))
+                pending.append(load(tile))
             for tile in p.resident:
                 rec.loads.append(("resident", self._nbytes[tile], None, None))
                 self._compute(tile, mem.resident[tile], None, compute, rec, "resident", stream)
             inflight: deque[Any] = deque()
             while pending:
                 tile, slot, ready = pending.popleft()
-                end = self._compute(tile, mem.ring[slot], ready, compute, rec, "stream", stream)
+                buf = mem.ring[slot]
+                assert buf is not None
+                if isinstance(ready, list):
+                    assert compute_rows is not None
+                    for part, part_ready in ready:
+                        end = self._compute(
+                            tile, buf, part_ready, partial(compute_rows, part=part), rec,
+                            "stream", stream,
+                        )
+                else:
+                    end = self._compute(tile, buf, ready, compute, rec, "stream", stream)
                 self._ring_free[slot] = end
                 queues.delivered_host(tile)
                 nxt = queues.take_host()
                 if nxt is not None:
-                    pending.append(self._load_host(nxt, rec))
+                    pending.append(load(nxt))
+                if not collected:
+                    # The GPU has a ring of copies queued: reduce earlier calls' marks now.
+                    self._collect(block=False)
+                    collected = True
                 if self._cuda:
                     inflight.append(end)
                     if len(inflight) > LAG:
                         inflight.popleft().synchronize()
+            if not collected:
+                self._collect(block=False)
         except BaseException:
             queues.stop = True
             wait(futures)
@@ -622,14 +819,82 @@ class Scheduler:
         else:
             rec.end = rec.mark()
 
-    def _load_host(self, tile: int, rec: Recorder) -> tuple[int, int, Any]:
+    def _run_serial(self, compute: Callable[[int, torch.Tensor], None], rec: Recorder) -> None:
+        """``overlap=False``: one tile at a time, each load and compute waited for."""
+        mem = self._mem
+        assert mem is not None
+        p = self.placement
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        self._collect(block=False)
+        rec.start = rec.mark(stream)
+
+        def run(tile: int, buf: torch.Tensor, ready: Any, phase: str) -> None:
+            if ready is not None:
+                ready.synchronize()
+            self._compute(tile, buf, ready, compute, rec, phase, stream)
+            if self._cuda:
+                torch.cuda.synchronize(self.device)  # the compute and any write-back it queued
+
+        for tile in p.resident:
+            rec.loads.append(("resident", self._nbytes[tile], None, None))
+            run(tile, mem.resident[tile], None, "resident")
+        for tile in p.host:
+            _, slot, ready = self._load_host(tile, rec)
+            buf = mem.ring[slot]
+            assert buf is not None
+            run(tile, buf, ready, "stream")
+            self._ring_free[slot] = None
+        if p.disk:
+            assert self._disk is not None
+            for tile in p.disk:
+                buf, ready = self._load_disk(0, tile, rec)
+                run(tile, buf, ready, "stream")
+                self._disk_free[0] = None
+            rec.wall_end = time.perf_counter()
+        rec.end = rec.mark(stream)
+
+    def _load_host(self, tile: int, rec: Recorder, *, split: bool = False) -> tuple[int, int, Any]:
+        """Queue the copy of host tile ``tile`` into the next ring slot.
+
+        Returns:
+            ``(tile, slot, ready)``: ``ready`` is the copy's event, or with ``split`` (when the
+            tile splits, :meth:`_row_parts`) a list of ``(part, event)``.
+        """
         assert self._mem is not None
         slot = self._ring_next
         self._ring_next = (slot + 1) % len(self._mem.ring)
-        ready = self._host_path.load(
-            self._mem.ring[slot], self._mem.host[tile], self._ring_free[slot], rec
-        )
-        return tile, slot, ready
+        after = self._ring_free[slot]
+        if not self._prealloc:
+            # The slot's last reader must be done before its memory goes back to the
+            # allocator; then the new buffer needs no GPU-side wait.
+            if after is not None:
+                after.synchronize()
+            after = None
+            self._mem.ring[slot] = None
+            self._mem.ring[slot] = self._fresh_slot()
+        buf = self._mem.ring[slot]
+        assert buf is not None
+        src = self._mem.host[tile]
+        parts = self._row_parts(tile) if split else None
+        if parts is not None:
+            events = self._host_path.load_parts(buf, src, [q.ranges for q in parts], after, rec)
+            return tile, slot, list(zip(parts, events, strict=True))
+        return tile, slot, self._host_path.load(buf, src, after, rec)
+
+    def _load_disk(self, worker: int, tile: int, rec: Recorder) -> tuple[torch.Tensor, Any]:
+        """Read ``tile`` into worker ``worker``'s slot; returns the slot and its ready event."""
+        assert self._mem is not None and self._disk is not None
+        after = self._disk_free[worker]
+        if not self._prealloc:
+            if after is not None:
+                after.synchronize()
+            after = None
+            self._mem.disk_slots[worker] = None
+            self._mem.disk_slots[worker] = self._fresh_slot()
+        buf = self._mem.disk_slots[worker]
+        assert buf is not None
+        ready = self._disk.fetch(worker, tile, self._nbytes[tile], buf, after, rec)
+        return buf, ready
 
     def _disk_worker(
         self,
@@ -639,17 +904,13 @@ class Scheduler:
         rec: Recorder,
         stream: Any,
     ) -> None:
-        assert self._mem is not None and self._disk is not None
         if self._cuda:
             # A new thread starts on device 0: work on the scheduler's device.
             torch.cuda.set_device(self.device)
-        slot = self._mem.disk_slots[worker]
         while (tile := queues.take_disk()) is not None:
             try:
-                ready = self._disk.fetch(
-                    worker, tile, self._nbytes[tile], self._disk_free[worker], rec
-                )
-                end = self._compute(tile, slot, ready, compute, rec, "stream", stream)
+                buf, ready = self._load_disk(worker, tile, rec)
+                end = self._compute(tile, buf, ready, compute, rec, "stream", stream)
             except BaseException:
                 queues.stop = True
                 raise
@@ -665,8 +926,12 @@ class Scheduler:
         phase: str,
         stream: Any,
     ) -> Any:
-        """Run ``compute`` on ``tile`` after ``ready``; return the event marking its end."""
-        with self._lock:
+        """Run ``compute`` on ``tile`` after ``ready``; return the event marking its end.
+
+        Grad mode is thread-local and on by default in the disk threads: kernels write into
+        buffers with ``out=``, which autograd refuses, so every compute runs without it.
+        """
+        with self._lock, torch.no_grad():
             if stream is None:
                 start = rec.mark()
                 compute(tile, buf)
@@ -687,15 +952,20 @@ class Scheduler:
         return Recorder(op, self.device, self.io_mode, len(self._tiles))
 
     def _close_call(self, rec: Recorder) -> None:
+        """Queue ``rec`` for reduction; it is reduced during a later call or on ``stats``."""
         self._pending.append(rec)
-        self._collect(block=False)
+        while len(self._pending) > MAX_PENDING:
+            self._finish_oldest()
 
     def _collect(self, *, block: bool) -> None:
         """Turn finished calls' marks into stats and feed the host rate to the dispatcher."""
-        while self._pending and (block or self._pending[0].done() or len(self._pending) > 4):
-            stats = self._pending.pop(0).finish()
-            self.dispatcher.update("host", stats.bytes_h2d, stats.t_h2d_s)
-            self._stats = stats
+        while self._pending and (block or self._pending[0].done()):
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        stats = self._pending.pop(0).finish()
+        self.dispatcher.update("host", stats.bytes_h2d, stats.t_h2d_s)
+        self._stats = stats
 
     def _check_dense(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -141,17 +141,56 @@ class HostPath:
         rec.loads.append(("h2d", nbytes, start, end))
         return end
 
+    def load_parts(
+        self,
+        slot: torch.Tensor,
+        src: torch.Tensor,
+        parts: Sequence[Sequence[tuple[int, int]]],
+        after: Any,
+        rec: Recorder,
+    ) -> list[Any]:
+        """Copy a tile in parts, each a list of ``(offset, length)`` byte ranges of ``src``
+        copied to the same place in ``slot``, with an event after each part, so the compute of
+        part ``k`` can start while part ``k + 1`` is still on the bus.
+
+        Recorded as one load of ``src``'s length (the tile), like :meth:`load`.
+
+        Returns:
+            One event per part (``None`` each on the CPU, where the copies are done).
+        """
+        nbytes = src.numel()
+        if self.stream is None:
+            start = rec.mark()
+            for ranges in parts:
+                for offset, length in ranges:
+                    slot[offset : offset + length].copy_(src[offset : offset + length])
+            rec.loads.append(("h2d", nbytes, start, rec.mark()))
+            return [None] * len(parts)
+        ready = []
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            start = rec.mark(self.stream)
+            for ranges in parts:
+                for offset, length in ranges:
+                    slot[offset : offset + length].copy_(
+                        src[offset : offset + length], non_blocking=True
+                    )
+                ready.append(rec.mark(self.stream))
+        rec.loads.append(("h2d", nbytes, start, ready[-1]))
+        return ready
+
 
 class DiskPath:
     """Whole-tile reads from the tile file into a worker's device slot.
 
-    Each worker ``k`` owns device slot ``slots[k]`` and, unless ``direct``, pinned bounce
-    buffer ``bounce[k]``. Calls for worker ``k`` come from one thread at a time.
+    Worker ``k`` reads into the device slot it is handed and, unless reads go to the device
+    directly, through its own pinned bounce buffer ``bounce[k]``. Calls for worker ``k`` come
+    from one thread at a time.
 
     Args:
         store: The tile store (``read_bytes``, ``tiles``).
         device: The compute device.
-        slots: One device slot per worker.
         bounce: One pinned buffer per worker, or ``None`` when reads go to the device directly.
         dispatcher: Receives the measured read throughput.
     """
@@ -160,12 +199,10 @@ class DiskPath:
         self,
         store: Any,
         device: torch.device,
-        slots: Sequence[torch.Tensor],
         bounce: Sequence[torch.Tensor] | None,
         dispatcher: Dispatcher,
     ) -> None:
         self.store = store
-        self.slots = list(slots)
         self.bounce = list(bounce) if bounce is not None else None
         self.dispatcher = dispatcher
         cuda = device.type == "cuda"
@@ -174,17 +211,18 @@ class DiskPath:
         # (tiles were checked when placed; ``TileStore.verify`` checks them all).
         self.verify = not (cuda and bounce is None)
         self.stream = torch.cuda.Stream(device) if cuda and bounce is not None else None
-        self._bounce_free: list[Any] = [None] * len(self.slots)
+        self._bounce_free: list[Any] = [None] * (len(self.bounce) if self.bounce else 0)
 
-    def fetch(self, worker: int, tile: int, nbytes: int, after: Any, rec: Recorder) -> Any:
-        """Read ``tile`` into worker ``worker``'s slot once ``after`` (its last reader) is done.
+    def fetch(
+        self, worker: int, tile: int, nbytes: int, slot: torch.Tensor, after: Any, rec: Recorder
+    ) -> Any:
+        """Read ``tile`` into ``slot`` once ``after`` (the slot's last reader) is done.
 
         Runs on the worker's thread and blocks it for the read.
 
         Returns:
             The event the compute must wait for (``None`` when the bytes are already there).
         """
-        slot = self.slots[worker]
         if self.bounce is None:
             # The read writes the slot from the host side: the slot's last reader must be done.
             if after is not None:

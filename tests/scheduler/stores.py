@@ -67,17 +67,19 @@ def reserve_of(store: TileStore, f: int, out: str | None = None, device: str = "
 
 
 def spgemm_budgets(
-    store: TileStore, x: torch.Tensor, *, resident: int, host: int
+    store: TileStore, x: torch.Tensor, *, resident: int, host: int, out: str | None = None
 ) -> tuple[int, int]:
-    """Like :func:`tier_budgets` for an ``spgemm`` with ``x``, whose reserve is a quarter of the
-    budget: iterate ``budget = base + reserve(budget)`` to its fixed point."""
+    """Like :func:`tier_budgets` for an ``spgemm`` with ``x`` and ``out``, whose reserve (the
+    scheduler's own :meth:`~aires.scheduler.Scheduler.spgemm_reserve` on ``x``'s device: the
+    operand, a quarter of the budget, and the result's room unless ``out="host"``) depends on
+    the budget: iterate ``budget = base + reserve(budget)`` to its fixed point."""
     gpu, host_bytes = tier_budgets(
         store, resident=resident, host=host, reserve=0, bounce=bounces(store, x.device.type)
     )
     base = gpu
     for _ in range(60):
         probe = Scheduler(store, gpu_budget=gpu, host_budget="1GiB", device=x.device)
-        nxt = base + probe.spgemm_reserve(x)
+        nxt = base + probe.spgemm_reserve(x, out=out)
         if nxt == gpu:
             break
         gpu = nxt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,16 +56,19 @@ def scheduler_for(
     out: str | None = None,
     device: str = "cpu",
     spgemm_x: torch.Tensor | None = None,
+    **options: bool,
 ) -> Scheduler:
     resident, host = tier_counts(store, tier)
     if spgemm_x is not None:
-        gpu, host_bytes = spgemm_budgets(store, spgemm_x, resident=resident, host=host)
+        gpu, host_bytes = spgemm_budgets(store, spgemm_x, resident=resident, host=host, out=out)
     else:
         reserve = reserve_of(store, F, out, device)
         gpu, host_bytes = tier_budgets(
             store, resident=resident, host=host, reserve=reserve, bounce=bounces(store, device)
         )
-    return Scheduler(store, gpu_budget=gpu, host_budget=host_bytes, device=device, dual=False)
+    return Scheduler(
+        store, gpu_budget=gpu, host_budget=host_bytes, device=device, dual=False, **options
+    )
 
 
 @pytest.fixture
@@ -109,7 +113,7 @@ def test_spgemm_matches_scipy_on_every_tier(
 ) -> None:
     a = hub_matrix()
     x = sparse_x(a.shape[1], device=device)
-    sched = scheduler_for(store, tier, device=device, spgemm_x=x)
+    sched = scheduler_for(store, tier, out=out, device=device, spgemm_x=x)
     y = sched.spgemm(x, out=out)
     assert y.layout == torch.sparse_csr
     assert y.device.type == ("cpu" if out == "host" else device)
@@ -121,14 +125,64 @@ def test_spgemm_matches_scipy_on_every_tier(
     assert stats.bytes_moved == sum(t.nbytes for t in store.tiles)
 
 
-def test_spgemm_splits_tiles_under_a_small_workspace(make_store: Callable[..., TileStore]) -> None:
+@pytest.mark.parametrize("out", [None, "host"])
+def test_spgemm_splits_tiles_under_a_small_workspace(
+    make_store: Callable[..., TileStore], out: str | None
+) -> None:
     a = hub_matrix()
     store = make_store(a)
     x = sparse_x(a.shape[1], f=40, density=0.9)
-    sched = Scheduler(store, gpu_budget="400KiB", host_budget="1MiB", device="cpu")
-    y = sched.spgemm(x)
+    probe = Scheduler(store, gpu_budget="1MiB", host_budget=0, device="cpu")
+    # The same workspace either way: a result kept on the device adds only its own room.
+    room = probe.spgemm_reserve(x) - probe.spgemm_reserve(x, out="host")
+    budget = 400 * 1024 + (0 if out == "host" else room)
+    sched = Scheduler(store, gpu_budget=budget, host_budget="1MiB", device="cpu")
+    y = sched.spgemm(x, out=out)
     np.testing.assert_allclose(y.to_dense().numpy(), a @ x.to_dense().numpy(), rtol=1e-12)
     assert sched.stats.extra["pieces"] > len(store)
+    assert sched.stats.peak_gpu_bytes <= budget
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spgemm_result_room_is_checked_before_any_work(
+    store: TileStore, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = hub_matrix()
+    x = sparse_x(a.shape[1], device=device)
+    gpu, host = spgemm_budgets(store, x, resident=0, host=len(store), out="host")
+    sched = Scheduler(store, gpu_budget=gpu, host_budget=host, device=device, dual=False)
+    reads: list[int] = []
+    original = store.read_bytes
+    monkeypatch.setattr(
+        store, "read_bytes", lambda i, out, **kw: reads.append(i) or original(i, out, **kw)
+    )
+    with pytest.raises(ValueError, match=r"the result's room .*out='host'"):
+        sched.spgemm(x)
+    assert reads == []
+    y = sched.spgemm(x, out="host")
+    expected = a @ x.cpu().to_dense().numpy()
+    np.testing.assert_allclose(y.to_dense().numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out", [None, "host"])
+@pytest.mark.parametrize("tier", ["resident", "host", "all-three"])
+def test_spgemm_peak_stays_within_the_budget(
+    store: TileStore, tier: str, out: str | None, device: str
+) -> None:
+    x = sparse_x(store.shape[1], device=device)
+    sched = scheduler_for(store, tier, out=out, device=device, spgemm_x=x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    y = sched.spgemm(x, out=out)
+    assert sched.stats.peak_gpu_bytes <= sched.gpu_budget
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - base <= sched.gpu_budget
+    del y
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
@@ -173,6 +227,122 @@ def test_non_square(make_store: Callable[..., TileStore]) -> None:
     sched = Scheduler(store, gpu_budget="40KiB", host_budget="8KiB", device="cpu")
     x = dense_x(700, f=3)
     np.testing.assert_allclose(sched.spmm(x).numpy(), a @ x.numpy(), rtol=1e-12, atol=1e-12)
+
+
+ABLATIONS = {
+    "fresh": {"prealloc": False},
+    "serial": {"overlap": False},
+    "fresh-serial": {"prealloc": False, "overlap": False},
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+@pytest.mark.parametrize("tier", ["resident", "host+disk", "all-three"])
+def test_ablations_match_scipy(store: TileStore, tier: str, ablation: str, device: str) -> None:
+    a = hub_matrix()
+    options = ABLATIONS[ablation]
+    resident, host = tier_counts(store, tier)
+    x = dense_x(a.shape[1], device=device)
+    for out in (None, "host"):
+        sched = scheduler_for(store, tier, out=out, device=device, **options)
+        y = sched.spmm(x, out=out)
+        np.testing.assert_allclose(y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-12, atol=1e-12)
+        stats = sched.stats
+        assert (stats.tiles_resident, stats.tiles_h2d) == (resident, host)
+        assert stats.tiles_disk == len(store) - resident - host
+        assert stats.peak_gpu_bytes <= sched.gpu_budget
+    xs = sparse_x(a.shape[1], device=device)
+    sched = scheduler_for(store, tier, device=device, spgemm_x=xs, **options)
+    expected = a @ xs.cpu().to_dense().numpy()
+    got = sched.spgemm(xs).cpu().to_dense().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_serial_runs_every_tile_on_the_calling_thread(
+    store: TileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    sched = scheduler_for(store, "all-three", overlap=False)
+    x = dense_x(store.shape[1])
+    sched.spmm(x)  # materialise (reads the resident and pinned tiles)
+    threads: list[str] = []
+    original = store.read_bytes
+    monkeypatch.setattr(
+        store,
+        "read_bytes",
+        lambda i, out, **kw: threads.append(threading.current_thread().name)
+        or original(i, out, **kw),
+    )
+    np.testing.assert_allclose(sched.spmm(x).numpy(), hub_matrix() @ x.numpy(), rtol=1e-12)
+    assert len(threads) == len(sched.placement.disk) > 0
+    assert set(threads) == {threading.current_thread().name}
+
+
+def test_fresh_slots_are_allocated_per_tile_and_never_cached(
+    store: TileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = scheduler_for(store, "all-three", prealloc=False)
+    x = dense_x(store.shape[1])
+    sched.spmm(x)
+    fresh = [0]
+    original = sched._fresh_slot
+
+    def counting() -> torch.Tensor:
+        fresh[0] += 1
+        return original()
+
+    monkeypatch.setattr(sched, "_fresh_slot", counting)
+    np.testing.assert_allclose(sched.spmm(x).numpy(), hub_matrix() @ x.numpy(), rtol=1e-12)
+    p = sched.placement
+    assert fresh[0] == len(p.host) + len(p.disk)
+    assert sched._views == {}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tier", ["host", "host+disk", "all-three"])
+def test_first_and_last_host_tiles_run_in_row_parts(
+    store: TileStore, tier: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aires.scheduler.pipeline import SPLIT_PARTS
+    from aires.scheduler.transfer import HostPath
+
+    a = hub_matrix()
+    sched = scheduler_for(store, tier, device=device)
+    split: list[int] = []
+    original = HostPath.load_parts
+
+    def counting(
+        self: HostPath, slot: torch.Tensor, src: torch.Tensor, parts: list[Any], *args: Any
+    ) -> list[Any]:
+        split.append(len(parts))
+        return original(self, slot, src, parts, *args)
+
+    monkeypatch.setattr(HostPath, "load_parts", counting)
+    x = dense_x(a.shape[1], device=device)
+    for _ in range(2):
+        split.clear()
+        y = sched.spmm(x)
+        np.testing.assert_allclose(y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-12, atol=1e-12)
+        ends = {sched.placement.host[0], sched.placement.host[-1]}
+        splittable = [
+            t for t in ends if t not in sched._group_of and store.tiles[t].n_rows >= SPLIT_PARTS
+        ]
+        assert splittable
+        assert split == [SPLIT_PARTS] * len(splittable)
+        stats = sched.stats
+        assert stats.tiles_h2d == len(sched.placement.host)
+        assert stats.bytes_moved == sum(t.nbytes for t in store.tiles)
+    split.clear()
+    sched.spmm(x, out="host")  # write-back products are computed a tile at a time
+    assert split == []
+
+
+def test_option_types_are_checked(store: TileStore) -> None:
+    for name in ("dual", "prealloc", "overlap"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got 1"):
+            Scheduler(store, gpu_budget="1MiB", device="cpu", **{name: 1})
 
 
 def test_dual_way_sends_pinned_tiles_over_disk_when_it_is_sooner(store: TileStore) -> None:
@@ -384,25 +554,49 @@ def random_store(make_store: Callable[..., TileStore]) -> tuple[sp.csr_array, Ti
     return a, store
 
 
+def gpu_budgets(store: TileStore, resident: int, out: str | None = None) -> tuple[int, int]:
+    """``resident`` tiles on the GPU, half of the rest pinned, the other half on disk.
+
+    From the scheduler's own reserve and the store's real tile sizes, with bounce buffers only
+    when disk reads need them (POSIX): with KvikIO they land in device slots, and a host budget
+    that counted two bounce buffers it does not need pinned every remaining tile (no disk tile,
+    so the disk path was never used).
+    """
+    streamed = len(store) - resident
+    reserve = Scheduler(store, gpu_budget="1GiB", host_budget=0, device="cuda").spmm_reserve(
+        64, torch.float32, out=out
+    )
+    return tier_budgets(
+        store,
+        resident=resident,
+        host=streamed // 2,
+        reserve=reserve,
+        bounce=bounces(store, "cuda"),
+    )
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "options", [{}, {"prealloc": False}, {"overlap": False}], ids=["ring", "fresh", "serial"]
+)
 @pytest.mark.parametrize("out", [None, "host"])
 @pytest.mark.parametrize("resident_tiles", [0, 3])
 def test_gpu_budget_is_never_exceeded(
-    make_store: Callable[..., TileStore], out: str | None, resident_tiles: int
+    make_store: Callable[..., TileStore],
+    out: str | None,
+    resident_tiles: int,
+    options: dict[str, bool],
 ) -> None:
     a, store = random_store(make_store)
     x = torch.randn(20000, 64, device="cuda")
-    slot = max(t.nbytes for t in store.tiles)
-    total = sum(t.nbytes for t in store.tiles)
-    probe = Scheduler(store, gpu_budget="1GiB", host_budget=0, device="cuda")
-    # The working set (3 ring slots, 2 disk slots), the output reserve and a few tiles: the rest
-    # streams, half from pinned memory and half from disk.
-    budget = 5 * slot + probe.spmm_reserve(64, out=out) + resident_tiles * slot
+    budget, host = gpu_budgets(store, resident_tiles, out)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    sched = Scheduler(store, gpu_budget=budget, host_budget=total // 2 + 2 * slot, device="cuda")
+    sched = Scheduler(store, gpu_budget=budget, host_budget=host, device="cuda", **options)
+    assert len(sched.placement.resident) == resident_tiles
+    assert sched.placement.host and sched.placement.disk
     for _ in range(2):
         y = sched.spmm(x, out=out)
         torch.cuda.synchronize()
@@ -413,7 +607,7 @@ def test_gpu_budget_is_never_exceeded(
     assert peak <= budget, (peak, budget)
     assert stats.peak_gpu_bytes <= budget
     assert stats.tiles_h2d > 0 and stats.tiles_disk > 0
-    assert stats.tiles_resident == len(sched.placement.resident)
+    assert stats.tiles_resident == resident_tiles
     sched.close()
 
 
@@ -421,11 +615,8 @@ def test_gpu_budget_is_never_exceeded(
 def test_gpu_steady_state_allocates_nothing(make_store: Callable[..., TileStore]) -> None:
     _, store = random_store(make_store)
     x = torch.randn(20000, 64, device="cuda")
-    slot = max(t.nbytes for t in store.tiles)
-    total = sum(t.nbytes for t in store.tiles)
-    probe = Scheduler(store, gpu_budget="1GiB", host_budget=0, device="cuda")
-    budget = 5 * slot + probe.spmm_reserve(64) + 2 * slot
-    sched = Scheduler(store, gpu_budget=budget, host_budget=total // 2 + 2 * slot, device="cuda")
+    budget, host = gpu_budgets(store, resident=2)
+    sched = Scheduler(store, gpu_budget=budget, host_budget=host, device="cuda")
     segments = []
     for _ in range(3):
         y = sched.spmm(x)
