@@ -41,6 +41,8 @@ def test_smoke_runs_every_variant_and_writes_json(tmp_path: Path) -> None:
     assert saved["floors"]["disk_floor_ms"] > 0
     assert saved["versions"]["torch"] and "bench.spmm" in saved["command"]
     assert res["graph"]["reused"] is False
+    assert saved["spmm"]["host-fresh"]["options"] == {"prealloc": False}
+    assert saved["spmm"]["host-serial"]["options"] == {"overlap": False}
     again = main(
         [
             "--smoke",
@@ -58,6 +60,34 @@ def test_smoke_runs_every_variant_and_writes_json(tmp_path: Path) -> None:
         ]
     )
     assert again["graph"]["reused"] is True and "spgemm" not in again
+
+
+def test_tile_bytes_sweep_reruns_the_sweep_variants(tmp_path: Path) -> None:
+    res = main(
+        [
+            "--smoke",
+            "--device",
+            "cpu",
+            "--no-drop-caches",
+            "--densities",
+            "",
+            "--variants",
+            "incore,host",
+            "--tile-bytes",
+            "64KiB,32KiB",
+            "--sweep-variants",
+            "host,host-serial",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "spmm.json"),
+        ]
+    )
+    [(size, entry)] = res["tile_sweep"].items()
+    assert size == "32.0 KiB" and entry["graph"]["tile_bytes"] == 32 * 1024
+    assert entry["graph"]["tiles"] > res["graph"]["tiles"]
+    assert set(entry["spmm"]) == {"incore", "host", "host-serial"}
+    assert all(e.get("ok", True) for e in entry["spmm"].values())
 
 
 def test_rmat_is_symmetric_with_self_loops() -> None:
