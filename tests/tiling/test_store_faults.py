@@ -8,6 +8,7 @@ missing manifest or data file, a build killed by SIGKILL after its first write, 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,3 +296,20 @@ def test_overwrite_under_open_readers_is_never_silently_wrong(tmp_path: Path) ->
     with pytest.raises(TileCorruptError):
         idle.verify()
     assert_round_trip(TileStore.open(tmp_path / "s"), b)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+@pytest.mark.parametrize("what", ["store", "manifest", "data"])
+def test_unreadable_store_is_a_permission_error_naming_the_path(
+    store: TileStore, what: str
+) -> None:
+    target = {"store": store.path, "manifest": store.path / "manifest.json"}.get(
+        what, store.data_path
+    )
+    mode = target.stat().st_mode
+    target.chmod(0)
+    try:
+        with pytest.raises(PermissionError, match=re.escape(str(target))):
+            TileStore.open(store.path).read_bytes(0, np.empty(store.tile_bytes, np.uint8))
+    finally:
+        target.chmod(mode)
