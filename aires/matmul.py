@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from aires.checks import parse_size
-from aires.scheduler import RunStats, Scheduler
+from aires.scheduler import RunStats, Scheduler, spmm_reserve
 from aires.tiling import TileStore, build_store
 
 __all__ = ["matmul", "clear_cache"]
@@ -84,10 +84,13 @@ def matmul(
         ``Y`` of shape ``(A.shape[0], F)`` and ``X``'s dtype, or ``(Y, stats)``.
 
     Raises:
-        ValueError: shapes that do not chain (naming both), ``X`` on another device, a bad
-            ``out``, or a budget below the minimum working set (stated in the message).
-        TypeError: ``X`` is not a floating torch tensor; ``scheduler_options`` is not a dict
-            of known option names.
+        ValueError: shapes that do not chain (naming both), ``X`` without columns, ``X`` on
+            another device, ``device="cuda"`` with no CUDA device, a bad ``out``, a malformed
+            ``A`` (``build_store``'s message, naming ``A``), or a budget below the minimum
+            working set (stated in the message, and including this call's output: a budget of
+            exactly that minimum runs).
+        TypeError: ``X`` is not a floating torch tensor; ``A`` is not a matrix
+            ``build_store`` accepts; ``scheduler_options`` is not a dict of known option names.
         NotImplementedError: ``X`` is sparse and requires a gradient.
 
     Shapes:
@@ -97,11 +100,13 @@ def matmul(
         raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
     if X.dim() != 2:
         raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}")
+    if X.shape[1] == 0:
+        raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
     if not X.is_floating_point():
         raise TypeError(f"X must have a floating dtype, got {X.dtype}")
     if out is not None and out != "host":
         raise ValueError(f"out must be None or 'host', got {out!r}")
-    dev = X.device if device is None else torch.device(device)
+    dev = X.device if device is None else _check_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if X.device != dev:
@@ -118,7 +123,11 @@ def matmul(
     gpu = None if gpu_budget is None else parse_size(gpu_budget, "gpu_budget")
     host = None if host_budget is None else parse_size(host_budget, "host_budget", allow_zero=True)
     options = _check_options(scheduler_options)
-    scheduler = _scheduler(store, gpu, host, dev, options)
+    # The first call's output and workspace are reserved when its scheduler is created, so a
+    # budget error states the minimum this call needs, not the slots' alone.
+    f, dtype = int(X.shape[1]), X.dtype
+    reserve = 0 if sparse else spmm_reserve(store, f, dtype, device=dev, out=out)
+    scheduler = _scheduler(store, gpu, host, dev, options, reserve)
     if sparse:
         if X.requires_grad:
             raise NotImplementedError("the gradient with respect to a sparse X is not supported")
@@ -126,7 +135,8 @@ def matmul(
     else:
 
         def transposed() -> Scheduler:
-            return _scheduler(store.transpose(), gpu, host, dev, options)
+            t = store.transpose()
+            return _scheduler(t, gpu, host, dev, options, spmm_reserve(t, f, dtype, device=dev))
 
         y = _Product.apply(X, scheduler, transposed, out)
     if return_stats:
@@ -177,6 +187,17 @@ class _Product(torch.autograd.Function):
         return dx, None, None, None
 
 
+def _check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``; CUDA only when a CUDA device is visible."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: cannot use {device!r} ({error})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is visible")
+    return dev
+
+
 def _check_options(options: Any) -> tuple[tuple[str, Any], ...]:
     """``scheduler_options`` as a sorted, hashable tuple (values are checked by Scheduler)."""
     if options is None:
@@ -197,13 +218,21 @@ def _scheduler(
     host: int | None,
     device: torch.device,
     options: tuple[tuple[str, Any], ...] = (),
+    reserve: int = 0,
 ) -> Scheduler:
+    """The cached scheduler for these arguments; a new one reserves ``reserve`` device bytes
+    for its first call's output (a cached one re-places itself if a call needs more)."""
     key = (str(Path(store.path).resolve()), gpu, host, str(device), options)
     with _lock:
         scheduler = _schedulers.get(key)
         if scheduler is None:
             scheduler = Scheduler(
-                store, gpu_budget=gpu, host_budget=host, device=device, **dict(options)
+                store,
+                gpu_budget=gpu,
+                host_budget=host,
+                device=device,
+                reserve_bytes=reserve,
+                **dict(options),
             )
             _schedulers[key] = scheduler
             while len(_schedulers) > MAX_SCHEDULERS:
@@ -233,12 +262,22 @@ def _as_store(A: Any, value_dtype: torch.dtype) -> TileStore:
         tmp = tempfile.mkdtemp(prefix="aires-matmul-")
         try:
             store = build_store(A, Path(tmp) / "A", value_dtype=np.dtype(dtype), progress=False)
+        except (ValueError, TypeError) as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise type(error)(_naming_a(str(error))) from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         weakref.finalize(anchor, _forget, key, tmp)
         _stores[key] = (ref, store)
         return store
+
+
+def _naming_a(message: str) -> str:
+    """``build_store``'s message about its ``matrix`` argument, naming ``A`` instead."""
+    if message.startswith("matrix"):
+        return "A" + message.removeprefix("matrix")
+    return f"A: {message}"
 
 
 def _forget(key: tuple[int, str], tmp: str) -> None:

@@ -160,10 +160,6 @@ def gap(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-MATMUL_NAMES_A = gap(
-    "aires/matmul.py: a malformed A is reported by build_store as 'matrix: ...'; matmul should "
-    "name its own argument (re-raise build_store's ValueError/TypeError as 'A: ...')"
-)
 CLI_TRACEBACK = gap(
     "aires/cli.py: main() lets ValueError/OSError from the command escape as a traceback; it "
     "should print one 'aires <command>: error: ...' line and return non-zero (as 'aires data' does)"
@@ -206,13 +202,11 @@ CASES = [
                  r"matrix must be a scipy sparse matrix, .* got ndarray", id="csr-dense-array"),
     # ---- malformed CSR into matmul (argument: A)
     pytest.param(lambda c: matmul(csr([0, 1, 2], [0, 1], [1.0, np.nan], (2, 2)), torch.ones(2, 3)),
-                 ValueError, r"^A: .*value nan at position 1", id="matmul-A-nan",
-                 marks=MATMUL_NAMES_A),
+                 ValueError, r"^A: .*value nan at position 1", id="matmul-A-nan"),
     pytest.param(lambda c: matmul(csr([0, 1, 2], [0, 7], [1.0, 1.0], (2, 2)), torch.ones(2, 3)),
-                 ValueError, r"^A: .*column index 7 at position 1", id="matmul-A-index-range",
-                 marks=MATMUL_NAMES_A),
+                 ValueError, r"^A: .*column index 7 at position 1", id="matmul-A-index-range"),
     pytest.param(lambda c: matmul(np.eye(3), torch.ones(3, 3)), TypeError,
-                 r"^A must be .* got ndarray", id="matmul-A-dense", marks=MATMUL_NAMES_A),
+                 r"^A must be .* got ndarray", id="matmul-A-dense"),
     pytest.param(lambda c: matmul("adjacency", X), TypeError,
                  r"A must be a TileStore or a matrix build_store accepts, got str",
                  id="matmul-A-string"),
@@ -226,20 +220,12 @@ CASES = [
     pytest.param(lambda c: matmul(A, torch.ones(50)), ValueError,
                  r"X must be 2-D, got shape \(50,\)", id="matmul-X-1d"),
     pytest.param(lambda c: matmul(A, torch.ones(50, 0)), ValueError,
-                 r"X .*\(50, 0\)", id="matmul-X-zero-features",
-                 marks=gap("aires/matmul.py (or the scheduler's spmm_reserve): X with 0 columns "
-                           "fails with 'f must be positive, got 0', naming an internal name; "
-                           "check X.shape[1] > 0 in matmul and name X and its shape")),
+                 r"X .*\(50, 0\)", id="matmul-X-zero-features"),
     pytest.param(lambda c: matmul(A, X, out="gpu"), ValueError,
                  r"out must be None or 'host', got 'gpu'", id="matmul-out"),
     pytest.param(lambda c: matmul(A, X, device="cuda"), ValueError,
                  r"device.*cuda", id="matmul-device-without-cuda",
-                 marks=[pytest.mark.skipif(NO_CUDA, reason="needs a machine without CUDA"),
-                        gap("aires/matmul.py: device='cuda' on a machine without CUDA calls "
-                            "torch.cuda.current_device() and dies with AssertionError 'Torch not "
-                            "compiled with CUDA enabled'; let the scheduler's device check "
-                            "(ValueError \"device='cuda' but no CUDA device is visible\") run "
-                            "first, or check torch.cuda.is_available() before")]),
+                 marks=pytest.mark.skipif(NO_CUDA, reason="needs a machine without CUDA")),
     # ---- budgets
     pytest.param(lambda c: matmul(A, X, gpu_budget=-1), ValueError,
                  r"gpu_budget must be positive, got -1", id="budget-negative"),
@@ -459,14 +445,6 @@ def test_catalogue_is_large_and_ids_unique() -> None:
     assert len(ids) == len(set(ids)) >= 25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aires/matmul.py + aires/scheduler: matmul builds the Scheduler (placement with no "
-    "output reserve) before it knows the call, so the first error states a minimum (12288 B) "
-    "that excludes the output and workspace; at that budget the SpMM fails again with 12888 B. "
-    "Place with the call's reserve (Scheduler.spmm_reserve(F)) when the scheduler is created "
-    "for a call, so the minimum stated is the one that works",
-)
 def test_the_stated_minimum_budget_is_enough() -> None:
     """A budget below the minimum working set names the minimum, and that minimum works."""
     with pytest.raises(ValueError, match=r"minimum working set of (\d+) bytes") as caught:

@@ -220,8 +220,11 @@ def test_validation_messages(tmp_path: Path) -> None:
         matmul(m, torch.ones(60, dtype=torch.float64))
     with pytest.raises(ValueError, match="out must be None or 'host'"):
         matmul(m, dense(60), out="cuda")
-    with pytest.raises(ValueError, match="X is on cpu but device=cuda"):
+    elsewhere = "X is on cpu but device=cuda" if torch.cuda.is_available() else "no CUDA device"
+    with pytest.raises(ValueError, match=elsewhere):
         matmul(m, dense(60), device="cuda:0")
+    with pytest.raises(ValueError, match=r"X must have at least one column, got shape \(60, 0\)"):
+        matmul(m, torch.ones(60, 0))
     with pytest.raises(ValueError, match="below the minimum working set"):
         matmul(m, dense(60), gpu_budget=100)
     with pytest.raises(ValueError, match="gpu_budget"):

@@ -77,7 +77,7 @@ from aires.scheduler.transfer import (
     pinned_empty,
 )
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "spmm_reserve"]
 
 #: Device bytes kept for cuSPARSE's SpMM buffer and small temporaries (CUDA only: the CPU
 #: kernel needs no buffer).
@@ -190,14 +190,17 @@ class Scheduler:
         overlap: Overlap loads with computes. ``False`` (ablation) loads a tile, waits,
             computes it, waits, then moves to the next: no copy/compute overlap and no
             concurrency between the host and disk paths.
+        reserve_bytes: Device bytes to keep for the output and kernel workspace from the
+            start, e.g. :func:`spmm_reserve` for the first call, so that a budget that is too
+            small is refused here with the minimum that call really needs.
 
     Raises:
         ValueError: a budget is below the minimum working set (the message states it), or an
             argument is out of range.
         TypeError: ``store`` is not a tile store.
 
-    The output and workspace reserve is sized by the first call (an SpMM output of
-    ``rows x F``); a later call that needs more re-places the tiles once, moving phase-1 tiles
+    Without ``reserve_bytes`` the output and workspace reserve is sized by the first call (an
+    SpMM output of ``rows x F``); a later call that needs more re-places the tiles once, moving phase-1 tiles
     out to make room. The budget is never exceeded: a call that cannot fit raises
     ``ValueError`` before touching memory.
     """
@@ -214,6 +217,7 @@ class Scheduler:
         dual: bool = True,
         prealloc: bool = True,
         overlap: bool = True,
+        reserve_bytes: int = 0,
     ) -> None:
         for attr in ("tiles", "shape", "read_bytes", "tile_arrays", "io_mode"):
             if not hasattr(store, attr):
@@ -259,7 +263,10 @@ class Scheduler:
         self._groups, self._uncovered = _row_groups(self._tiles, self._n_rows)
         self._group_of = {t: g for g, (_, _, ts) in enumerate(self._groups) for t in ts}
         self._acc_rows = sum(stop - start for start, stop, _ in self._groups)
-        self.placement: Placement = self._place(0)
+        self._slot_bytes = max(self._nbytes, default=0)
+        self.placement: Placement = self._place(
+            parse_size(reserve_bytes, "reserve_bytes", allow_zero=True)
+        )
         self.dispatcher = Dispatcher(host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR)
         self._mem: _Memory | None = None
         self._host_path = HostPath(self.device)
@@ -399,16 +406,11 @@ class Scheduler:
         dtype differs from ``dtype``). The minimum device budget for such a call is
         ``(slots + disk workers) * slot_bytes`` plus this.
         """
-        f = check_positive_int(f, "f")
-        to_host = _check_out(out)
-        item = torch.empty((), dtype=dtype).element_size()
-        cast = self.store.value_dtype != _numpy_dtype(dtype)
-        workspace = (SPMM_WORKSPACE if self._cuda else 0) + (
-            self.placement.slot_bytes * item // 4 if cast else 0
+        return _spmm_reserve(
+            f, dtype, out, cuda=self._cuda, value_dtype=self.store.value_dtype,
+            slot_bytes=self._slot_bytes, n_rows=self._n_rows, max_rows=self._max_rows,
+            acc_rows=self._acc_rows,
         )
-        if to_host:
-            return (STAGES * self._max_rows + self._acc_rows) * f * item + workspace
-        return self._n_rows * f * item + workspace
 
     def spgemm_reserve(self, x: torch.Tensor, *, out: str | None = None) -> int:
         """Device bytes an :meth:`spgemm` with this ``X`` keeps beside the tiles.
@@ -997,6 +999,70 @@ class Scheduler:
             raise TypeError(f"X must have a floating dtype, got {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"X is on {x.device} but this scheduler runs on {self.device}")
+
+
+def spmm_reserve(
+    store: Any,
+    f: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: torch.device | str | None = None,
+    out: str | None = None,
+) -> int:
+    """:meth:`Scheduler.spmm_reserve` without a scheduler: from the store's tile table alone.
+
+    Places nothing and allocates nothing, so callers can size a budget, or pass the first
+    call's reserve to :class:`Scheduler` (``reserve_bytes``), before any scheduler exists.
+
+    Args:
+        store: The tile store.
+        f: Columns of ``X`` (positive).
+        dtype: ``X``'s dtype.
+        device: Where the product runs (``None``: CUDA when available, else CPU).
+        out: ``None`` or ``"host"``, as for :meth:`Scheduler.spmm`.
+
+    Returns:
+        Device bytes of the output (or write-back staging) and kernel workspace.
+
+    Raises:
+        ValueError: ``f`` is not positive, ``out`` or ``device`` is not valid.
+    """
+    tiles = list(store.tiles)
+    n_rows = int(store.shape[0])
+    groups, _ = _row_groups(tiles, n_rows)
+    return _spmm_reserve(
+        f,
+        dtype,
+        out,
+        cuda=_resolve_device(device).type == "cuda",
+        value_dtype=store.value_dtype,
+        slot_bytes=max((int(t.nbytes) for t in tiles), default=0),
+        n_rows=n_rows,
+        max_rows=max((t.row_stop - t.row_start for t in tiles), default=0),
+        acc_rows=sum(stop - start for start, stop, _ in groups),
+    )
+
+
+def _spmm_reserve(
+    f: int,
+    dtype: torch.dtype,
+    out: str | None,
+    *,
+    cuda: bool,
+    value_dtype: np.dtype,
+    slot_bytes: int,
+    n_rows: int,
+    max_rows: int,
+    acc_rows: int,
+) -> int:
+    f = check_positive_int(f, "f")
+    to_host = _check_out(out)
+    item = torch.empty((), dtype=dtype).element_size()
+    cast = value_dtype != _numpy_dtype(dtype)
+    workspace = (SPMM_WORKSPACE if cuda else 0) + (slot_bytes * item // 4 if cast else 0)
+    if to_host:
+        return (STAGES * max_rows + acc_rows) * f * item + workspace
+    return n_rows * f * item + workspace
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:
