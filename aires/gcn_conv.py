@@ -174,10 +174,13 @@ def _check_edge_index(
     edge_index: Tensor, edge_weight: Tensor | None, num_nodes: int | None
 ) -> int:
     """Validate an ``edge_index`` (and its weights); return the number of nodes."""
+    # bool passes is_floating_point() and would be read as node ids 0/1: a silently wrong graph.
     if (
         edge_index.dim() != 2
         or edge_index.size(0) != 2
+        or edge_index.dtype == torch.bool
         or edge_index.is_floating_point()
+        or edge_index.is_complex()
     ):
         raise ValueError(
             f"edge_index must be an integer tensor of shape [2, E], got {tuple(edge_index.shape)} "
@@ -192,11 +195,21 @@ def _check_edge_index(
             f"edge_index holds node ids outside [0, {num_nodes}): min {int(edge_index.min())}, "
             f"max {int(edge_index.max())}"
         )
-    if edge_weight is not None and edge_weight.shape != (edge_index.size(1),):
-        raise ValueError(
-            f"edge_weight must have shape [{edge_index.size(1)}] (one per edge), "
-            f"got {tuple(edge_weight.shape)}"
-        )
+    if edge_weight is not None:
+        if edge_weight.shape != (edge_index.size(1),):
+            raise ValueError(
+                f"edge_weight must have shape [{edge_index.size(1)}] (one per edge), "
+                f"got {tuple(edge_weight.shape)}"
+            )
+        # Checked here, not when the normalised matrix is tiled, whose message would name
+        # "matrix" and a position in the assembled matrix rather than the edge.
+        finite = torch.isfinite(edge_weight)
+        if not bool(finite.all()):
+            edge = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"edge_weight must be finite, got {edge_weight[edge].item()} for edge {edge} "
+                f"({int(edge_index[0, edge])} -> {int(edge_index[1, edge])})"
+            )
     return num_nodes
 
 
@@ -418,7 +431,10 @@ def _digest(adj: Any, edge_weight: Tensor | None, params: tuple) -> str:
     for tensor in _components(adj) + ([] if edge_weight is None else [edge_weight]):
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         digest.update(f"|{flat.dtype}:{flat.numel()}|".encode())
-        digest.update(flat.view(torch.uint8).numpy())
+        # An empty tensor from numpy can keep stride 0, which .view(uint8) refuses even after
+        # .contiguous(); it has no bytes to hash anyway.
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -586,8 +602,10 @@ def _shared_adjacency(
 # --------------------------------------------------------------------------- the layer
 
 
-def _optional_size(value: int | str | None, name: str) -> int | None:
-    return None if value is None else parse_size(value, name)
+def _optional_size(
+    value: int | str | None, name: str, *, allow_zero: bool = False
+) -> int | None:
+    return None if value is None else parse_size(value, name, allow_zero=allow_zero)
 
 
 class AiresGCNConv(nn.Module):
@@ -625,7 +643,8 @@ class AiresGCNConv(nn.Module):
         order: ``"auto"`` (cost model), ``"aggregate_first"`` or ``"transform_first"``.
         gpu_budget: GPU bytes for the product's tiles and buffers (``"8GiB"``), or None for
             :func:`aires.matmul.matmul`'s default.
-        host_budget: pinned host bytes for tiles, or None for the default.
+        host_budget: pinned host bytes for tiles (0: every tile beyond the GPU budget is read
+            from NVMe), or None for the default.
         tile_bytes: capacity of one tile (``"64MiB"``), or None for
             :func:`aires.tiling.build_store`'s default.
         store_dir: directory that keeps the tile stores (one ``gcn-<content hash>`` store per
@@ -684,7 +703,8 @@ class AiresGCNConv(nn.Module):
         self.flow = flow
         self.order = order
         self.gpu_budget = _optional_size(gpu_budget, "gpu_budget")
-        self.host_budget = _optional_size(host_budget, "host_budget")
+        # 0 is valid, as for matmul and the scheduler: no pinned tiles, every tile read from NVMe.
+        self.host_budget = _optional_size(host_budget, "host_budget", allow_zero=True)
         self.tile_bytes = _optional_size(tile_bytes, "tile_bytes")
         self.store_dir = None if store_dir is None else Path(store_dir)
         self._cache: dict[str, TileStore] = {}
