@@ -220,7 +220,8 @@ def train(
         gpu_budget: device bytes each tiled product may allocate (``"2GiB"``: its output,
             slots and resident tiles); None: :func:`aires.matmul.matmul`'s default (the free
             device memory less a margin).
-        host_budget: pinned host bytes for tiles; None: the default (half the RAM).
+        host_budget: pinned host bytes for tiles (0: every tile beyond the GPU budget is read
+            from NVMe); None: the default (half the RAM).
         tile_bytes: tile capacity; None: the tiler's default.
         store_dir: where tile stores are kept (reused across runs); None: temporary.
         normalize_features: row-normalise the features first (:func:`row_normalize`), as
@@ -233,12 +234,10 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: an unlabelled or featureless graph, or bad hyper-parameters.
+        ValueError: a graph without nodes, features, labels or training nodes, or bad
+            hyper-parameters.
     """
-    if graph.x is None or graph.y is None:
-        raise ValueError(
-            f"graph {graph.name!r} needs features and labels to be trained on"
-        )
+    _check_trainable(graph)
     epochs = check_positive_int(epochs, "epochs")
     hidden = check_positive_int(hidden, "hidden")
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
@@ -246,13 +245,11 @@ def train(
             isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
         ):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    for name, budget in (
-        ("gpu_budget", gpu_budget),
-        ("host_budget", host_budget),
-        ("tile_bytes", tile_bytes),
-    ):
+    for name, budget in (("gpu_budget", gpu_budget), ("tile_bytes", tile_bytes)):
         if budget is not None:
             parse_size(budget, name)
+    if host_budget is not None:
+        parse_size(host_budget, "host_budget", allow_zero=True)
     device = torch.device(
         device
         if device is not None
@@ -329,6 +326,24 @@ def train(
         setup_seconds=history[0].seconds,
         device=str(device),
     )
+
+
+def _check_trainable(graph: Graph) -> None:
+    """Refuse, naming the graph, what would crash deep in a layer or train on nothing.
+
+    Without nodes the layers have nothing to tile; without features ``in_channels`` would be 0;
+    an empty ``train_idx`` gives a loss of nan and accuracies of nan, silently.
+    """
+    if graph.num_nodes == 0:
+        raise ValueError(f"graph {graph.name!r} has no nodes")
+    if graph.x is None or graph.y is None:
+        raise ValueError(
+            f"graph {graph.name!r} needs features and labels to be trained on"
+        )
+    if graph.num_features == 0:
+        raise ValueError(f"graph {graph.name!r} has 0 features")
+    if graph.train_idx.numel() == 0:
+        raise ValueError(f"train_idx of graph {graph.name!r} is empty")
 
 
 @torch.no_grad()

@@ -115,6 +115,22 @@ def test_train_result_and_history(tiny: Graph) -> None:
     assert not result.model.training
 
 
+def test_zero_host_budget_streams_every_tile_from_disk(tiny: Graph) -> None:
+    """host_budget=0 (as matmul accepts it) gives the same training as pinned host tiles."""
+    runs = [
+        train(
+            tiny,
+            epochs=3,
+            hidden=8,
+            device="cpu",
+            progress=False,
+            **{**out_of_core(tiny.num_nodes, 16), "host_budget": host},
+        )
+        for host in (0, 4 * TILE)
+    ]
+    assert [log.loss for log in runs[0].history] == [log.loss for log in runs[1].history]
+
+
 def test_training_is_reproducible(tiny: Graph) -> None:
     runs = [
         train(tiny, epochs=3, device="cpu", progress=False, seed=1) for _ in range(2)
@@ -211,6 +227,7 @@ def test_adjacency_t_of_a_directed_graph_is_the_transpose() -> None:
         ({"lr": -1.0}, "lr"),
         ({"hidden": 0}, "hidden"),
         ({"gpu_budget": "lots"}, "gpu_budget"),
+        ({"host_budget": -1}, "host_budget"),
         ({"dropout": 1.0}, "dropout"),
         ({"layers": 0}, "layers"),
     ],
