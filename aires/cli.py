@@ -25,12 +25,16 @@ from aires.checks import check_positive_int, parse_size
 __all__ = ["build_parser", "main"]
 
 
-def _size(name: str) -> Any:
+# What a command raises for bad input or a bad path: reported in one line, not a traceback.
+_ERRORS = (ValueError, TypeError, OSError, NotImplementedError)
+
+
+def _size(name: str, *, allow_zero: bool = False) -> Any:
     """argparse ``type`` for a byte size ("512MiB"), reporting the option's name on error."""
 
     def parse(text: str) -> int:
         try:
-            return parse_size(text, name)
+            return parse_size(text, name, allow_zero=allow_zero)
         except (TypeError, ValueError) as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -95,9 +99,9 @@ def _add_train(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--host-budget",
-        type=_size("--host-budget"),
+        type=_size("--host-budget", allow_zero=True),
         default=None,
-        help="pinned host bytes for tiles, e.g. 8GiB",
+        help="pinned host bytes for tiles, e.g. 8GiB (0: stream every tile from NVMe)",
     )
     parser.add_argument(
         "--tile-bytes",
@@ -330,9 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``aires`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    """Run ``aires`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Bad arguments exit with status 2 (argparse's usage error). So do errors the command raises
+    for bad input or an unusable path (a missing dataset, an occupied ``--out``, a budget below
+    the minimum working set): one line ``aires <command>: error: <message>`` on stderr.
+    """
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _ERRORS as error:
+        print(f"aires {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
