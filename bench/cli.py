@@ -137,7 +137,7 @@ def _methods(spec: str) -> list[str]:
     if not names:
         raise ValueError(f"--methods: no method named in {spec!r}")
     for name in names:
-        check_method(name)
+        check_method(name, "--methods")
     return list(dict.fromkeys(names))
 
 

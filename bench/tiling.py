@@ -113,7 +113,7 @@ def make_matrix(directory: Path, nnz: int, rows: int, seed: int = 0) -> tuple[np
     meta_path, params = directory / "matrix.json", {"nnz": nnz, "rows": rows, "seed": seed}
     names = ("indptr", "indices", "data")
     if meta_path.is_file() and json.loads(meta_path.read_text()) == params:
-        return tuple(np.load(directory / f"{n}.npy", mmap_mode="r") for n in names)
+        return tuple(np.load(directory / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names)
     meta_path.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     weights = rng.pareto(1.5, rows) + 1.0

@@ -33,8 +33,13 @@ METHODS: dict[str, str] = {
 ABLATIONS: tuple[str, ...] = ("no-align", "no-prealloc", "sync", "host-only", "disk-only")
 
 
-def check_method(name: str) -> str:
+def check_method(name: str, argument: str = "method") -> str:
     """The module path of method ``name`` (an ablation ``aires-<variant>`` is AIRES's).
+
+    Args:
+        name: a method name.
+        argument: what the caller calls it (``"--methods"`` on the command line), named in the
+            error.
 
     Raises:
         ValueError: ``name`` is not a known method.
@@ -44,7 +49,7 @@ def check_method(name: str) -> str:
     if name.startswith("aires-") and name.removeprefix("aires-") in ABLATIONS:
         return METHODS["aires"]
     known = list(METHODS) + [f"aires-{a}" for a in ABLATIONS]
-    raise ValueError(f"method: unknown method {name!r}; known: {', '.join(known)}")
+    raise ValueError(f"{argument}: unknown method {name!r}; known: {', '.join(known)}")
 
 
 def method_module(name: str) -> ModuleType:

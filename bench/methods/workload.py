@@ -228,7 +228,7 @@ def load_workload(path: str | Path) -> Workload:
     meta = json.loads(meta_file.read_text())
 
     def load(name: str) -> np.ndarray:
-        return np.load(path / f"{name}.npy", mmap_mode="r")
+        return np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
 
     return Workload(
         path=path,
