@@ -125,6 +125,15 @@ class _Queues:
         with self.lock:
             self.host_bytes -= self.nbytes[tile]
 
+    def could_steal(self) -> bool:
+        """Whether the disk path would take the host queue's last tile now."""
+        with self.lock:
+            return (
+                self.dual
+                and bool(self.host)
+                and self.dispatcher.steal(self.nbytes[self.host[-1]], self.host_bytes)
+            )
+
     def take_disk(self) -> int | None:
         with self.lock:
             if self.stop:
@@ -267,6 +276,7 @@ class Scheduler:
         self.placement: Placement = self._place(
             parse_size(reserve_bytes, "reserve_bytes", allow_zero=True)
         )
+        # The host rate is primed by a timed copy once tiles are pinned (_materialise).
         self.dispatcher = Dispatcher(host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR)
         self._mem: _Memory | None = None
         self._host_path = HostPath(self.device)
@@ -602,39 +612,32 @@ class Scheduler:
             keep.append(slab)
         resident: dict[int, torch.Tensor] = {}
         host: dict[int, torch.Tensor] = {}
-        t0 = time.perf_counter()
-        loaded = 0
         if p.resident:
             block = torch.empty(p.resident_bytes, dtype=torch.uint8, device=dev)
             keep.append(block)
             for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes), strict=True):
                 self.store.read_bytes(tile, view)
                 resident[tile] = view
-                loaded += view.numel()
         if p.host:
             block = pinned_empty(p.host_bytes, dev)
             keep.append(block)
             for tile, view in zip(p.host, _split(block, p.host, self._nbytes), strict=True):
                 self.store.read_bytes(tile, view)
                 host[tile] = view
-                loaded += view.numel()
-        load_rate = loaded / max(time.perf_counter() - t0, 1e-9) if loaded else DISK_PRIOR
         bounce = None
         if p.n_disk and not p.direct_disk:
             block = pinned_empty(p.n_disk * p.slot_bytes, dev)
             keep.append(block)
             bounce = [block[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(p.n_disk)]
         self._mem = _Memory(views[: p.n_slots], views[p.n_slots :], resident, host, keep)
-        # Priors: one timed host -> device slot copy; for the disk, the load just done but no
-        # faster than a cold read until the first call measures it.
+        # The host path's prior: one timed host -> device slot copy. The disk keeps its
+        # conservative prior (the loads above mostly hit the page cache, which says nothing
+        # about a cold read) until a streamed read measures it; measured rates are kept.
         source = next(iter(host.values()), None)
-        if source is not None:
+        if source is not None and "host" not in self.dispatcher.measured:
             probe = views[0] if views[0] is not None else self._fresh_slot()
-            self.dispatcher.rates["host"] = copy_rate(probe[: source.numel()], source)
+            self.dispatcher.prime("host", copy_rate(probe[: source.numel()], source))
             del probe
-        else:
-            self.dispatcher.rates["host"] = 1e10
-        self.dispatcher.rates["disk"] = min(load_rate, DISK_PRIOR)
         self._ring_free = [None] * p.n_slots
         self._disk_free = [None] * p.n_disk
         self._ring_next = 0
@@ -756,7 +759,10 @@ class Scheduler:
         queues = _Queues(deque(p.host), deque(p.disk), self._nbytes, self.dispatcher, self._dual)
         rec.start = rec.mark(stream)
         futures: list[Future[None]] = []
-        if self._pool is not None and (queues.disk or (self._dual and queues.host)):
+        # Disk workers only when they have tiles or could steal one now (the host queue only
+        # shrinks, so a path that would lose its first candidate loses every later one): an
+        # idle dual path then costs nothing.
+        if self._pool is not None and (queues.disk or queues.could_steal()):
             futures = [
                 self._pool.submit(self._disk_worker, k, queues, compute, rec, stream)
                 for k in range(p.n_disk)

@@ -31,17 +31,22 @@ from aires.scheduler.stats import Recorder
 
 __all__ = ["Dispatcher", "HostPath", "DiskPath", "WriteBack", "pinned_empty", "copy_rate"]
 
-#: Prior for the disk path before it has been measured: a cold single-thread read on the
-#: benchmark machine (DESIGN.md, "Physical limits"). Optimism here would send tiles to a slow
-#: disk on the first call; the first reads correct it.
-DISK_PRIOR = 2e9
+#: Prior for a disk path not yet measured: below the cold single-thread reads measured on the
+#: benchmark machine (1.2 to 2.0 GB/s; DESIGN.md, "Physical limits"), so an unmeasured disk
+#: takes a pinned tile only when even a cold read of it would beat the host path. Optimism
+#: here cost a whole cold read (~13 ms for a 16 MiB tile) on a host queue due in 10 ms.
+DISK_PRIOR = 1e9
 
 
 class Dispatcher:
     """Chooses the path for each tile both paths can deliver, from measured throughput.
 
     Rates are bytes per second, one exponential moving average per path (``"host"``,
-    ``"disk"``); ``update`` folds in a new measurement with weight ``smoothing``.
+    ``"disk"``); ``update`` folds in a new measurement with weight ``smoothing`` and marks the
+    path ``measured``. Until then a path's rate is its prior, which for the disk must be
+    conservative (:data:`DISK_PRIOR`): a steal on an optimistic guess costs a whole slow read
+    on the critical path. A scheduler keeps its dispatcher, so rates measured in one call
+    carry to the next.
 
     The rule (:meth:`steal`): the host path works through its queue front to back; the disk
     path, whenever a worker is free and has no disk-only tile left, considers the host
@@ -65,6 +70,7 @@ class Dispatcher:
             if not rate > 0:
                 raise ValueError(f"{name} must be positive bytes/s, got {rate!r}")
         self.rates = {"host": float(host_rate), "disk": float(disk_rate)}
+        self.measured: set[str] = set()
         self.smoothing = smoothing
         self._lock = threading.Lock()
 
@@ -75,6 +81,13 @@ class Dispatcher:
         with self._lock:
             old = self.rates[path]
             self.rates[path] = (1 - self.smoothing) * old + self.smoothing * (nbytes / seconds)
+            self.measured.add(path)
+
+    def prime(self, path: str, rate: float) -> None:
+        """Set ``path``'s prior to ``rate`` unless the path has been measured already."""
+        with self._lock:
+            if path not in self.measured and rate > 0:
+                self.rates[path] = float(rate)
 
     def eta(self, path: str, nbytes: int) -> float:
         """Seconds ``path`` needs for ``nbytes`` at its current rate."""
@@ -82,6 +95,10 @@ class Dispatcher:
 
     def steal(self, nbytes: int, host_remaining: int) -> bool:
         """Whether the disk path delivers an ``nbytes`` tile before the host path reaches it.
+
+        Taking it shortens the call exactly when this holds: the host path would finish its
+        queue at ``host_remaining / rate["host"]``, the disk path this tile at
+        ``nbytes / rate["disk"]`` (a free worker starts it now).
 
         Args:
             nbytes: The candidate tile (the host queue's last).

@@ -368,6 +368,33 @@ def test_dual_way_sends_pinned_tiles_over_disk_when_it_is_sooner(store: TileStor
     assert sched.stats.tiles_stolen == 0 and sched.stats.tiles_h2d == len(store)
 
 
+def test_an_idle_dual_path_starts_no_disk_worker_and_rates_persist(
+    store: TileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the disk path cannot win the host queue's last tile, no worker runs (an open but
+    idle dual path costs nothing); measured rates survive new memory."""
+    a = hub_matrix()
+    x = dense_x(a.shape[1])
+    reserve = reserve_of(store, F)
+    gpu, host = tier_budgets(store, resident=0, host=len(store), reserve=reserve)
+    slot = max(t.nbytes for t in store.tiles)
+    sched = Scheduler(
+        store, gpu_budget=gpu + 2 * slot, host_budget=host, device="cpu", reserve_bytes=reserve
+    )
+    assert sched.placement.n_disk > 0 and not sched.placement.disk
+    sched.dispatcher.smoothing = 1.0
+    sched.dispatcher.update("disk", 1, 1.0)  # measured: 1 byte/s, slower than any host copy
+    workers = []
+    monkeypatch.setattr(sched, "_disk_worker", lambda *args: workers.append(args))
+    y = sched.spmm(x)
+    np.testing.assert_allclose(y.numpy(), a @ x.numpy(), rtol=1e-12, atol=1e-12)
+    assert workers == [] and sched.stats.tiles_h2d == len(store)
+    disk_rate = sched.dispatcher.rates["disk"]
+    sched.close()
+    sched.spmm(x)  # memory made again, the host rate primed again: the disk's is kept
+    assert sched.dispatcher.rates["disk"] == disk_rate and workers == []
+
+
 def test_both_paths_carry_tiles_when_both_hold_some(store: TileStore) -> None:
     sched = scheduler_for(store, "host+disk")
     sched.spmm(dense_x(store.shape[1]))

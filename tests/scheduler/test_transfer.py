@@ -20,6 +20,25 @@ def test_steal_when_disk_delivers_before_host_reaches_the_tile() -> None:
     assert not d.steal(10, host_remaining=20)
 
 
+def test_an_unmeasured_disk_path_steals_only_what_a_cold_read_would_win() -> None:
+    """The H100 case: 33 pinned 16 MiB tiles (10 ms of host DMA at 54.7 GB/s) and a cold disk
+    at 1.2 GB/s (14 ms a tile). Unmeasured, the disk is assumed cold and steals nothing; once
+    a read measures a fast disk (page cache), it steals; the measured rate is kept over a
+    later prior."""
+    tile = 16 << 20
+    d = Dispatcher(host_rate=54.7e9)
+    assert d.measured == set()
+    assert not d.steal(tile, host_remaining=33 * tile)
+    # A queue long enough that even a cold read of its last tile wins.
+    assert d.steal(tile, host_remaining=1000 * tile)
+    d.update("disk", tile, tile / 8e9)
+    assert d.measured == {"disk"}
+    assert d.steal(tile, host_remaining=33 * tile)
+    d.prime("disk", 1.0)  # a prior never overrides a measurement
+    d.prime("host", 1e9)  # but sets an unmeasured path's rate
+    assert d.rates["disk"] > 1e9 and d.rates["host"] == 1e9
+
+
 def simulate(d: Dispatcher, n_tiles: int) -> tuple[int, int]:
     """Run the rule in time as the pipeline does, for ``n_tiles`` one-byte tiles in pinned
     memory: the host path drains its queue from the front at its rate while one disk worker,
