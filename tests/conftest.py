@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+
+import aires.gcn_conv as gcn_conv_module
 
 PLANETOID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "planetoid"
 
@@ -30,3 +34,27 @@ def planetoid_dir() -> Path:
     if not PLANETOID.is_dir():
         pytest.skip(f"real Planetoid data not found at {PLANETOID}")
     return PLANETOID
+
+
+@pytest.fixture(autouse=True)
+def fresh_layer_cache() -> Iterator[None]:
+    """Each test starts with the layer module's shared store cache empty, and leaves it so."""
+    gcn_conv_module._STORES.clear()
+    gcn_conv_module._DIGESTS.clear()
+    yield
+    gcn_conv_module._STORES.clear()
+    gcn_conv_module._DIGESTS.clear()
+
+
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every store built by the layer module, in order."""
+    built: list[Any] = []
+    original = gcn_conv_module.build_store
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(gcn_conv_module, "build_store", counting)
+    return built

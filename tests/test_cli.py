@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import aires.gcn_conv as gcn_conv_module
 from aires.cli import build_parser, main
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    gcn_conv_module._STORES.clear()
-    gcn_conv_module._DIGESTS.clear()
-    yield
-    gcn_conv_module._STORES.clear()
-    gcn_conv_module._DIGESTS.clear()
 
 
 @pytest.fixture

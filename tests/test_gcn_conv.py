@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -53,30 +53,6 @@ OUT_OF_CORE = out_of_core()
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach(), expected.detach()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    gcn_conv_module._STORES.clear()
-    gcn_conv_module._DIGESTS.clear()
-    yield
-    gcn_conv_module._STORES.clear()
-    gcn_conv_module._DIGESTS.clear()
-
-
-@pytest.fixture
-def builds(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every store built by the layer module, in order."""
-    built: list[Any] = []
-    original = gcn_conv_module.build_store
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        store = original(*args, **kwargs)
-        built.append(store)
-        return store
-
-    monkeypatch.setattr(gcn_conv_module, "build_store", counting)
-    return built
 
 
 def undirected_graph(

@@ -3,7 +3,6 @@ accuracy with every product out of core."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,34 +11,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import aires.gcn_conv as gcn_conv_module
 from aires.data import Graph, load_planetoid, synthetic
 from aires.scheduler.pipeline import SPMM_WORKSPACE
 from aires.train import GCN, TrainResult, adjacency_t, row_normalize, train
 
 TILE = 4096
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    gcn_conv_module._STORES.clear()
-    gcn_conv_module._DIGESTS.clear()
-    yield
-    gcn_conv_module._STORES.clear()
-    gcn_conv_module._DIGESTS.clear()
-
-
-@pytest.fixture
-def builds(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    built: list[Any] = []
-    original = gcn_conv_module.build_store
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(gcn_conv_module, "build_store", counting)
-    return built
 
 
 @pytest.fixture(scope="module")
