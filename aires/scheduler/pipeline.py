@@ -417,8 +417,14 @@ class Scheduler:
         ``(slots + disk workers) * slot_bytes`` plus this.
         """
         return _spmm_reserve(
-            f, dtype, out, cuda=self._cuda, value_dtype=self.store.value_dtype,
-            slot_bytes=self._slot_bytes, n_rows=self._n_rows, max_rows=self._max_rows,
+            f,
+            dtype,
+            out,
+            cuda=self._cuda,
+            value_dtype=self.store.value_dtype,
+            slot_bytes=self._slot_bytes,
+            n_rows=self._n_rows,
+            max_rows=self._max_rows,
             acc_rows=self._acc_rows,
         )
 

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from aires.scheduler import Scheduler
+from aires.scheduler import Scheduler, spmm_reserve
 from aires.tiling import TileStore
 
 TILE_BYTES = 2048
@@ -61,9 +61,8 @@ def bounces(store: TileStore, device: str) -> bool:
 
 
 def reserve_of(store: TileStore, f: int, out: str | None = None, device: str = "cpu") -> int:
-    """The device reserve an ``spmm`` with ``f`` float64 columns needs."""
-    probe = Scheduler(store, gpu_budget="1GiB", host_budget="1GiB", device=device)
-    return probe.spmm_reserve(f, torch.float64, out=out)
+    """The device reserve an ``spmm`` with ``f`` float64 columns needs (no scheduler made)."""
+    return spmm_reserve(store, f, torch.float64, device=device, out=out)
 
 
 def spgemm_budgets(

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from aires.scheduler import RunStats, Scheduler
+from aires.scheduler import RunStats, Scheduler, spmm_reserve
 from aires.tiling import TileStore
 
 from .stores import bounces, hub_matrix, reserve_of, spgemm_budgets, tier_budgets
@@ -590,9 +590,7 @@ def gpu_budgets(store: TileStore, resident: int, out: str | None = None) -> tupl
     so the disk path was never used).
     """
     streamed = len(store) - resident
-    reserve = Scheduler(store, gpu_budget="1GiB", host_budget=0, device="cuda").spmm_reserve(
-        64, torch.float32, out=out
-    )
+    reserve = spmm_reserve(store, 64, torch.float32, device="cuda", out=out)
     return tier_budgets(
         store,
         resident=resident,
