@@ -36,6 +36,9 @@ def _cap_process(config: MethodConfig, device: torch.device) -> None:
     if config.gpu_budget is not None and config.budget_scope == "process":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, config.gpu_budget / total)
+    # The cap is checked only when the allocator reserves a new segment: blocks cached by an
+    # earlier run in this process would otherwise serve the method past its budget.
+    torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
