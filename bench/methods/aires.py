@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.methods.chunks import csr_tensor
 from bench.methods.config import MethodConfig
@@ -52,6 +51,7 @@ from bench.methods.training import (
     initial_parameters,
     layer_dims,
     peak_of_one_pass,
+    stacked_forward,
     train,
 )
 from bench.methods.workload import Workload
@@ -206,18 +206,7 @@ def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) ->
                      tile_bytes=config.tile_bytes, store_dir=config.store_dir)
         for i, o in zip(dims[:-1], dims[1:])
     ).to(device)
-    with torch.no_grad():
-        for conv, (weight, bias) in zip(convs, initial_parameters(dims, config.seed)):
-            conv.lin.weight.copy_(weight.T)
-            conv.bias.copy_(bias)
-
-    def forward() -> torch.Tensor:
-        h = x
-        for i, conv in enumerate(convs):
-            h = conv(h, adj_t)
-            if i < len(convs) - 1:
-                h = F.relu(h)
-        return h
+    forward = stacked_forward(convs, dims, config.seed, x, adj_t)
 
     def set_budget(budget: int | None) -> None:
         clear_cache()  # closes the schedulers of the previous budget, freeing their memory

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.methods.chunks import csr_tensor
 from bench.methods.config import MethodConfig
 from bench.methods.result import MethodResult, OverBudgetError
-from bench.methods.training import initial_parameters, layer_dims, train
+from bench.methods.training import layer_dims, stacked_forward, train
 from bench.methods.workload import Workload
 
 __all__ = ["run"]
@@ -61,18 +60,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     convs = torch.nn.ModuleList(
         GCNConv(i, o, normalize=False) for i, o in zip(dims[:-1], dims[1:])
     ).to(device)
-    with torch.no_grad():
-        for conv, (weight, bias) in zip(convs, initial_parameters(dims, config.seed)):
-            conv.lin.weight.copy_(weight.T)
-            conv.bias.copy_(bias)
-
-    def forward() -> torch.Tensor:
-        h = x
-        for i, conv in enumerate(convs):
-            h = conv(h, adj_t)
-            if i < len(convs) - 1:
-                h = F.relu(h)
-        return h
+    forward = stacked_forward(convs, dims, config.seed, x, adj_t)
 
     log = train(forward, list(convs.parameters()), workload, config, device)
     return log.result(device)

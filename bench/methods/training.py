@@ -21,6 +21,7 @@ __all__ = [
     "labels",
     "layer_dims",
     "peak_of_one_pass",
+    "stacked_forward",
     "train",
 ]
 
@@ -83,6 +84,28 @@ def initial_parameters(dims: list[int], seed: int) -> list[tuple[torch.Tensor, t
         weight = (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * bound
         params.append((weight, torch.zeros(fan_out)))
     return params
+
+
+def stacked_forward(
+    convs: torch.nn.ModuleList, dims: list[int], seed: int, x: torch.Tensor, adj_t: object
+) -> Callable[[], torch.Tensor]:
+    """Load :func:`initial_parameters` into GCNConv-like layers (``lin.weight``, ``bias``) and
+    return the forward of the stack (ReLU between layers): the model of ``incore`` and
+    ``aires``, which differ only in the layer class."""
+    with torch.no_grad():
+        for conv, (weight, bias) in zip(convs, initial_parameters(dims, seed)):
+            conv.lin.weight.copy_(weight.T)
+            conv.bias.copy_(bias)
+
+    def forward() -> torch.Tensor:
+        h = x
+        for i, conv in enumerate(convs):
+            h = conv(h, adj_t)
+            if i < len(convs) - 1:
+                h = F.relu(h)
+        return h
+
+    return forward
 
 
 def labels(workload: Workload, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
