@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import itertools
 import json
 import math
@@ -51,11 +50,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-import aires
 from aires.checks import parse_size
 from aires.scheduler import Scheduler, spmm_reserve
 from aires.scheduler.placement import format_bytes
 from aires.tiling import TileStore, build_store
+from bench.provenance import versions
 
 __all__ = ["VARIANTS", "rmat_adjacency", "run", "main"]
 
@@ -330,23 +329,6 @@ def cold_read_bandwidth(store: TileStore, device: torch.device, *, system: bool)
         "cold": cold,
         "into": "device (KvikIO)" if direct else "host",
     }
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "numpy": np.__version__,
-        "scipy": importlib.metadata.version("scipy"),
-        "aires": aires.__version__,
-    }
-    for pkg in ("cupy", "kvikio"):
-        try:
-            out[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - absent or unusable here: recorded as None
-            out[pkg] = None
-    return out
 
 
 # ---------------------------------------------------------------------------- variants

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ import torch
 from aires.checks import check_positive_int, parse_size
 from aires.tiling import TileStore, build_store
 from aires.tiling.reader import KvikioReader, PosixReader, io_mode
+from bench.provenance import versions
 
 __all__ = [
     "READ_VARIANTS",
@@ -448,23 +448,6 @@ def device() -> dict[str, Any]:
             name=props.name, gpu=props.name, gpu_bytes=props.total_memory, cuda=torch.version.cuda
         )
     return facts
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of Python and the packages on the measured paths."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("aires", "numpy", "scipy", "torch", "kvikio", "kvikio-cu13", "kvikio-cu12"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    try:
-        import kvikio
-
-        found["kvikio"] = kvikio.__version__
-    except ImportError:
-        pass
-    return found
 
 
 def filesystem(path: Path) -> str | None:

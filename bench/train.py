@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import aires
 from aires.checks import parse_size
+from bench.provenance import versions
 
 __all__ = ["VARIANTS", "main", "parse_args", "run_variant"]
 
@@ -425,21 +425,6 @@ def _run_isolated(
         return {"status": status, "returncode": done.returncode, "stderr_tail": tail}
 
 
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
-    for module in ("torch_geometric", "numpy", "scipy", "kvikio", "cupy"):
-        try:
-            versions[module] = getattr(__import__(module), "__version__", "unknown")
-        except ImportError:
-            versions[module] = None
-    versions["aires"] = aires.__version__
-    return versions
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -482,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, "-m", "bench.train", *argv],
         "device": {"kind": device.type, "name": _device_name(device)},
-        "versions": _versions(),
+        "versions": versions(),
         "graph": {
             "name": graph.name,
             "nodes": graph.num_nodes,
