@@ -125,36 +125,17 @@ def load_ogb(
         },
         "ogb": info,
     }
+    def write(path: str | os.PathLike[str], replace: bool) -> None:
+        _write(path, replace, dataset_name, graph, labels, split, int(meta["num classes"]),
+               undirected, provenance, chunk_size, progress)
+
     if out is not None:
-        _write(
-            out,
-            overwrite,
-            dataset_name,
-            graph,
-            labels,
-            split,
-            int(meta["num classes"]),
-            undirected,
-            provenance,
-            chunk_size,
-            progress,
-        )
+        write(out, overwrite)
         return open_graph(out)
+    # No destination: build the on-disk graph in a scratch directory and load it into memory.
     with tempfile.TemporaryDirectory(prefix="aires-ogb-") as tmp:
         path = Path(tmp) / "graph"
-        _write(
-            path,
-            False,
-            dataset_name,
-            graph,
-            labels,
-            split,
-            int(meta["num classes"]),
-            undirected,
-            provenance,
-            chunk_size,
-            progress,
-        )
+        write(path, False)
         loaded = open_graph(path, mmap=False)
     loaded.provenance.pop("path", None)
     return loaded
