@@ -396,20 +396,28 @@ build_store(a, sys.argv[1], tile_bytes=4096, progress=False)
 """
 
 
-def test_killed_build_leaves_no_store(tmp_path: Path) -> None:
-    target, marker = tmp_path / "s", tmp_path / "written"
+def kill_build_at_marker(script: str, target: Path, marker: Path, moment: str) -> None:
+    """Run the build ``script`` (argv: target, marker) and SIGKILL it once ``marker`` exists.
+
+    ``moment`` names what the marker stands for, in the failure messages.
+    """
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(target), str(marker)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target), str(marker)], env=env)
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
-            assert proc.poll() is None, "the build subprocess died before writing a tile"
-            assert time.monotonic() < deadline, "the build subprocess wrote nothing in 60 s"
+            assert proc.poll() is None, f"the build subprocess died before {moment}"
+            assert time.monotonic() < deadline, f"the build subprocess did not reach {moment} in 60 s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_killed_build_leaves_no_store(tmp_path: Path) -> None:
+    target, marker = tmp_path / "s", tmp_path / "written"
+    kill_build_at_marker(KILLED_BUILD, target, marker, "writing a tile")
     assert not target.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".s.tmp-")]
     assert len(leftovers) == 1 and (leftovers[0] / "tiles.bin").exists()

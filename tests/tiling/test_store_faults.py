@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import pytest
 
 from aires.tiling import TileCorruptError, TileStore, build_store
 
-from .test_store import assert_round_trip, random_csr
+from .test_store import assert_round_trip, kill_build_at_marker, random_csr
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -155,19 +154,7 @@ def test_build_killed_with_everything_written_but_not_renamed(tmp_path: Path) ->
     (A kill after the first tile write: ``test_store.py::test_killed_build_leaves_no_store``.)
     """
     target, marker = tmp_path / "s", tmp_path / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_AT_RENAME, str(target), str(marker)], env=ENV
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, "the build subprocess died before its rename"
-            assert time.monotonic() < deadline, "the build subprocess did not finish in 60 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_build_at_marker(KILLED_AT_RENAME, target, marker, "its rename")
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".s.tmp-")]
     assert not target.exists() and len(leftovers) == 1
     assert (leftovers[0] / "manifest.json").is_file()  # complete, but never readable as `s`
