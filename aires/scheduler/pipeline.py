@@ -192,6 +192,9 @@ class Scheduler:
         disk_workers: Concurrent tile reads on the disk path (each with its own slot).
         dual: Let the disk path also carry tiles that sit in pinned memory when it would
             deliver them sooner (dual-way transfer). ``False`` uses it for phase-3 tiles only.
+            On a GPU it never would: both paths end on the PCIe link that host DMA saturates
+            (:class:`~aires.scheduler.transfer.Dispatcher`), so there the disk path carries
+            phase-3 tiles, concurrently with the host path, and reserves no slot otherwise.
         prealloc: Preallocate the device slots (a ring for the host path, one slot per disk
             worker). ``False`` (ablation) allocates a fresh device buffer for every streamed
             tile and frees it once its compute is done (same budget, allocator traffic and a
@@ -261,7 +264,8 @@ class Scheduler:
         self._direct = not self._cuda or self.io_mode != "posix"
         self._slots = slots
         self._disk_workers = disk_workers
-        self._dual = dual
+        # Pinned tiles may travel the disk path only where the paths do not share a link.
+        self._steals = dual and not self._cuda
         self._prealloc = prealloc
         self._overlap = overlap
         self._tiles = list(store.tiles)
@@ -277,7 +281,9 @@ class Scheduler:
             parse_size(reserve_bytes, "reserve_bytes", allow_zero=True)
         )
         # The host rate is primed by a timed copy once tiles are pinned (_materialise).
-        self.dispatcher = Dispatcher(host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR)
+        self.dispatcher = Dispatcher(
+            host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR, shared_link=self._cuda
+        )
         self._mem: _Memory | None = None
         self._host_path = HostPath(self.device)
         self._writeback = WriteBack(self.device)
@@ -590,7 +596,7 @@ class Scheduler:
             disk_workers=self._disk_workers,
             direct_disk=self._direct,
             reserve_bytes=reserve,
-            dual=self._dual,
+            dual=self._steals,
         )
 
     def _prepare(self, reserve: int, what: str) -> None:
@@ -762,7 +768,7 @@ class Scheduler:
         assert mem is not None
         p = self.placement
         stream = torch.cuda.current_stream(self.device) if self._cuda else None
-        queues = _Queues(deque(p.host), deque(p.disk), self._nbytes, self.dispatcher, self._dual)
+        queues = _Queues(deque(p.host), deque(p.disk), self._nbytes, self.dispatcher, self._steals)
         rec.start = rec.mark(stream)
         futures: list[Future[None]] = []
         # Disk workers only when they have tiles or could steal one now (the host queue only

@@ -576,7 +576,7 @@ def test_gpu_posix_bounce_path(store: TileStore, tier: str) -> None:
 
 
 def random_store(make_store: Callable[..., TileStore]) -> tuple[sp.csr_array, TileStore]:
-    a = sp.csr_array(sp.random_array((20000, 20000), density=5e-4, random_state=0))
+    a = sp.csr_array(sp.random_array((20000, 20000), density=5e-4, rng=np.random.default_rng(0)))
     store = make_store(a, tile_bytes="256KiB", alignment=4096, value_dtype=np.float32)
     return a, store
 
@@ -634,6 +634,27 @@ def test_gpu_budget_is_never_exceeded(
     assert stats.peak_gpu_bytes <= budget
     assert stats.tiles_h2d > 0 and stats.tiles_disk > 0
     assert stats.tiles_resident == resident_tiles
+    sched.close()
+
+
+@pytest.mark.gpu
+def test_gpu_pinned_tiles_take_the_host_path_and_no_disk_slot(
+    make_store: Callable[..., TileStore],
+) -> None:
+    """On a GPU the paths share the PCIe link: with every streamed tile pinned, ``dual=True``
+    reserves no disk slot and steals nothing, however fast the disk has measured."""
+    a, store = random_store(make_store)
+    slot = max(t.nbytes for t in store.tiles)
+    budget, _ = gpu_budgets(store, resident=0)
+    host_all = sum(t.nbytes for t in store.tiles)
+    sched = Scheduler(store, gpu_budget=budget + 4 * slot, host_budget=host_all, device="cuda",
+                      dual=True)
+    sched.dispatcher.update("disk", 1 << 40, 1e-3)  # a disk far faster than the link
+    x = torch.randn(20000, 64, device="cuda")
+    y = sched.spmm(x)
+    np.testing.assert_allclose(y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-4, atol=1e-4)
+    assert sched.placement.n_disk == 0 and not sched.placement.resident
+    assert sched.stats.tiles_stolen == 0 and sched.stats.tiles_h2d == len(store)
     sched.close()
 
 

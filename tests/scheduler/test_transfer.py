@@ -20,6 +20,14 @@ def test_steal_when_disk_delivers_before_host_reaches_the_tile() -> None:
     assert not d.steal(10, host_remaining=20)
 
 
+def test_nothing_is_stolen_over_a_shared_link() -> None:
+    """A GPU's host DMA saturates the PCIe link the disk path's bytes also cross: however fast
+    the disk, a steal cannot end the host path sooner."""
+    d = Dispatcher(host_rate=10.0, disk_rate=1e12, shared_link=True)
+    assert not d.steal(10, host_remaining=10**9)
+    assert Dispatcher(host_rate=10.0, disk_rate=1e12).steal(10, host_remaining=10**9)
+
+
 def test_an_unmeasured_disk_path_steals_only_what_a_cold_read_would_win() -> None:
     """The H100 case: 33 pinned 16 MiB tiles (10 ms of host DMA at 54.7 GB/s) and a cold disk
     at 1.2 GB/s (14 ms a tile). Unmeasured, the disk is assumed cold and steals nothing; once
