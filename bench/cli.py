@@ -86,10 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     parser.add_argument("--tile-bytes", default="64MiB",
                         help="AIRES tile / baseline chunk size (default 64MiB)")
-    parser.add_argument("--aires-order", choices=("transform_first", "auto"),
-                        default="transform_first",
-                        help="AIRES product order: PyG's A(XW) like the baselines (default), or "
-                        "AIRES's cost model")
+    parser.add_argument("--aires-order", choices=("auto", "transform_first"), default="auto",
+                        help="AIRES product order: its cost model per layer (default, as "
+                        "AiresGCNConv), or PyG's A(XW) like the baselines")
     parser.add_argument("--out", help="write the JSON here")
     parser.add_argument("--plot", help="write the PNG bar chart here")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"),

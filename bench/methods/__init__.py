@@ -30,7 +30,9 @@ METHODS: dict[str, str] = {
 }
 
 # AIRES ablation variants, run as methods named "aires-<variant>" by ``--ablation``.
-ABLATIONS: tuple[str, ...] = ("no-align", "no-prealloc", "sync", "host-only", "disk-only")
+ABLATIONS: tuple[str, ...] = (
+    "pyg-order", "no-align", "no-prealloc", "sync", "host-only", "disk-only",
+)
 
 
 def check_method(name: str, argument: str = "method") -> str:

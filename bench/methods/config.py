@@ -35,8 +35,8 @@ class MethodConfig:
         tile_bytes: bytes per AIRES tile, and per row chunk of the chunked baselines.
         seed: seed of the weights.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; see :meth:`torch_device`.
-        order: AIRES's product order: ``"transform_first"`` (``Â (X W)``, PyG's and the
-            baselines') or ``"auto"`` (AIRES's cost model).
+        order: AIRES's product order: ``"auto"`` (its cost model, ``AiresGCNConv``'s
+            default) or ``"transform_first"`` (``Â (X W)``, PyG's and the baselines').
         store_dir: where AIRES keeps its tile stores between runs (``None``: temporary).
     """
 
@@ -52,7 +52,7 @@ class MethodConfig:
     tile_bytes: int = 64 << 20
     seed: int = 0
     device: str = "cpu"
-    order: str = "transform_first"
+    order: str = "auto"
     store_dir: str | None = None
 
     def __post_init__(self) -> None:
