@@ -63,7 +63,8 @@ VARIANTS = {
     "incore": "whole matrix on the device, one cuSPARSE SpMM",
     "host": "AIRES, all tiles pinned in host memory, host DMA only",
     "nvme": "AIRES, all tiles on NVMe (cold page cache)",
-    "dual": "AIRES, all tiles pinned, cold NVMe path open (dispatcher splits)",
+    "dual": "AIRES, all tiles pinned, cold NVMe path open: the dispatcher may send pinned "
+    "tiles over NVMe (never over a GPU's shared PCIe link), host's device budget",
     "split": "AIRES, half the tiles pinned, half on NVMe (cold), both paths",
     "host-fresh": "as host, a fresh device buffer per tile instead of the slot ring",
     "host-serial": "as host, each tile copied then computed, no overlap",
@@ -349,7 +350,11 @@ def budgets(
     if variant == "nvme":
         return {"gpu_budget": disk_gpu, "host_budget": staging, "dual": False}
     if variant == "dual":
-        return {"gpu_budget": disk_gpu, "host_budget": total + staging, "dual": True}
+        # The disk slots only where pinned tiles may travel the disk path (not over a GPU's
+        # shared link): elsewhere their room would make tiles resident, and dual would be
+        # compared with host at a larger budget.
+        gpu = disk_gpu if device.type != "cuda" else 3 * slot + reserve
+        return {"gpu_budget": gpu, "host_budget": total + staging, "dual": True}
     if variant == "split":
         half = sum(t.nbytes for t in store.tiles[: len(store.tiles) // 2])
         return {"gpu_budget": disk_gpu, "host_budget": half + staging, "dual": True}

@@ -577,7 +577,9 @@ def test_gpu_posix_bounce_path(store: TileStore, tier: str) -> None:
 
 def random_store(make_store: Callable[..., TileStore]) -> tuple[sp.csr_array, TileStore]:
     a = sp.csr_array(sp.random_array((20000, 20000), density=5e-4, rng=np.random.default_rng(0)))
-    store = make_store(a, tile_bytes="256KiB", alignment=4096, value_dtype=np.float32)
+    # 13 tiles: every tier mix below leaves more disk tiles than disk slots, so none of them
+    # would rather be resident in the room the disk slots take.
+    store = make_store(a, tile_bytes="128KiB", alignment=4096, value_dtype=np.float32)
     return a, store
 
 
@@ -653,8 +655,9 @@ def test_gpu_pinned_tiles_take_the_host_path_and_no_disk_slot(
     x = torch.randn(20000, 64, device="cuda")
     y = sched.spmm(x)
     np.testing.assert_allclose(y.cpu().numpy(), a @ x.cpu().numpy(), rtol=1e-4, atol=1e-4)
-    assert sched.placement.n_disk == 0 and not sched.placement.resident
-    assert sched.stats.tiles_stolen == 0 and sched.stats.tiles_h2d == len(store)
+    resident = len(sched.placement.resident)
+    assert sched.placement.n_disk == 0 and resident < len(store)
+    assert sched.stats.tiles_stolen == 0 and sched.stats.tiles_h2d == len(store) - resident
     sched.close()
 
 
