@@ -41,8 +41,8 @@ symmetric tiles).
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,9 @@ from bench.methods.training import (
 )
 from bench.methods.workload import Workload
 
-__all__ = ["PYG_ORDER", "VARIANTS", "SchedulerAdjacency", "missing_options", "product_widths", "run"]
+__all__ = [
+    "PYG_ORDER", "VARIANTS", "SchedulerAdjacency", "missing_options", "product_widths", "run",
+]
 
 #: Ablation variant -> (tile alignment, Scheduler keyword arguments).
 VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
