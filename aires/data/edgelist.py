@@ -6,6 +6,7 @@ import itertools
 import os
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,14 +93,7 @@ def convert_edge_list(
                 builder.add(cols, rows)
             bar.update(len(src))
         bar.close()
-        builder.finish(
-            lambda nnz: (
-                writer.array("adj_indptr", (n + 1,)),
-                writer.array("adj_indices", (nnz,)),
-                writer.array("adj_data", (nnz,)),
-            ),
-            progress=progress,
-        )
+        builder.finish(partial(writer.adjacency, n), progress=progress)
         for split in ("train_idx", "val_idx", "test_idx"):
             writer.put(split, np.zeros(0, np.int64))
         writer.commit(

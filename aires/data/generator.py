@@ -288,11 +288,7 @@ def _generate(
     def allocate(nnz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if nnz != 2 * m:
             raise RuntimeError(f"internal error: {nnz} adjacency entries for {m} undirected edges")
-        return (
-            writer.array("adj_indptr", (n + 1,)),
-            writer.array("adj_indices", (nnz,)),
-            writer.array("adj_data", (nnz,)),
-        )
+        return writer.adjacency(n, nnz)
 
     builder.finish(allocate, progress=progress)
     lap("csr")

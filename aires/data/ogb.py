@@ -31,6 +31,7 @@ import os
 import pickle
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -355,14 +356,7 @@ def _write(
             builder.add(src, dst)
             if undirected:
                 builder.add(dst, src)
-        builder.finish(
-            lambda nnz: (
-                writer.array("adj_indptr", (n + 1,)),
-                writer.array("adj_indices", (nnz,)),
-                writer.array("adj_data", (nnz,)),
-            ),
-            progress=progress,
-        )
+        builder.finish(partial(writer.adjacency, n), progress=progress)
         features = graph.get("node_feat")
         if features is not None:
             writer.put("x", np.asarray(features, dtype=np.float32))

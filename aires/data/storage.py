@@ -117,6 +117,15 @@ class GraphWriter:
         self._arrays[name] = out
         return out
 
+    def adjacency(self, n: int, nnz: int) -> tuple[np.memmap, np.memmap, np.memmap]:
+        """New memmaps for the CSR adjacency of ``n`` nodes with ``nnz`` entries: ``indptr``,
+        ``indices``, ``data`` (the ``allocate`` that ``CSRBuilder.finish`` takes)."""
+        return (
+            self.array("adj_indptr", (n + 1,)),
+            self.array("adj_indices", (nnz,)),
+            self.array("adj_data", (nnz,)),
+        )
+
     def put(self, name: str, values: np.ndarray | torch.Tensor) -> None:
         """Write ``values`` (numpy, memmap or CPU tensor) as array ``name``, in bounded memory."""
         if isinstance(values, torch.Tensor):
