@@ -264,8 +264,13 @@ class Scheduler:
         self._direct = not self._cuda or self.io_mode != "posix"
         self._slots = slots
         self._disk_workers = disk_workers
-        # Pinned tiles may travel the disk path only where the paths do not share a link.
-        self._steals = dual and not self._cuda
+        # On a GPU both paths end on one PCIe link: the dispatcher steals nothing there.
+        # The host rate is primed by a timed copy once tiles are pinned (_materialise).
+        self.dispatcher = Dispatcher(
+            host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR, shared_link=self._cuda
+        )
+        # Pinned tiles may travel the disk path only where the dispatcher would send them.
+        self._steals = dual and not self.dispatcher.shared_link
         self._prealloc = prealloc
         self._overlap = overlap
         self._tiles = list(store.tiles)
@@ -279,10 +284,6 @@ class Scheduler:
         self._slot_bytes = max(self._nbytes, default=0)
         self.placement: Placement = self._place(
             parse_size(reserve_bytes, "reserve_bytes", allow_zero=True)
-        )
-        # The host rate is primed by a timed copy once tiles are pinned (_materialise).
-        self.dispatcher = Dispatcher(
-            host_rate=DISK_PRIOR, disk_rate=DISK_PRIOR, shared_link=self._cuda
         )
         self._mem: _Memory | None = None
         self._host_path = HostPath(self.device)
