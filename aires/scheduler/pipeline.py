@@ -12,17 +12,19 @@ each product as a pipeline:
    it; the copy stream waits, on the GPU, for that compute. The CPU keeps at most two
    computes ahead of the GPU so the disk path's computes interleave instead of queueing
    behind every host tile.
-5. For a dense product the host path's first and last tiles are copied and computed in row
-   parts (:data:`SPLIT_PARTS`): the compute starts after a part of the first tile instead of all
-   of it, and what is left after the last copy is a part's compute, not a tile's.
+5. For a dense product the host path's first tile (:data:`HEAD_PARTS`) and its last tiles
+   (:data:`TAIL_TILES`, :data:`TAIL_PARTS` each) are copied and computed in row parts: the
+   compute starts after a part of the first tile instead of all of it, and the compute still
+   owed when the last copy lands shrinks from a tile and a half to about a part's.
 
 All computes go to one stream (the caller's current stream), so results are ordered for the
 caller with no extra synchronisation; they are issued under one lock, so pieces of a hub row
 split over tiles (``TileInfo.partial``) accumulate in a fixed order and never race. CUDA events
 order load -> compute -> slot reuse. The steady state allocates nothing: the output comes from
 the caching allocator at the same size each call, cuSPARSE's buffer likewise. The previous
-call's statistics are reduced while this call's first copies are in flight, never before the
-first copy is queued (that CPU work would sit on the critical path of a short call).
+call's statistics are reduced once this call's last compute is queued, while the GPU works
+through the computes the CPU is ahead by: earlier, that CPU work delayed a compute the ring
+was waiting for, and the copy stream stalled behind it.
 
 Two switches exist for ablations (what the ring and the overlap are worth): ``prealloc=False``
 gives every tile a fresh device buffer (freed once its compute is done, so the budget still
@@ -91,11 +93,18 @@ LAG = 2
 STAGES = 2
 #: Calls whose marks wait to be reduced to stats (each holds a few CUDA events per tile).
 MAX_PENDING = 4
-#: Row parts the first and the last host-path tile of a dense product are copied and computed
-#: in: the compute of a part starts while the next part is still on the bus, which shortens the
-#: pipeline's ramp (nothing to compute until a first tile lands) and its tail (the last tile's
-#: compute after the last copy) to a part's instead of a tile's.
-SPLIT_PARTS = 4
+#: Row parts the first host-path tile of a dense product is copied and computed in: the compute
+#: of a part starts while the next part is still on the bus, so the compute starts a part's copy
+#: after the first copy instead of a tile's, and the ring's first slot is free sooner.
+HEAD_PARTS = 4
+#: The last host-path tiles of a dense product are copied and computed in :data:`TAIL_PARTS`
+#: row parts each. With whole tiles, when the last copy lands the compute still owes that tile
+#: and most of the one before (a tile's compute takes about 0.8x its copy on the H100). Parts
+#: let it catch up during the last copies: on the H100 what is owed fell from about 425 to 270
+#: us a call, and two parts over three tiles did best in a model of that pipeline (a per-part
+#: launch cost makes finer parts lose).
+TAIL_TILES = 3
+TAIL_PARTS = 2
 _IO_MODES = ("gds", "kvikio-compat", "posix")
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -297,7 +306,7 @@ class Scheduler:
         self._stage_free: list[Any] = [None] * STAGES
         self._lock = threading.Lock()
         self._views: dict[tuple[int, int], Any] = {}
-        self._parts: dict[int, list[_Part] | None] = {}
+        self._parts: dict[tuple[int, int], list[_Part] | None] = {}
         self._pending: list[Recorder] = []
         self._stats: RunStats | None = None
 
@@ -710,13 +719,13 @@ class Scheduler:
         lo, hi = part.lo, part.hi
         return tile_csr(crow, indices[lo:hi], data[lo:hi], self._n_cols, dtype)
 
-    def _row_parts(self, tile: int) -> list[_Part] | None:
-        """:data:`SPLIT_PARTS` row parts of host tile ``tile`` of about equal nonzeros, with the
-        byte ranges each needs; ``None`` when the tile is not split (too few rows, a piece of a
+    def _row_parts(self, tile: int, n: int) -> list[_Part] | None:
+        """``n`` row parts of host tile ``tile`` of about equal nonzeros, with the byte ranges
+        each needs; ``None`` when the tile is not split (fewer than ``n`` rows, a piece of a
         summed row group, or on CUDA a row pointer too long for the kernel workspace's room for
-        the rebased copy). Computed once per tile from its pinned bytes."""
-        if tile in self._parts:
-            return self._parts[tile]
+        the rebased copy). Computed once per tile and ``n`` from its pinned bytes."""
+        if (tile, n) in self._parts:
+            return self._parts[tile, n]
         assert self._mem is not None
         info = self._tiles[tile]
         rows = info.row_stop - info.row_start
@@ -725,13 +734,13 @@ class Scheduler:
         isz, vsz = indptr.element_size(), data.element_size()
         parts: list[_Part] | None = None
         small = not self._cuda or (rows + 1) * isz <= SPMM_WORKSPACE // 4
-        if rows >= SPLIT_PARTS and tile not in self._group_of and small:
+        if rows >= n and tile not in self._group_of and small:
             ip = indptr.numpy()
             nnz = int(ip[-1])
             cuts = [0]
-            for k in range(1, SPLIT_PARTS):
-                r = int(np.searchsorted(ip, nnz * k // SPLIT_PARTS, side="left"))
-                cuts.append(min(max(r, cuts[-1] + 1), rows - (SPLIT_PARTS - k)))
+            for k in range(1, n):
+                r = int(np.searchsorted(ip, nnz * k // n, side="left"))
+                cuts.append(min(max(r, cuts[-1] + 1), rows - (n - k)))
             cuts.append(rows)
             base = src.data_ptr()
             o_ip, o_ix, o_v = (t.data_ptr() - base for t in (indptr, indices, data))
@@ -743,10 +752,10 @@ class Scheduler:
                 first = r0 if r0 == 0 else r0 + 1
                 ranges = [(o_ip + first * isz, (r1 - first + 1) * isz)]
                 if hi > lo:
-                    n = hi - lo
-                    ranges += [(o_ix + lo * isz, n * isz), (o_v + lo * vsz, n * vsz)]
+                    count = hi - lo
+                    ranges += [(o_ix + lo * isz, count * isz), (o_v + lo * vsz, count * vsz)]
                 parts.append(_Part(r0, r1, lo, hi, tuple(ranges)))
-        self._parts[tile] = parts
+        self._parts[tile, n] = parts
         return parts
 
     # ------------------------------------------------------------------ the pipeline
@@ -760,7 +769,8 @@ class Scheduler:
         """Load every tile once over its path and ``compute(tile, buffer)`` on it.
 
         With ``compute_rows`` (a product whose tiles can be computed a row part at a time), the
-        host path's first and last tiles are copied and computed in :data:`SPLIT_PARTS` parts.
+        host path's first tile is copied and computed in :data:`HEAD_PARTS` parts and its last
+        :data:`TAIL_TILES` tiles in :data:`TAIL_PARTS` parts each.
         """
         if not self._overlap:
             self._run_serial(compute, rec)
@@ -780,14 +790,18 @@ class Scheduler:
                 self._pool.submit(self._disk_worker, k, queues, compute, rec, stream)
                 for k in range(p.n_disk)
             ]
-        collected = False
         first = True
 
         def load(tile: int) -> tuple[int, int, Any]:
             nonlocal first
-            split = compute_rows is not None and (first or not queues.host)
+            parts = None
+            if compute_rows is not None:
+                if first:
+                    parts = HEAD_PARTS
+                elif len(queues.host) < TAIL_TILES:
+                    parts = TAIL_PARTS
             first = False
-            return self._load_host(tile, rec, split=split)
+            return self._load_host(tile, rec, parts=parts)
 
         try:
             pending: deque[tuple[int, int, Any]] = deque()
@@ -815,16 +829,13 @@ class Scheduler:
                 nxt = queues.take_host()
                 if nxt is not None:
                     pending.append(load(nxt))
-                if not collected:
-                    # The GPU has a ring of copies queued: reduce earlier calls' marks now.
-                    self._collect(block=False)
-                    collected = True
                 if self._cuda:
                     inflight.append(end)
                     if len(inflight) > LAG:
                         inflight.popleft().synchronize()
-            if not collected:
-                self._collect(block=False)
+            # Everything is queued and the GPU is up to LAG computes behind: reduce earlier
+            # calls' marks now, off the critical path.
+            self._collect(block=False)
         except BaseException:
             queues.stop = True
             wait(futures)
@@ -874,12 +885,14 @@ class Scheduler:
             rec.wall_end = time.perf_counter()
         rec.end = rec.mark(stream)
 
-    def _load_host(self, tile: int, rec: Recorder, *, split: bool = False) -> tuple[int, int, Any]:
+    def _load_host(
+        self, tile: int, rec: Recorder, *, parts: int | None = None
+    ) -> tuple[int, int, Any]:
         """Queue the copy of host tile ``tile`` into the next ring slot.
 
         Returns:
-            ``(tile, slot, ready)``: ``ready`` is the copy's event, or with ``split`` (when the
-            tile splits, :meth:`_row_parts`) a list of ``(part, event)``.
+            ``(tile, slot, ready)``: ``ready`` is the copy's event, or with ``parts`` (when the
+            tile splits into that many, :meth:`_row_parts`) a list of ``(part, event)``.
         """
         assert self._mem is not None
         slot = self._ring_next
@@ -896,10 +909,10 @@ class Scheduler:
         buf = self._mem.ring[slot]
         assert buf is not None
         src = self._mem.host[tile]
-        parts = self._row_parts(tile) if split else None
-        if parts is not None:
-            events = self._host_path.load_parts(buf, src, [q.ranges for q in parts], after, rec)
-            return tile, slot, list(zip(parts, events, strict=True))
+        pieces = self._row_parts(tile, parts) if parts else None
+        if pieces is not None:
+            events = self._host_path.load_parts(buf, src, [q.ranges for q in pieces], after, rec)
+            return tile, slot, list(zip(pieces, events, strict=True))
         return tile, slot, self._host_path.load(buf, src, after, rec)
 
     def _load_disk(self, worker: int, tile: int, rec: Recorder) -> tuple[torch.Tensor, Any]:
