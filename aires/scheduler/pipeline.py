@@ -16,6 +16,12 @@ each product as a pipeline:
    (:data:`TAIL_TILES`, :data:`TAIL_PARTS` each) are copied and computed in row parts: the
    compute starts after a part of the first tile instead of all of it, and the compute still
    owed when the last copy lands shrinks from a tile and a half to about a part's.
+6. Once the last compute is queued, the copies of the next call's first host tiles are queued
+   into the ring slots that free first (:meth:`Scheduler._prefetch`). Every call streams the
+   host tiles in the same order, so the next call finds them on the device: it computes at
+   once while its first streamed copy starts into the remaining slot, and the copies that used
+   to open each call run in the copy engine's idle time (this call's tail, or whatever the
+   caller does in between). The next call's stats count them as ``bytes_prefetched``.
 
 All computes go to one stream (the caller's current stream), so results are ordered for the
 caller with no extra synchronisation; they are issued under one lock, so pieces of a hub row
@@ -302,6 +308,10 @@ class Scheduler:
         self._ring_free: list[Any] = []
         self._disk_free: list[Any] = []
         self._ring_next = 0
+        # The next call's first host tiles, already queued into ring slots: (tile, slot, ready)
+        # and the recorder holding their copies' marks.
+        self._prefetched: list[tuple[int, int, Any]] = []
+        self._prefetch_rec: Recorder | None = None
         self._stage: torch.Tensor | None = None
         self._stage_free: list[Any] = [None] * STAGES
         self._lock = threading.Lock()
@@ -569,6 +579,7 @@ class Scheduler:
     def close(self) -> None:
         """Free device and pinned memory and stop the disk threads (the object stays usable)."""
         self._collect(block=True)
+        self._prefetched = []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -663,6 +674,7 @@ class Scheduler:
         self._ring_free = [None] * p.n_slots
         self._disk_free = [None] * p.n_disk
         self._ring_next = 0
+        self._prefetched = []
         if p.n_disk:
             self._disk = DiskPath(self.store, dev, bounce, self.dispatcher)
             self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
@@ -779,7 +791,10 @@ class Scheduler:
         assert mem is not None
         p = self.placement
         stream = torch.cuda.current_stream(self.device) if self._cuda else None
-        queues = _Queues(deque(p.host), deque(p.disk), self._nbytes, self.dispatcher, self._steals)
+        ready = self._take_prefetched(rec)
+        queues = _Queues(
+            deque(p.host[len(ready) :]), deque(p.disk), self._nbytes, self.dispatcher, self._steals
+        )
         rec.start = rec.mark(stream)
         futures: list[Future[None]] = []
         # Disk workers only when they have tiles or could steal one now (the host queue only
@@ -790,7 +805,8 @@ class Scheduler:
                 self._pool.submit(self._disk_worker, k, queues, compute, rec, stream)
                 for k in range(p.n_disk)
             ]
-        first = True
+        # With prefetched tiles to compute first, the first copy needs no row parts.
+        first = not ready
 
         def load(tile: int) -> tuple[int, int, Any]:
             nonlocal first
@@ -804,7 +820,7 @@ class Scheduler:
             return self._load_host(tile, rec, parts=parts)
 
         try:
-            pending: deque[tuple[int, int, Any]] = deque()
+            pending: deque[tuple[int, int, Any]] = deque(ready)
             while len(pending) < p.n_slots and (tile := queues.take_host()) is not None:
                 pending.append(load(tile))
             for tile in p.resident:
@@ -833,6 +849,8 @@ class Scheduler:
                     inflight.append(end)
                     if len(inflight) > LAG:
                         inflight.popleft().synchronize()
+            if self._prealloc:
+                self._prefetch()
             # Everything is queued and the GPU is up to LAG computes behind: reduce earlier
             # calls' marks now, off the critical path.
             self._collect(block=False)
@@ -850,6 +868,29 @@ class Scheduler:
                 rec.wall_end = time.perf_counter()
         else:
             rec.end = rec.mark()
+
+    def _prefetch(self) -> None:
+        """Queue the next call's first host tiles into the ring slots that free first.
+
+        All slots but one: the slot of this call's last tile stays free, so the next call's
+        first streamed copy can start at once. Each copy waits on the GPU for its slot's last
+        compute, like any load; slot memory is the ring's, so the budget is unchanged.
+        """
+        host = self.placement.host
+        rec = self._recorder("prefetch")
+        self._prefetched = [self._load_host(t, rec) for t in host[: self.placement.n_slots - 1]]
+        self._prefetch_rec = rec
+
+    def _take_prefetched(self, rec: Recorder) -> list[tuple[int, int, Any]]:
+        """The prefetched ``(tile, slot, ready)`` loads, their marks moved into ``rec``; none
+        when the placement's host tiles changed since (their copies then land unused, and the
+        copy stream orders them before any later load into those slots)."""
+        ready, self._prefetched = self._prefetched, []
+        if not ready or [t for t, _, _ in ready] != list(self.placement.host[: len(ready)]):
+            return []
+        assert self._prefetch_rec is not None
+        rec.loads += [("prefetch", n, a, b) for _, n, a, b in self._prefetch_rec.loads]
+        return ready
 
     def _run_serial(self, compute: Callable[[int, torch.Tensor], None], rec: Recorder) -> None:
         """``overlap=False``: one tile at a time, each load and compute waited for."""
@@ -998,7 +1039,7 @@ class Scheduler:
 
     def _finish_oldest(self) -> None:
         stats = self._pending.pop(0).finish()
-        self.dispatcher.update("host", stats.bytes_h2d, stats.t_h2d_s)
+        self.dispatcher.update("host", stats.bytes_h2d - stats.bytes_prefetched, stats.t_h2d_s)
         self._stats = stats
 
     def _check_dense(self, x: Any) -> torch.Tensor:
