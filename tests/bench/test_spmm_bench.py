@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.spmm import VARIANTS, main, rmat_adjacency
+from bench.spmm import VARIANTS, main, rmat_adjacency, verdicts
 
 
 def test_smoke_runs_every_variant_and_writes_json(tmp_path: Path) -> None:
@@ -107,3 +107,35 @@ def test_rmat_is_symmetric_with_self_loops() -> None:
 def test_unknown_variant_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--smoke", "--variants", "warp-drive", "--workdir", str(tmp_path)])
+
+
+def test_verdicts_judge_host_by_back_to_back_calls() -> None:
+    mb = 10**6
+    floors = {"h2d_Bps": 50e9, "h2d_median_Bps": 45e9, "h2d_floor_ms": 10.0, "incore_ms": 8.0}
+    floors["disk_floor_ms"] = 400.0
+    stats = {"bytes_h2d": 500 * mb, "bytes_prefetched": 50 * mb, "bw_h2d": 50e9}
+    host = {"median_ms": 9.9, "ms": [9.8, 9.9, 10.0], "stats": stats}
+    host["loop"] = {"calls": 10, "per_call_ms": 10.3}
+    spmm = {
+        "incore": {"median_ms": 8.0, "ms": [8.0]},
+        "host": host,
+        "nvme": {"median_ms": 300.0, "ms": [290.0, 310.0]},
+        "dual": {"median_ms": 9.7, "ms": [9.6, 10.1]},  # overlaps host's runs: a tie
+        "split": {"median_ms": 200.0, "ms": [195.0, 205.0]},
+    }
+    v = verdicts({"graph": {"store_bytes": 500 * mb}, "floors": floors, "spmm": spmm})
+    # Ten calls move ten stores but the first call's prefetch: 9.9 ms a call at 50 GB/s.
+    assert v["host_loop_over_bound"] == pytest.approx(10.3 / 9.9)
+    assert v["host_target_1.05x"] is True
+    # One call copied 450 MB while it ran: 9.0 ms, above the 8.0 ms in core.
+    assert v["host_call_bytes_copied"] == 450 * mb
+    assert v["host_call_over_bound"] == pytest.approx(9.9 / 9.0)
+    assert v["host_call_over_median_bound"] == pytest.approx(9.9 / 10.0)
+    assert v["host_call_over_whole_store_bound"] == pytest.approx(9.9 / 10.0)
+    assert v["nvme_over_disk_floor"] == pytest.approx(0.75) and v["nvme_target_1.15x"]
+    assert v["dual_faster_than_host_and_nvme"] is False
+    assert v["split_faster_than_nvme"] is True
+    host["loop"]["per_call_ms"] = 10.5  # 1.06x
+    assert verdicts({"graph": {"store_bytes": 500 * mb}, "floors": floors, "spmm": spmm})[
+        "host_target_1.05x"
+    ] is False
