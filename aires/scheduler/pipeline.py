@@ -227,8 +227,8 @@ class Scheduler:
         TypeError: ``store`` is not a tile store.
 
     Without ``reserve_bytes`` the output and workspace reserve is sized by the first call (an
-    SpMM output of ``rows x F``); a later call that needs more re-places the tiles once, moving phase-1 tiles
-    out to make room. The budget is never exceeded: a call that cannot fit raises
+    SpMM output of ``rows x F``); a later call that needs more re-places the tiles once, moving
+    phase-1 tiles out to make room. The budget is never exceeded: a call that cannot fit raises
     ``ValueError`` before touching memory.
     """
 
