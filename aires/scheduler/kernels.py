@@ -27,6 +27,8 @@ __all__ = [
     "concat_rows",
     "is_resource_error",
     "BYTES_PER_PRODUCT",
+    "narrowable",
+    "narrow_indices",
 ]
 
 #: Device bytes one intermediate product of cuSPARSE's default SpGEMM costs, workspace and
@@ -342,4 +344,23 @@ def concat_rows(
         offset += n
     return torch.sparse_csr_tensor(
         indptr.to(index_dtype), indices, values, shape, check_invariants=False
+    )
+
+
+def narrowable(x: torch.Tensor) -> bool:
+    """Whether sparse CSR ``x`` has 64-bit indices whose values all fit in 32 bits."""
+    return x.crow_indices().dtype != torch.int32 and x._nnz() < 2**31 and max(x.shape) < 2**31
+
+
+def narrow_indices(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with int32 indices when they fit: cuSPARSE SpGEMM takes only 32-bit indices and
+    PyTorch would otherwise convert ``X`` again for every tile."""
+    if not narrowable(x):
+        return x
+    return torch.sparse_csr_tensor(
+        x.crow_indices().to(torch.int32),
+        x.col_indices().to(torch.int32),
+        x.values(),
+        x.shape,
+        check_invariants=False,
     )

@@ -61,6 +61,8 @@ from aires.scheduler.kernels import (
     BYTES_PER_PRODUCT,
     SpgemmOperand,
     concat_rows,
+    narrow_indices,
+    narrowable,
     spgemm_tile,
     spmm_into,
     sum_pieces,
@@ -521,7 +523,7 @@ class Scheduler:
         op_bytes = _operand_bytes(x)
         room = 0 if to_host else self._spgemm_result_bytes(x)
         reserve = op_bytes + self._spgemm_workspace() + room
-        x = _narrow_indices(x)
+        x = narrow_indices(x)
         what = "an SpGEMM workspace" if to_host else (
             f"an SpGEMM workspace and the result's room ({format_bytes(room)}; out='host' "
             "needs none)"
@@ -1229,27 +1231,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def _operand_bytes(x: torch.Tensor) -> int:
     """Device bytes :meth:`Scheduler.spgemm` allocates for sparse CSR ``x``."""
     nbytes = x._nnz() * x.element_size() + 3 * x.shape[0] * 8
-    if _narrowable(x):
+    if narrowable(x):
         nbytes += (x.shape[0] + 1 + x._nnz()) * 4
     return nbytes
-
-
-def _narrowable(x: torch.Tensor) -> bool:
-    return x.crow_indices().dtype != torch.int32 and x._nnz() < 2**31 and max(x.shape) < 2**31
-
-
-def _narrow_indices(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with int32 indices when they fit: cuSPARSE SpGEMM takes only 32-bit indices and
-    PyTorch would otherwise convert ``X`` again for every tile."""
-    if not _narrowable(x):
-        return x
-    return torch.sparse_csr_tensor(
-        x.crow_indices().to(torch.int32),
-        x.col_indices().to(torch.int32),
-        x.values(),
-        x.shape,
-        check_invariants=False,
-    )
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
