@@ -581,7 +581,6 @@ class Scheduler:
     def close(self) -> None:
         """Free device and pinned memory and stop the disk threads (the object stays usable)."""
         self._collect(block=True)
-        self._prefetched = []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -884,14 +883,16 @@ class Scheduler:
         self._prefetch_rec = rec
 
     def _take_prefetched(self, rec: Recorder) -> list[tuple[int, int, Any]]:
-        """The prefetched ``(tile, slot, ready)`` loads, their marks moved into ``rec``; none
-        when the placement's host tiles changed since (their copies then land unused, and the
-        copy stream orders them before any later load into those slots)."""
+        """The prefetched ``(tile, slot, ready)`` loads, their marks moved into ``rec``.
+
+        They are always the placement's first host tiles: a placement with other host tiles
+        has another memory layout, and allocating it (:meth:`_materialise`) drops them.
+        """
         ready, self._prefetched = self._prefetched, []
-        if not ready or [t for t, _, _ in ready] != list(self.placement.host[: len(ready)]):
-            return []
-        assert self._prefetch_rec is not None
-        rec.loads += [("prefetch", n, a, b) for _, n, a, b in self._prefetch_rec.loads]
+        if ready:
+            assert [t for t, _, _ in ready] == list(self.placement.host[: len(ready)])
+            assert self._prefetch_rec is not None
+            rec.loads += [("prefetch", n, a, b) for _, n, a, b in self._prefetch_rec.loads]
         return ready
 
     def _run_serial(self, compute: Callable[[int, torch.Tensor], None], rec: Recorder) -> None:
