@@ -250,24 +250,15 @@ def timed(
 
 def back_to_back(fn: Callable[[], Any], device: torch.device, *, calls: int) -> dict[str, Any]:
     """Milliseconds per call of ``calls`` calls of ``fn`` queued one after another with no wait
-    between them (one pair of CUDA events around all of them): the steady state of a loop,
-    where each call's prefetch of the next call's first tiles overlaps its own tail."""
-    fn()
-    sync(device)
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
+    between them (:func:`timed` around the whole loop, after one untimed loop): the steady
+    state of a loop, where each call's prefetch of the next call's first tiles overlaps its own
+    tail."""
+
+    def loop() -> None:
         for _ in range(calls):
             fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-    else:
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        ms = (time.perf_counter() - t0) * 1e3
+
+    (ms,), _ = timed(loop, device, runs=1, warmup=1)
     return {"calls": calls, "per_call_ms": ms / calls}
 
 
