@@ -38,7 +38,7 @@ from aires.checks import check_positive_int, parse_size
 from aires.matmul import matmul
 from aires.tiling import TileStore, build_store
 
-__all__ = ["AiresGCNConv", "choose_order", "gcn_norm"]
+__all__ = ["AiresGCNConv", "choose_order", "gcn_norm", "tile_adjacency"]
 
 Order = Literal["aggregate_first", "transform_first"]
 _ORDERS = ("auto", "aggregate_first", "transform_first")
@@ -597,6 +597,40 @@ def _shared_adjacency(
     while len(_STORES) > _MAX_SHARED:
         _STORES.popitem(last=False)
     return store
+
+
+def tile_adjacency(
+    adj: Any,
+    num_nodes: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    edge_weight: Tensor | None = None,
+    tile_bytes: int | None = None,
+    store_dir: Path | None = None,
+) -> TileStore:
+    """The tiled ``Â = D^-1/2 (A + I) D^-1/2`` of an ``edge_index`` or ``adj_t``, as
+    ``AiresGCNConv`` builds it with its default arguments (shared through the same cache).
+
+    Args:
+        adj: ``[2, E]`` edge index, torch sparse ``adj_t`` or ``SparseTensor``.
+        num_nodes: nodes.
+        dtype: value dtype of the tiles (float32 or float64).
+        edge_weight: ``(E,)`` weights for an edge index.
+        tile_bytes: capacity of one tile (``None``: the tiler's default).
+        store_dir: where to keep the store (``None``: a temporary directory).
+    """
+    return _shared_adjacency(
+        adj,
+        edge_weight,
+        num_nodes,
+        dtype,
+        improved=False,
+        add_self_loops=True,
+        normalize=True,
+        flow="source_to_target",
+        tile_bytes=tile_bytes,
+        store_dir=store_dir,
+    )
 
 
 # --------------------------------------------------------------------------- the layer

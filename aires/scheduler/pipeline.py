@@ -336,7 +336,9 @@ class Scheduler:
         return self._stats
 
     @torch.no_grad()
-    def spmm(self, x: torch.Tensor, *, out: str | None = None) -> torch.Tensor:
+    def spmm(
+        self, x: torch.Tensor, *, out: str | None = None, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``A @ X`` for a dense ``X`` (cuSPARSE SpMM per tile).
 
         The result carries no autograd history (``aires.matmul`` is the differentiable entry).
@@ -346,6 +348,9 @@ class Scheduler:
             out: ``None`` returns ``Y`` on the device; ``"host"`` returns it in (pinned) host
                 memory, each tile's rows written back as soon as they are computed, so the
                 device never holds the whole output.
+            into: A contiguous ``(A.shape[0], F)`` tensor of ``x``'s dtype to write ``Y`` into
+                (on the device, or in pinned host memory with ``out="host"``) instead of a new
+                one; a device ``into`` is the caller's memory, so the reserve leaves it out.
 
         Returns:
             ``Y`` of shape ``(A.shape[0], F)`` and ``x``'s dtype.
@@ -358,11 +363,17 @@ class Scheduler:
         f = int(x.shape[1])
         item = x.element_size()
         reserve = self.spmm_reserve(f, x.dtype, out=out)
+        if into is not None:
+            _check_into(into, (self._n_rows, f), x.dtype, "cpu" if to_host else self.device.type)
+            if not to_host:
+                reserve -= self._n_rows * f * item
         self._prepare(reserve, "an SpMM output" if not to_host else "write-back staging")
         rec = self._recorder("spmm")
         held = self.placement.working_gpu_bytes + self.placement.resident_bytes
         if to_host:
-            y = torch.empty((self._n_rows, f), dtype=x.dtype, pin_memory=self._cuda)
+            y = into if into is not None else torch.empty(
+                (self._n_rows, f), dtype=x.dtype, pin_memory=self._cuda
+            )
             stage_bytes = STAGES * self._max_rows * f * item
             acc = self._staging(stage_bytes + self._acc_rows * f * item)
             stages = [
@@ -375,7 +386,9 @@ class Scheduler:
             acc_rows.zero_()
             rec.peak_bytes = held + acc.numel()
         else:
-            y = torch.empty((self._n_rows, f), dtype=x.dtype, device=self.device)
+            y = into if into is not None else torch.empty(
+                (self._n_rows, f), dtype=x.dtype, device=self.device
+            )
             if self._cuda:
                 # cuSPARSE does not promise to ignore C's contents when beta is 0 (0 * NaN is
                 # NaN): one memset, which overlaps the first tile copies.
@@ -1156,6 +1169,25 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     return dev
+
+
+def _check_into(into: Any, shape: tuple[int, int], dtype: torch.dtype, device_type: str) -> None:
+    """``into`` is a contiguous tensor of ``shape`` and ``dtype`` on ``device_type``."""
+    if (
+        not isinstance(into, torch.Tensor)
+        or tuple(into.shape) != shape
+        or into.dtype != dtype
+        or into.device.type != device_type
+        or not into.is_contiguous()
+    ):
+        got = (
+            f"{tuple(into.shape)} {into.dtype} on {into.device}"
+            if isinstance(into, torch.Tensor)
+            else type(into).__name__
+        )
+        raise ValueError(
+            f"into must be a contiguous {shape} {dtype} tensor on {device_type}, got {got}"
+        )
 
 
 def _check_out(out: Any) -> bool:

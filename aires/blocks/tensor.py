@@ -1,0 +1,266 @@
+"""An ``(N, F)`` dense tensor stored as column panels, each on the device, in pinned host memory
+or in a file on NVMe.
+
+A panel holds all ``N`` rows of ``w`` columns, row-major, so rows ``[r0, r1)`` of a panel are one
+contiguous range in every tier: a row block is read or written with one copy (or one ``pread``
+/ ``pwrite``) per panel, and a whole panel with one. Device panels are views of an arena the
+caller owns; host panels are page-locked (on a GPU) so copies are DMA and asynchronous; NVMe
+panels live in one file per tensor, each panel at a 4 KiB-aligned offset.
+
+Every copy that crosses a path is counted in a :class:`~aires.blocks.Traffic`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aires.blocks.traffic import Traffic
+
+__all__ = ["PanelTensor", "TIERS"]
+
+TIERS = ("gpu", "host", "disk")
+_ALIGN = 4096
+
+
+class PanelTensor:
+    """Column panels of one tensor, each on its tier.
+
+    Args:
+        name: for messages and file names.
+        rows, cols: the shape.
+        panels: ``(c0, c1)`` column range of each panel.
+        tiers: each panel's tier (``"gpu"``, ``"host"``, ``"disk"``).
+        dtype: element type.
+        device: the compute device (``"gpu"`` panels live there; on the CPU, in host memory).
+        arena: the device byte buffer that ``"gpu"`` panels are views of.
+        offsets: each ``"gpu"`` panel's byte offset in ``arena``.
+        directory: where the file of ``"disk"`` panels is created (removed by :meth:`close`).
+        traffic: counts the bytes moved.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rows: int,
+        cols: int,
+        panels: Sequence[tuple[int, int]],
+        tiers: Sequence[str],
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        arena: torch.Tensor | None,
+        offsets: Sequence[int],
+        directory: Path | None,
+        traffic: Traffic,
+    ) -> None:
+        if len(panels) != len(tiers):
+            raise ValueError(f"{name}: {len(panels)} panels but {len(tiers)} tiers")
+        self.name, self.rows, self.cols = name, rows, cols
+        self.panels = list(panels)
+        self.tiers = list(tiers)
+        self.dtype = dtype
+        self.device = device
+        self.item = torch.empty((), dtype=dtype).element_size()
+        self.traffic = traffic
+        self._cuda = device.type == "cuda"
+        self._gpu: dict[int, torch.Tensor] = {}
+        self._host: dict[int, torch.Tensor] = {}
+        self._disk: dict[int, int] = {}  # panel -> byte offset in the file
+        self._fd: int | None = None
+        self.path: Path | None = None
+        end = 0
+        for p, ((c0, c1), tier) in enumerate(zip(self.panels, self.tiers, strict=True)):
+            nbytes = rows * (c1 - c0) * self.item
+            if tier == "gpu":
+                if arena is None:
+                    raise ValueError(f"{name}: a device panel needs an arena")
+                view = arena[offsets[p] : offsets[p] + nbytes]
+                self._gpu[p] = view.view(dtype).view(rows, c1 - c0)
+            elif tier == "host":
+                self._host[p] = torch.empty(
+                    (rows, c1 - c0), dtype=dtype, pin_memory=self._cuda
+                )
+            elif tier == "disk":
+                self._disk[p] = end
+                end += -(-nbytes // _ALIGN) * _ALIGN
+            else:
+                raise ValueError(f"{name}: tier must be one of {TIERS}, got {tier!r}")
+        if self._disk:
+            if directory is None:
+                raise ValueError(f"{name}: NVMe panels need a directory")
+            self.path = Path(directory) / f"{name}.panels"
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self._fd, end)
+
+    # ----------------------------------------------------------------- shape
+
+    def width(self, p: int) -> int:
+        c0, c1 = self.panels[p]
+        return c1 - c0
+
+    def panel_bytes(self, p: int, rows: int | None = None) -> int:
+        return (self.rows if rows is None else rows) * self.width(p) * self.item
+
+    def on(self, tier: str) -> list[int]:
+        """Panels on ``tier``."""
+        return [p for p, t in enumerate(self.tiers) if t == tier]
+
+    # ----------------------------------------------------------------- device panels
+
+    def device_panel(self, p: int) -> torch.Tensor:
+        """Panel ``p`` itself, on the device (``"gpu"`` panels only)."""
+        return self._gpu[p]
+
+    def host_panel(self, p: int) -> torch.Tensor:
+        """Panel ``p`` itself, in (pinned) host memory (``"host"`` panels only)."""
+        return self._host[p]
+
+    # ----------------------------------------------------------------- row blocks in
+
+    def read(self, p: int, r0: int, r1: int, dst: torch.Tensor, bounce: torch.Tensor | None) -> None:
+        """Rows ``[r0, r1)`` of panel ``p`` into the device tensor ``dst`` on the current stream.
+
+        ``"disk"`` panels are read with ``pread`` into ``bounce`` (pinned host bytes the caller
+        owns and no copy still reads) first; the call returns once that read is done and the
+        copy to the device is queued.
+        """
+        tier = self.tiers[p]
+        if tier == "gpu":
+            dst.copy_(self._gpu[p][r0:r1])
+            return
+        nbytes = self.panel_bytes(p, r1 - r0)
+        if tier == "host":
+            src = self._host[p][r0:r1]
+        else:
+            assert bounce is not None, "a disk panel is read through a bounce buffer"
+            src = bounce[:nbytes].view(self.dtype).view(r1 - r0, self.width(p))
+            self._pread(p, r0, src)
+            self.traffic.add("disk_read", nbytes)
+            if not self._cuda:
+                dst.copy_(src)
+                return
+        if self._cuda:
+            self.traffic.add("h2d", nbytes)
+        dst.copy_(src, non_blocking=True)
+
+    def read_panel(self, p: int, dst: torch.Tensor, bounce: torch.Tensor | None) -> None:
+        """The whole of panel ``p`` into the device tensor ``dst`` on the current stream.
+
+        A ``"disk"`` panel is read in pieces through the two halves of ``bounce``, each half
+        reused once the copy out of it has completed, so the disk and the copy overlap.
+        """
+        if self.tiers[p] != "disk":
+            self.read(p, 0, self.rows, dst, None)
+            return
+        assert bounce is not None, "a disk panel is read through a bounce buffer"
+        halves = 2 if self._cuda else 1
+        half = bounce.numel() // halves
+        step = max(1, half // self.panel_bytes(p, 1))
+        done: list[torch.cuda.Event | None] = [None] * halves
+        for k, r0 in enumerate(range(0, self.rows, step)):
+            h = k % halves
+            if done[h] is not None:
+                done[h].synchronize()
+            r1 = min(r0 + step, self.rows)
+            self.read(p, r0, r1, dst[r0:r1], bounce[h * half : (h + 1) * half])
+            if self._cuda:
+                done[h] = torch.cuda.Event()
+                done[h].record()
+
+    # ----------------------------------------------------------------- row blocks out
+
+    def write(self, p: int, r0: int, src: torch.Tensor, bounce: torch.Tensor | None) -> None:
+        """``src`` (device rows ``[r0, r0 + len(src))`` of panel ``p``) to the panel's tier, on
+        the current stream; ``"disk"`` panels are copied into ``bounce`` here and written by
+        :meth:`flush` once that copy is done."""
+        tier = self.tiers[p]
+        r1 = r0 + src.shape[0]
+        if tier == "gpu":
+            self._gpu[p][r0:r1].copy_(src)
+            return
+        nbytes = self.panel_bytes(p, r1 - r0)
+        if self._cuda:
+            self.traffic.add("d2h", nbytes)
+        if tier == "host":
+            self._host[p][r0:r1].copy_(src, non_blocking=True)
+            return
+        assert bounce is not None, "a disk panel is written through a bounce buffer"
+        stage = bounce[:nbytes].view(self.dtype).view(r1 - r0, self.width(p))
+        stage.copy_(src, non_blocking=True)
+
+    def flush(self, p: int, r0: int, rows: int, bounce: torch.Tensor) -> None:
+        """Write ``rows`` rows staged in ``bounce`` to panel ``p`` at row ``r0`` (the copy into
+        ``bounce`` must be complete)."""
+        nbytes = self.panel_bytes(p, rows)
+        view = bounce[:nbytes].view(self.dtype).view(rows, self.width(p))
+        self._pwrite(p, r0, view)
+        self.traffic.add("disk_write", nbytes)
+
+    def write_host(self, p: int, r0: int, src: torch.Tensor) -> None:
+        """Host rows (already in host memory) into panel ``p``: filling a tensor at set-up."""
+        tier = self.tiers[p]
+        r1 = r0 + src.shape[0]
+        if tier == "gpu":
+            self._gpu[p][r0:r1].copy_(src)
+        elif tier == "host":
+            self._host[p][r0:r1].copy_(src)
+        else:
+            self._pwrite(p, r0, src.contiguous())
+
+    def to_host(self) -> torch.Tensor:
+        """The whole tensor in host memory (for results and tests)."""
+        out = torch.empty((self.rows, self.cols), dtype=self.dtype)
+        for p, (c0, c1) in enumerate(self.panels):
+            tier = self.tiers[p]
+            if tier == "gpu":
+                out[:, c0:c1] = self._gpu[p].cpu()
+            elif tier == "host":
+                out[:, c0:c1] = self._host[p]
+            else:
+                part = torch.empty((self.rows, c1 - c0), dtype=self.dtype)
+                self._pread(p, 0, part)
+                out[:, c0:c1] = part
+        return out
+
+    def close(self) -> None:
+        """Release host panels and remove the NVMe file."""
+        self._gpu.clear()
+        self._host.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"PanelTensor({self.name!r}, ({self.rows}, {self.cols}), tiers={self.tiers})"
+
+    # ----------------------------------------------------------------- file I/O
+
+    def _pread(self, p: int, r0: int, dst: torch.Tensor) -> None:
+        view = _bytes(dst)
+        offset = self._disk[p] + r0 * self.width(p) * self.item
+        done = 0
+        while done < view.size:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: short read of panel {p} at byte {offset + done}")
+            done += n
+
+    def _pwrite(self, p: int, r0: int, src: torch.Tensor) -> None:
+        view = _bytes(src)
+        offset = self._disk[p] + r0 * self.width(p) * self.item
+        done = 0
+        while done < view.size:
+            done += os.pwritev(self._fd, [view[done:]], offset + done)
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous host tensor's bytes as a writable numpy view (no copy)."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return t.view(torch.uint8).reshape(-1).numpy()

@@ -1,0 +1,346 @@
+"""Runs an epoch's :class:`~aires.nn.program.Program` under a :class:`~aires.nn.plan.Plan`.
+
+Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
+
+- **Row-local** (:meth:`Engine.rows_pass`): row blocks flow through two buffer sets. While
+  block ``b`` computes on the current stream, block ``b + 1``'s input panels are copied in on a
+  copy stream (NVMe panels read into a pinned bounce buffer first) and block ``b - 1``'s output
+  panels are copied out on a write-back stream (and written to NVMe by a writer thread once
+  their copy lands). CUDA events order load, compute and write-back, so the device never waits
+  for a copy that could have run earlier, and no buffer is reused before it is free.
+- **Aggregation** (:meth:`Engine.aggregate`): for each column panel of the source, the panel is
+  put on the device (its arena view, or one copy into the shared input-panel buffer) and the
+  adjacency's :class:`~aires.scheduler.Scheduler` streams ``Â``'s tiles against it, writing the
+  output panel straight into its tier (the arena, or pinned memory by the scheduler's own
+  write-back stream; NVMe panels through a pinned staging panel).
+
+Everything runs without autograd except the recomputation inside a backward row pass, which
+builds a graph for one block at a time and back-propagates it at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aires.blocks import PanelTensor, Traffic
+from aires.blocks.sparse import SparseRows
+from aires.nn.plan import Plan
+from aires.scheduler import Scheduler
+
+__all__ = ["Engine"]
+
+BlockFn = Callable[[int, int, list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass
+class _Buffers:
+    """One in-flight row block's input and output buffers, and the events that free them."""
+
+    inputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    bounce_in: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    bounce_out: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    loaded: Any = None
+    consumed: Any = None
+    written: Any = None
+    flushes: list[Future] = field(default_factory=list)
+
+
+class Engine:
+    """The tensors of a plan, the adjacency's scheduler, and the passes over them.
+
+    Args:
+        plan: where everything lives.
+        store: the tiled ``Â`` (symmetric).
+        device: compute device.
+        dtype: dtype of the dense tensors.
+        directory: scratch directory for NVMe panels.
+        reserve: device bytes the scheduler keeps for one call's output staging and workspace.
+        sparse_x: the input features when they are sparse (kept as host CSR, not planned).
+        scheduler_options: further :class:`~aires.scheduler.Scheduler` arguments.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        store: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        directory: Path,
+        *,
+        reserve: int,
+        sparse_x: torch.Tensor | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.device = device
+        self.dtype = dtype
+        self.cuda = device.type == "cuda"
+        self.traffic = Traffic()
+        self.arena = (
+            torch.empty(plan.arena_bytes, dtype=torch.uint8, device=device)
+            if plan.arena_bytes
+            else None
+        )
+        self.tensors: dict[str, PanelTensor | SparseRows] = {
+            name: PanelTensor(
+                name,
+                plan.rows,
+                t.cols,
+                plan.panels(t.cols),
+                t.tiers,
+                dtype,
+                device,
+                arena=self.arena,
+                offsets=t.offsets,
+                directory=directory,
+                traffic=self.traffic,
+            )
+            for name, t in plan.tensors.items()
+        }
+        if sparse_x is not None:
+            self.tensors["x"] = SparseRows("x", sparse_x, device, self.traffic)
+        panel_bytes = plan.rows * plan.panel_cols * plan.item
+        self._panel = (
+            self.arena[plan.panel_offset : plan.panel_offset + panel_bytes]
+            if plan.panel_offset >= 0
+            else None
+        )
+        any_disk = any("disk" in t.tiers for t in plan.tensors.values())
+        # NVMe-bound aggregation outputs land in pinned memory first, and NVMe-held
+        # aggregation inputs are read through two halves of a bounce buffer.
+        self._staging = (
+            torch.empty(panel_bytes, dtype=torch.uint8, pin_memory=self.cuda) if any_disk else None
+        )
+        slot = max((int(t.nbytes) for t in store.tiles), default=0)
+        self.scheduler = Scheduler(
+            store,
+            gpu_budget=plan.adjacency_gpu,
+            host_budget=plan.adjacency_host + (slot if self.cuda else 0),
+            device=device,
+            disk_workers=1,
+            # The plan counts each tile on its own tier's path: no tile takes the other path.
+            dual=False,
+            reserve_bytes=reserve,
+            **(scheduler_options or {}),
+        )
+        self.adjacency_stats: list[Any] = []
+        if self.cuda:
+            self._copy = torch.cuda.Stream(device)
+            self._back = torch.cuda.Stream(device)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="aires-panel-writer")
+        self._buffers: list[_Buffers] | None = None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- aggregation
+
+    def aggregate(self, source: str, target: str) -> None:
+        """``target = Â · source``, one pass over ``Â`` per column panel."""
+        src = self.tensors[source]
+        if isinstance(src, SparseRows):
+            self._spgemm(src, target)
+            return
+        dst = self.tensors[target]
+        for p in range(len(src.panels)):
+            x = self._panel_on_device(src, p)
+            tier = dst.tiers[p]
+            if tier == "gpu":
+                self.scheduler.spmm(x, into=dst.device_panel(p))
+            elif tier == "host":
+                self.scheduler.spmm(x, out="host", into=dst.host_panel(p))
+            else:
+                staged = self._staging[: dst.panel_bytes(p)].view(self.dtype).view(dst.rows, -1)
+                self.scheduler.spmm(x, out="host", into=staged)
+                dst.flush(p, 0, dst.rows, self._staging)
+            if tier != "gpu" and self.cuda:
+                self.traffic.add("d2h", dst.panel_bytes(p))
+            self._count_adjacency()
+
+    def _spgemm(self, src: SparseRows, target: str) -> None:
+        """``target = Â · src`` for sparse ``src`` (cuSPARSE SpGEMM per tile), a host CSR."""
+        result = self.scheduler.spgemm(src.whole(), out="host")
+        out = SparseRows(target, result, self.device, self.traffic)
+        if self.cuda:
+            self.traffic.add("d2h", out.nbytes)
+        self.tensors[target] = out
+        self._count_adjacency()
+
+    def _count_adjacency(self) -> None:
+        """The last scheduler call's tile bytes, by path."""
+        stats = self.scheduler.stats
+        self.adjacency_stats.append(stats)
+        if self.cuda:
+            self.traffic.add("h2d", stats.bytes_h2d + stats.bytes_disk)
+        self.traffic.add("disk_read", stats.bytes_disk)
+
+    def _panel_on_device(self, src: PanelTensor, p: int) -> torch.Tensor:
+        if src.tiers[p] == "gpu":
+            return src.device_panel(p)
+        assert self._panel is not None, "the plan gives non-device inputs a panel buffer"
+        x = self._panel[: src.panel_bytes(p)].view(self.dtype).view(src.rows, src.width(p))
+        bounce = self._staging
+        src.read_panel(p, x, bounce)
+        return x
+
+    # ----------------------------------------------------------------- row-local passes
+
+    def rows_pass(self, sources: list[str], targets: list[str], fn: BlockFn) -> None:
+        """``targets = fn(sources)`` one row block at a time (see the module notes).
+
+        ``fn(r0, r1, blocks)`` gets each source's rows ``[r0, r1)`` on the device and returns one
+        ``(r1 - r0, cols)`` block per target.
+        """
+        ins = [self.tensors[s] for s in sources]
+        outs = [self.tensors[t] for t in targets]
+        rows, step = self.plan.rows, self.plan.block_rows
+        blocks = [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+        if not self.cuda:
+            for r0, r1 in blocks:
+                results = fn(r0, r1, [self._read_cpu(t, r0, r1) for t in ins])
+                for t, block in zip(outs, results, strict=True):
+                    self._write_cpu(t, r0, block)
+            return
+        sets = [self._new_buffers(ins, outs) for _ in range(2)]
+        current = torch.cuda.current_stream(self.device)
+        self._load(ins, blocks[0], sets[0])
+        for b, (r0, r1) in enumerate(blocks):
+            if b + 1 < len(blocks):
+                self._load(ins, blocks[b + 1], sets[(b + 1) % 2])
+            s = sets[b % 2]
+            current.wait_event(s.loaded)
+            inputs = [self._assemble(i, t, r0, r1, s) for i, t in enumerate(ins)]
+            if s.written is not None:
+                current.wait_event(s.written)
+            results = fn(r0, r1, inputs)
+            s.consumed = torch.cuda.Event()
+            s.consumed.record(current)
+            self._store(outs, r0, results, s, current)
+        for s in sets:
+            for f in s.flushes:
+                f.result()
+        torch.cuda.current_stream(self.device).wait_stream(self._back)
+
+    def _new_buffers(self, ins: list[PanelTensor], outs: list[PanelTensor]) -> _Buffers:
+        step = self.plan.block_rows
+        s = _Buffers()
+        for i, t in enumerate(ins):
+            if isinstance(t, SparseRows):
+                continue
+            for p in range(len(t.panels)):
+                if t.tiers[p] != "gpu":
+                    s.inputs[(i, p)] = torch.empty((step, t.width(p)), dtype=self.dtype,
+                                                   device=self.device)
+                if t.tiers[p] == "disk":
+                    s.bounce_in[(i, p)] = torch.empty(t.panel_bytes(p, step), dtype=torch.uint8,
+                                                      pin_memory=True)
+        for j, t in enumerate(outs):
+            for p in t.on("disk"):
+                s.bounce_out[(j, p)] = torch.empty(t.panel_bytes(p, step), dtype=torch.uint8,
+                                                   pin_memory=True)
+        return s
+
+    def _load(self, ins: list[PanelTensor], block: tuple[int, int], s: _Buffers) -> None:
+        r0, r1 = block
+        with torch.cuda.stream(self._copy):
+            if s.consumed is not None:
+                self._copy.wait_event(s.consumed)
+            if s.loaded is not None and s.bounce_in:
+                s.loaded.synchronize()  # the last copy out of the bounce buffers is done
+            for (i, p), buf in s.inputs.items():
+                ins[i].read(p, r0, r1, buf[: r1 - r0], s.bounce_in.get((i, p)))
+            s.loaded = torch.cuda.Event()
+            s.loaded.record(self._copy)
+
+    def _assemble(self, i: int, t: PanelTensor | SparseRows, r0: int, r1: int, s: _Buffers) -> torch.Tensor:
+        """Source ``i``'s rows ``[r0, r1)`` on the device: arena views and loaded panels."""
+        if isinstance(t, SparseRows):
+            return t.block(r0, r1)
+        parts = [
+            t.device_panel(p)[r0:r1] if t.tiers[p] == "gpu" else s.inputs[(i, p)][: r1 - r0]
+            for p in range(len(t.panels))
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _store(
+        self,
+        outs: list[PanelTensor],
+        r0: int,
+        results: list[torch.Tensor],
+        s: _Buffers,
+        current: torch.cuda.Stream,
+    ) -> None:
+        for f in s.flushes:
+            f.result()
+        s.flushes = []
+        pending = []
+        for j, (t, block) in enumerate(zip(outs, results, strict=True)):
+            for p, (c0, c1) in enumerate(t.panels):
+                piece = block[:, c0:c1]
+                if t.tiers[p] == "gpu":
+                    t.write(p, r0, piece, None)
+                    continue
+                piece = piece.contiguous()
+                pending.append((j, p, piece))
+        if not pending:
+            return
+        self._back.wait_stream(current)
+        with torch.cuda.stream(self._back):
+            for j, p, piece in pending:
+                outs[j].write(p, r0, piece, s.bounce_out.get((j, p)))
+                piece.record_stream(self._back)
+            s.written = torch.cuda.Event()
+            s.written.record(self._back)
+        for j, p, piece in pending:
+            if outs[j].tiers[p] == "disk":
+                event, rows = s.written, piece.shape[0]
+                bounce = s.bounce_out[(j, p)]
+                s.flushes.append(self._writer.submit(_flush, outs[j], p, r0, rows, bounce, event))
+
+    # ----------------------------------------------------------------- CPU path
+
+    def _read_cpu(self, t: PanelTensor | SparseRows, r0: int, r1: int) -> torch.Tensor:
+        if isinstance(t, SparseRows):
+            return t.block(r0, r1)
+        parts = []
+        for p in range(len(t.panels)):
+            if t.tiers[p] == "gpu":
+                parts.append(t.device_panel(p)[r0:r1])
+            else:
+                buf = torch.empty((r1 - r0, t.width(p)), dtype=self.dtype)
+                t.read(p, r0, r1, buf, buf.view(torch.uint8).view(-1))
+                parts.append(buf)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _write_cpu(self, t: PanelTensor, r0: int, block: torch.Tensor) -> None:
+        for p, (c0, c1) in enumerate(t.panels):
+            piece = block[:, c0:c1].contiguous()
+            if t.tiers[p] == "disk":
+                t.flush(p, r0, piece.shape[0], piece.view(torch.uint8).view(-1))
+            else:
+                t.write(p, r0, piece, None)
+
+    # ----------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Free the device arena, pinned panels and NVMe files; stop the scheduler."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._writer.shutdown(wait=True)
+        for t in self.tensors.values():
+            t.close()
+        self.scheduler.close()
+        self.arena = None
+        self._panel = None
+        self._staging = None
+
+
+def _flush(t: PanelTensor, p: int, r0: int, rows: int, bounce: torch.Tensor, event: Any) -> None:
+    event.synchronize()
+    t.flush(p, r0, rows, bounce)

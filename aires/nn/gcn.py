@@ -1,0 +1,606 @@
+"""``aires.nn.GCN``: a multi-layer GCN trained whole-model out of core under one GPU budget.
+
+Kipf & Welling's model, ``H_{l+1} = relu(Â dropout(H_l) W_l + b_l)``, with every tensor that has
+one row per node (features, aggregation outputs, gradients) kept by the tiers of
+:mod:`aires.blocks` and every aggregation streamed by :mod:`aires.scheduler`, so the device
+holds the weights, the slot rings and whatever the budget leaves for caching, and its memory
+follows the budget, not the graph. The planner (:mod:`aires.nn.plan`) decides what lives where
+and predicts the bytes an epoch moves; every epoch reports that prediction beside the bytes it
+measured and the device memory it measured (:class:`EpochStats`).
+
+Training is the usual PyTorch loop, with the loss computed by the model, since the logits of a
+large graph do not fit on the device either::
+
+    model = GCN(F, 256, C, num_layers=2, gpu_budget="2GiB", device="cuda")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for epoch in range(200):
+        opt.zero_grad()
+        loss = model.loss(x, adj, y, train_mask)   # forward out of core
+        loss.backward()                            # backward out of core: fills .grad
+        opt.step()
+    logits = model(x, adj)                         # (N, C), in host memory
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aires.checks import check_positive_int, parse_size
+from aires.data._splitmix import stream_key, uniform
+from aires.gcn_conv import choose_order, tile_adjacency
+from aires.nn.engine import Engine
+from aires.nn.plan import Bandwidths, Plan, plan_epoch
+from aires.nn.program import ORDERS, Aggregate, Op, Program, build_program
+from aires.scheduler import spmm_reserve
+from aires.scheduler.placement import default_gpu_budget, default_host_budget
+from aires.tiling import TileStore
+
+__all__ = ["GCN", "EpochStats", "dropout_mask"]
+
+
+def dropout_mask(r0: int, rows: int, cols: int, p: float, key: int, device: torch.device) -> Tensor:
+    """The dropout multipliers (0 or ``1/(1-p)``) of rows ``[r0, r0 + rows)`` of a ``cols``-wide
+    tensor: a pure function of the element's position and ``key``, so a row block's mask is
+    the same whatever the blocking, on any device, when recomputed in the backward pass."""
+    counter = (
+        torch.arange(r0, r0 + rows, device=device, dtype=torch.int64)[:, None] * cols
+        + torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    )
+    return (uniform(counter, key) >= p).to(torch.float32) / (1.0 - p)
+
+
+class _Layer(nn.Module):
+    """One layer's parameters, named as PyG's ``GCNConv`` names them (``lin.weight``,
+    ``bias``), so a ``state_dict`` loads either way."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_channels, out_channels, bias=False)
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        nn.init.xavier_uniform_(self.lin.weight)
+        nn.init.zeros_(self.bias)
+
+
+@dataclass
+class EpochStats:
+    """What one :meth:`GCN.loss` (forward and backward) or :meth:`GCN.forward` did.
+
+    Attributes:
+        seconds: wall time of the forward and backward passes.
+        predicted: the traffic model's bytes per path (``h2d``, ``d2h``, ``disk_read``,
+            ``disk_write``).
+        measured: the bytes the passes moved, counted at every copy.
+        peak_allocated: the CUDA caching allocator's peak over the epoch (bytes; 0 on the CPU).
+        peak_device_used: the device's used memory, sampled after every pass (bytes; includes
+            the CUDA context and anything else in the process; 0 on the CPU).
+        passes: aggregation passes run.
+        plan: the plan's one-line summary.
+    """
+
+    seconds: float = 0.0
+    predicted: dict[str, int] = field(default_factory=dict)
+    measured: dict[str, int] = field(default_factory=dict)
+    peak_allocated: int = 0
+    peak_device_used: int = 0
+    passes: int = 0
+    plan: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class GCN(nn.Module):
+    """A GCN whose every node-sized tensor streams between GPU, pinned host memory and NVMe.
+
+    Args:
+        in_channels: input features per node.
+        hidden_channels: width of every hidden layer.
+        out_channels: classes.
+        num_layers: graph convolutions (>= 1).
+        dropout: dropout probability on every layer's input (Kipf & Welling), in ``[0, 1)``.
+        gpu_budget: device bytes (or ``"2GiB"``) the model may use in all, less what the process
+            already holds on the device when the model plans; ``None``: the free device memory.
+            A budget below the minimum working set is a ``ValueError`` naming the minimum.
+        host_budget: pinned host bytes for tensors and tiles (``0``: everything not on the
+            device lives on NVMe); ``None``: half the available RAM.
+        device: where the products run (``None``: CUDA when available).
+        order: ``"auto"`` (each layer's product order by cost, :func:`~aires.gcn_conv.
+            choose_order`), ``"aggregate_first"`` or ``"transform_first"`` for every layer.
+        tile_bytes: capacity of one adjacency tile when the model tiles the graph itself.
+        store_dir: where the model keeps the adjacency tiles it builds (``None``: temporary).
+        scratch_dir: where NVMe-tier tensors are written (``None``: a temporary directory).
+        seed: seed of the dropout masks.
+        panel_cols: force the column-panel width (``None``: the planner's choice).
+        scheduler_options: further :class:`~aires.scheduler.Scheduler` arguments.
+
+    Shapes:
+        - input: ``x`` ``(N, F_in)`` dense (torch, numpy or a ``np.memmap``) or torch sparse
+          CSR/COO; ``adj`` a symmetric :class:`~aires.tiling.TileStore` of the normalised
+          ``Â``, or an ``edge_index`` ``(2, E)`` / ``adj_t`` normalised as PyG's ``gcn_norm``.
+        - output: ``(N, out_channels)`` logits in host memory.
+
+    The graph and features are taken once per pair of objects (transductive training): a call
+    with the same ``x`` and ``adj`` reuses the placement and the features already in the tiers.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        *,
+        gpu_budget: int | str | None = None,
+        host_budget: int | str | None = None,
+        device: torch.device | str | None = None,
+        order: str = "auto",
+        tile_bytes: int | str | None = None,
+        store_dir: str | Path | None = None,
+        scratch_dir: str | Path | None = None,
+        seed: int = 0,
+        panel_cols: int | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_layers, "num_layers")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if order != "auto" and order not in ORDERS:
+            raise ValueError(f"order must be 'auto' or one of {ORDERS}, got {order!r}")
+        dims = [in_channels] + [hidden_channels] * (num_layers - 1) + [out_channels]
+        for name, value in zip(("in_channels", "hidden_channels", "out_channels"),
+                               (in_channels, hidden_channels, out_channels), strict=True):
+            check_positive_int(value, name)
+        self.dims = dims
+        self.dropout = float(dropout)
+        self.order = order
+        self.device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but no CUDA device is visible")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.gpu_budget = None if gpu_budget is None else parse_size(gpu_budget, "gpu_budget")
+        self.host_budget = (
+            None if host_budget is None else parse_size(host_budget, "host_budget", allow_zero=True)
+        )
+        self.tile_bytes = None if tile_bytes is None else parse_size(tile_bytes, "tile_bytes")
+        self.store_dir = store_dir
+        self.scratch_dir = scratch_dir
+        self.seed = int(seed)
+        self.panel_cols = panel_cols
+        self.scheduler_options = scheduler_options
+        self.convs = nn.ModuleList(_Layer(dims[i], dims[i + 1]) for i in range(num_layers))
+        self.to(self.device)
+        self.stats = EpochStats()
+        self._state: _State | None = None
+        self._step = 0
+
+    # ----------------------------------------------------------------- public surface
+
+    def loss(self, x: Any, adj: Any, y: Tensor, mask: Tensor) -> Tensor:
+        """Mean cross-entropy over the rows ``mask`` selects, differentiable in the parameters.
+
+        Runs the forward pass out of core; ``loss.backward()`` runs the backward pass out of
+        core and accumulates every parameter's ``.grad``, as autograd would.
+
+        Args:
+            x, adj: see the class notes.
+            y: ``(N,)`` integer labels.
+            mask: ``(N,)`` bool mask or an index tensor of the training rows.
+        """
+        state = self._prepare(x, adj)
+        labels, rows = _labels(y, mask, state.rows, self.device)
+        self._step += 1
+        params = [t for pair in self._leaves() for t in pair]
+        return _EpochLoss.apply(self, state, labels, rows, *params)
+
+    def forward(self, x: Any, adj: Any) -> Tensor:
+        """Logits ``(N, out_channels)`` in host memory (dropout applies in training mode)."""
+        state = self._prepare(x, adj)
+        with torch.no_grad():
+            start = self._begin(state)
+            self._forward(state, training=self.training, step=self._step)
+            last = state.program.stages[-1]
+            out = torch.empty((state.rows, last.out_cols), dtype=state.dtype)
+            engine = state.engine
+
+            def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
+                out[r0:r1].copy_(self._run_ops(last.ops, inputs[0], r0, self.training,
+                                             self._step, self._leaves()))
+                return []
+
+            engine.rows_pass([last.source], [], block)
+            self._end(state, start)
+        return out
+
+    def plan(self, x: Any, adj: Any) -> Plan:
+        """The placement the model uses for these inputs (planning it if needed)."""
+        return self._prepare(x, adj).plan
+
+    def close(self) -> None:
+        """Release the device arena, pinned tensors, NVMe files and the adjacency's scheduler."""
+        if self._state is not None:
+            self._state.close()
+            self._state = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"dims={self.dims}, dropout={self.dropout}, order={self.order!r}, "
+            f"gpu_budget={self.gpu_budget}, host_budget={self.host_budget}"
+        )
+
+    # ----------------------------------------------------------------- set-up
+
+    def _prepare(self, x: Any, adj: Any) -> _State:
+        key = (id(x), id(adj))
+        if self._state is not None and self._state.key == key:
+            return self._state
+        self.close()
+        self._state = _State.build(self, x, adj, key)
+        return self._state
+
+    def orders(self, num_nodes: int, nnz: int, x_nnz: int | None) -> list[str]:
+        """Each layer's product order (see ``order``)."""
+        if self.order != "auto":
+            orders = [self.order] * (len(self.dims) - 1)
+        else:
+            orders = [
+                choose_order(
+                    nnz=nnz,
+                    num_nodes=num_nodes,
+                    in_columns=self.dims[layer],
+                    out_columns=self.dims[layer + 1],
+                    x_nnz=x_nnz if layer == 0 else None,
+                    x_requires_grad=layer > 0,
+                )
+                for layer in range(len(self.dims) - 1)
+            ]
+        if x_nnz is not None and self.dropout > 0 and orders[0] == "aggregate_first":
+            if self.order == "aggregate_first":
+                raise NotImplementedError(
+                    "dropout on sparse input features needs order='transform_first' for the "
+                    "first layer (its dropout would make Â·X dense)"
+                )
+            orders[0] = "transform_first"
+        return orders
+
+    # ----------------------------------------------------------------- passes
+
+    def _leaves(self) -> list[tuple[Tensor, Tensor]]:
+        return [(layer.lin.weight, layer.bias) for layer in self.convs]
+
+    def _run_ops(
+        self,
+        ops: tuple[Op, ...],
+        h: Tensor,
+        r0: int,
+        training: bool,
+        step: int,
+        params: list[tuple[Tensor, Tensor]],
+    ) -> Tensor:
+        """One ``Rows`` stage on a row block starting at row ``r0``."""
+        for op in ops:
+            if op.kind == "dropout":
+                if training and self.dropout > 0:
+                    h = self._dropout(h, r0, op.layer, step)
+            elif op.kind == "linear":
+                weight = params[op.layer][0]
+                h = torch.sparse.mm(h, weight.t()) if h.layout != torch.strided else h @ weight.t()
+            elif op.kind == "bias":
+                h = h + params[op.layer][1]
+            else:
+                h = F.relu(h)
+        return h
+
+    def _dropout(self, h: Tensor, r0: int, site: int, step: int) -> Tensor:
+        key = stream_key(self.seed, f"dropout:{step}:{site}")
+        if h.layout == torch.strided:
+            mask = dropout_mask(r0, h.shape[0], h.shape[1], self.dropout, key, h.device)
+            return h * mask.to(h.dtype)
+        # Sparse rows: the dense mask at the stored entries (zeros stay zero either way).
+        crow, col = h.crow_indices(), h.col_indices()
+        rows = torch.repeat_interleave(
+            torch.arange(h.shape[0], device=h.device), crow[1:] - crow[:-1]
+        )
+        counter = (rows + r0) * h.shape[1] + col
+        keep = (uniform(counter, key) >= self.dropout).to(h.dtype) / (1.0 - self.dropout)
+        return torch.sparse_csr_tensor(crow, col, h.values() * keep, h.shape)
+
+    def _forward(self, state: _State, *, training: bool, step: int) -> None:
+        """Every stage but the last."""
+        engine, params = state.engine, self._leaves()
+        for stage in state.program.stages[:-1]:
+            if isinstance(stage, Aggregate):
+                engine.aggregate(stage.source, stage.target)
+            else:
+
+                def block(r0: int, r1: int, inputs: list[Tensor], ops=stage.ops) -> list[Tensor]:
+                    return [self._run_ops(ops, inputs[0], r0, training, step, params)]
+
+                engine.rows_pass([stage.source], [stage.target], block)
+            state.sample()
+
+    def _loss_and_backward_pass(
+        self, state: _State, labels: Tensor, rows: Tensor, leaves: list[tuple[Tensor, Tensor]]
+    ) -> Tensor:
+        """The loss stage, forward and backward in one pass: the loss, and ``d source``."""
+        last = state.program.stages[-1]
+        needs = last.source in state.program.needs_grad
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = max(int(rows.sum()), 1)
+        step = self._step
+
+        def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
+            nonlocal total
+            with torch.enable_grad():
+                h = inputs[0].detach().requires_grad_(needs)
+                logits = self._run_ops(last.ops, h, r0, True, step, leaves)
+                sel = rows[r0:r1].to(self.device, non_blocking=True)
+                target = labels[r0:r1].to(self.device, non_blocking=True)
+                part = F.cross_entropy(logits[sel], target[sel], reduction="sum") / count
+                total = total + part.detach().double()
+                if part.requires_grad:
+                    part.backward()
+            return [h.grad] if needs else []
+
+        targets = ["d" + last.source] if needs else []
+        state.engine.rows_pass([last.source], targets, block)
+        state.sample()
+        return total
+
+    def _backward(self, state: _State, leaves: list[tuple[Tensor, Tensor]]) -> None:
+        """Every stage but the last, in reverse."""
+        program, engine, step = state.program, state.engine, self._step
+        for stage in reversed(program.stages[:-1]):
+            if isinstance(stage, Aggregate):
+                if stage.source in program.needs_grad:
+                    engine.aggregate("d" + stage.target, "d" + stage.source)
+            elif stage.target in program.needs_grad:
+                needs = stage.source in program.needs_grad
+
+                def block(r0: int, r1: int, inputs: list[Tensor], ops=stage.ops,
+                          needs=needs) -> list[Tensor]:
+                    with torch.enable_grad():
+                        h = inputs[0]
+                        if needs:
+                            h = h.detach().requires_grad_(True)
+                        out = self._run_ops(ops, h, r0, True, step, leaves)
+                        out.backward(inputs[1])
+                    return [h.grad] if needs else []
+
+                targets = ["d" + stage.source] if needs else []
+                engine.rows_pass([stage.source, "d" + stage.target], targets, block)
+            state.sample()
+
+    def _begin(self, state: _State) -> float:
+        state.engine.traffic.reset()
+        state.peak_used = 0
+        if state.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return time.perf_counter()
+
+    def _end(self, state: _State, start: float) -> None:
+        if state.cuda:
+            torch.cuda.synchronize(self.device)
+        state.sample()
+        passes = len(state.engine.adjacency_stats)
+        state.engine.adjacency_stats.clear()
+        self.stats = EpochStats(
+            seconds=time.perf_counter() - start,
+            predicted=state.plan.predicted.as_dict(),
+            measured=state.engine.traffic.as_dict(),
+            peak_allocated=torch.cuda.max_memory_allocated(self.device) if state.cuda else 0,
+            peak_device_used=state.peak_used,
+            passes=passes,
+            plan=state.plan.summary(),
+        )
+
+
+class _EpochLoss(torch.autograd.Function):
+    """The loss of a whole epoch as one autograd node over the parameters.
+
+    Forward runs the forward stages and the loss stage (whose backward it also runs, since it
+    has the loss's inputs in hand); backward runs the remaining stages in reverse and returns
+    the parameter gradients accumulated block by block.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, model: GCN, state: _State, labels: Tensor, rows: Tensor, *params: Tensor
+    ) -> Tensor:
+        ctx.model, ctx.state = model, state
+        start = model._begin(state)
+        leaves = [
+            (w.detach().requires_grad_(True), b.detach().requires_grad_(True))
+            for w, b in model._leaves()
+        ]
+        with torch.no_grad():
+            model._forward(state, training=model.training, step=model._step)
+            loss = model._loss_and_backward_pass(state, labels, rows, leaves)
+        ctx.leaves = leaves
+        ctx.start = start
+        return loss.to(params[0].dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        model, state, leaves = ctx.model, ctx.state, ctx.leaves
+        with torch.no_grad():
+            model._backward(state, leaves)
+        model._end(state, ctx.start)
+        grads: list[Tensor | None] = []
+        for w, b in leaves:
+            for leaf in (w, b):
+                grads.append(None if leaf.grad is None else leaf.grad * grad)
+        return (None, None, None, None, *grads)
+
+
+@dataclass
+class _State:
+    """A model's placement for one pair of inputs: program, plan, engine, and peaks."""
+
+    key: tuple[int, int]
+    program: Program
+    plan: Plan
+    engine: Engine
+    rows: int
+    dtype: torch.dtype
+    cuda: bool
+    scratch: tempfile.TemporaryDirectory | None
+    peak_used: int = 0
+
+    @classmethod
+    def build(cls, model: GCN, x: Any, adj: Any, key: tuple[int, int]) -> _State:
+        sparse = isinstance(x, Tensor) and x.layout in (torch.sparse_csr, torch.sparse_coo)
+        rows, cols = _shape(x)
+        if cols != model.dims[0]:
+            raise ValueError(f"x has {cols} features per node but in_channels is {model.dims[0]}")
+        dtype = torch.float32 if not isinstance(x, Tensor) or x.dtype != torch.float64 else x.dtype
+        store = _store(model, adj, rows, dtype)
+        if not store.symmetric:
+            raise NotImplementedError(
+                "the whole-model engine needs a symmetric Â (an undirected graph): its backward "
+                "pass reuses Â's tiles for Âᵀ; use AiresGCNConv layers for a directed graph"
+            )
+        x_nnz = int(x._nnz()) if sparse else None
+        program = build_program(model.dims, model.orders(rows, int(store.nnz), x_nnz),
+                                model.dropout)
+        cuda = model.device.type == "cuda"
+        gpu, host = _budgets(model)
+        item = torch.empty((), dtype=dtype).element_size()
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+
+        def reserve(w: int) -> int:
+            return spmm_reserve(store, w, dtype, device=model.device, out="host")
+
+        plan = plan_epoch(
+            _dense_part(program, sparse),
+            rows=rows,
+            item=item,
+            tile_nbytes=[int(t.nbytes) for t in store.tiles],
+            adjacency_reserve=reserve,
+            gpu_budget=gpu,
+            host_budget=host,
+            param_bytes=params,
+            max_width=max(model.dims),
+            cuda=cuda,
+            bandwidths=Bandwidths(),
+            panel_cols=model.panel_cols,
+        )
+        scratch = None
+        directory = model.scratch_dir
+        if directory is None:
+            scratch = tempfile.TemporaryDirectory(prefix="aires-nn-")
+            directory = scratch.name
+        engine = Engine(
+            plan,
+            store,
+            model.device,
+            dtype,
+            Path(directory),
+            reserve=reserve(plan.panel_cols),
+            sparse_x=x if sparse else None,
+            scheduler_options=model.scheduler_options,
+        )
+        if not sparse:
+            _fill(engine.tensors["x"], x, plan.block_rows, dtype)
+        return cls(key, program, plan, engine, rows, dtype, cuda, scratch)
+
+    def sample(self) -> None:
+        """Fold the device's used memory now into the peak."""
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info(self.engine.device)
+            self.peak_used = max(self.peak_used, total - free)
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.scratch is not None:
+            self.scratch.cleanup()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _shape(x: Any) -> tuple[int, int]:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"x must be a 2-D (N, F) tensor or array, got {type(x).__name__} "
+                         f"of shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _budgets(model: GCN) -> tuple[int, int]:
+    """The device budget left for the model (less what the process holds now) and the pinned
+    budget."""
+    gpu = model.gpu_budget if model.gpu_budget is not None else default_gpu_budget(model.device)
+    if model.device.type == "cuda":
+        gpu -= torch.cuda.memory_allocated(model.device)
+    host = model.host_budget if model.host_budget is not None else default_host_budget()
+    return gpu, host
+
+
+def _store(model: GCN, adj: Any, rows: int, dtype: torch.dtype) -> TileStore:
+    if isinstance(adj, TileStore):
+        if tuple(adj.shape) != (rows, rows):
+            raise ValueError(f"adj has shape {tuple(adj.shape)} but x has {rows} rows")
+        return adj
+    return tile_adjacency(
+        adj, rows, dtype, tile_bytes=model.tile_bytes,
+        store_dir=None if model.store_dir is None else Path(model.store_dir),
+    )
+
+
+def _dense_part(program: Program, sparse_x: bool) -> Program:
+    """The program as the dense planner sees it: a sparse ``x`` and a sparse aggregation of it
+    are host CSR tensors, outside the panels."""
+    if not sparse_x:
+        return program
+    sparse = {"x"} | {s.target for s in program.aggregates if s.source == "x"}
+    widths = {k: v for k, v in program.widths.items() if k not in sparse}
+    return Program(program.stages, widths, program.needs_grad)
+
+
+def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype) -> None:
+    """Copy ``x`` (torch, numpy or memmap rows) into the panels of ``t``, a block at a time."""
+    for r0 in range(0, t.rows, block_rows):
+        r1 = min(r0 + block_rows, t.rows)
+        block = x[r0:r1]
+        block = block.detach().to("cpu") if isinstance(block, Tensor) else torch.from_numpy(
+            np.ascontiguousarray(block)
+        )
+        block = block.to(dtype)
+        for p, (c0, c1) in enumerate(t.panels):
+            t.write_host(p, r0, block[:, c0:c1].contiguous())
+
+
+def _labels(y: Tensor, mask: Tensor, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Labels and a bool row mask in host memory (pinned for a GPU)."""
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.numel() != rows:
+        raise ValueError(f"y must be a ({rows},) tensor of labels, got "
+                         f"{getattr(y, 'shape', type(y).__name__)}")
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a tensor, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        if mask.numel() != rows:
+            raise ValueError(f"mask must have {rows} entries, got {mask.numel()}")
+        keep = mask.detach().cpu()
+    else:
+        keep = torch.zeros(rows, dtype=torch.bool)
+        keep[mask.detach().cpu().long()] = True
+    labels = y.detach().cpu().long()
+    if device.type == "cuda":
+        return labels.pin_memory(), keep.pin_memory()
+    return labels, keep
+

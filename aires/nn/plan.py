@@ -1,0 +1,493 @@
+"""Where every tensor of an epoch lives, and the bytes an epoch moves: the traffic model.
+
+The planner takes the :class:`~aires.nn.program.Program` of an epoch, the node count, the
+adjacency's tile table and the two budgets, and decides:
+
+- ``panel_cols`` ``w``: tensors are stored as column panels of ``w`` columns (row-major inside a
+  panel, so any row block of a panel is one contiguous range). An aggregation ``Â · Z`` runs one
+  pass over ``Â``'s tiles per panel of ``Z``, with that panel on the device; wider panels mean
+  fewer passes over ``Â`` but a larger panel buffer.
+- the tier of every panel: the device (in one arena, where tensors whose lifetimes do not
+  overlap share bytes), pinned host memory, or NVMe;
+- how many of ``Â``'s tiles stay on the device and in pinned memory (the scheduler's budgets);
+- ``block_rows``: the rows of one block of a row-local stage.
+
+**Traffic model** (bytes per epoch; ``|T|`` the bytes of tensor ``T``, ``k_T`` its reads plus
+writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned memory / on NVMe,
+``p`` the aggregation passes of the epoch, ``sum over aggregations of ceil(cols / w)``)::
+
+    H2D  = sum over host and NVMe panels of reads * |panel| + p * (|Â|_h + |Â|_d)
+    D2H  = sum over host and NVMe panels of writes * |panel|
+    disk read  = sum over NVMe panels of reads * |panel| + p * |Â|_d
+    disk write = sum over NVMe panels of writes * |panel|
+
+Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
+saved per byte held (``k_T`` for a panel, ``p`` for the adjacency), trying every panel width
+and both fill orders (tensors first, adjacency first), and keeps the plan with the least
+predicted transfer time at the given bandwidths. Every run reports this prediction beside the
+bytes it measured (:class:`~aires.blocks.Traffic`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aires.blocks import Traffic
+from aires.nn.program import Aggregate, Program, Rows
+from aires.scheduler.placement import MIN_SLOTS, format_bytes, place
+
+__all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MARGIN"]
+
+#: Device bytes kept out of every plan on a GPU: the CUDA caching allocator rounds blocks up (to 2 MiB
+#: segments for large ones) and the row-local stages' autograd temporaries vary a little with
+#: the block, so a plan that used the budget to the byte would run out of memory.
+MARGIN = 64 << 20
+#: Share of the device budget a row-local stage's working set may take (blocks of rows and
+#: their temporaries). Larger blocks mean fewer kernel launches per pass.
+ROWS_SHARE = 0.15
+#: Floats per row a row-local stage keeps on the device per unit of its widest layer, for the
+#: recomputed activations, their gradients and autograd's saved tensors.
+TEMPS_PER_WIDTH = 6
+#: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
+ALIGN = 4096
+#: The fewest rows a row-local block may have (the minimum working set's share).
+MIN_BLOCK_ROWS = 64
+#: Row-block buffers in flight (one being loaded, one computed and written back).
+BUFFERS = 2
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Bytes per second of each path, for ranking plans and for the floor (priors until
+    measured: the H200's pinned copies and cold disk reads, DESIGN.md)."""
+
+    h2d: float = 50e9
+    d2h: float = 50e9
+    disk_read: float = 1.5e9
+    disk_write: float = 1.5e9
+
+    def seconds(self, traffic: Traffic) -> float:
+        """The transfer floor: both PCIe directions at once, the disk on top."""
+        return max(traffic.h2d / self.h2d, traffic.d2h / self.d2h) + (
+            traffic.disk_read / self.disk_read + traffic.disk_write / self.disk_write
+        )
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor's panels and where each lives.
+
+    Attributes:
+        name: the program's name of the tensor (``x``, ``s0``, ``ds1``, ...).
+        cols: columns.
+        tiers: per panel, ``"gpu"``, ``"host"`` or ``"disk"``.
+        offsets: per panel, its byte offset in the device arena (``-1`` unless on the device).
+        reads, writes: whole-tensor reads and writes per epoch.
+        first, last: the steps of the epoch it lives between (``x``: all of them).
+    """
+
+    name: str
+    cols: int
+    tiers: tuple[str, ...]
+    offsets: tuple[int, ...]
+    reads: int
+    writes: int
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement of an epoch's tensors and the adjacency under the two budgets.
+
+    Attributes:
+        rows: nodes.
+        item: bytes per element of the dense tensors.
+        panel_cols: ``w``.
+        block_rows: rows per block of a row-local stage.
+        tensors: by name.
+        arena_bytes: device bytes of the arena (device panels and the aggregation's input panel).
+        panel_offset: arena offset of the input-panel buffer, ``-1`` when every aggregation
+            input lives on the device.
+        adjacency_gpu: device budget handed to the adjacency's scheduler.
+        adjacency_host: pinned budget handed to it.
+        adjacency_resident, adjacency_host_bytes, adjacency_disk: adjacency bytes per tier.
+        passes: aggregation passes per epoch (forward and backward).
+        predicted: the traffic model's bytes per epoch.
+        gpu_bytes: what the plan holds on the device at most (arena, adjacency, row blocks,
+            parameters, margin): at most the budget.
+        breakdown: ``gpu_bytes`` by part.
+        host_bytes: pinned bytes the plan holds.
+    """
+
+    rows: int
+    item: int
+    panel_cols: int
+    block_rows: int
+    tensors: dict[str, TensorPlan]
+    arena_bytes: int
+    panel_offset: int
+    adjacency_gpu: int
+    adjacency_host: int
+    adjacency_resident: int
+    adjacency_host_bytes: int
+    adjacency_disk: int
+    passes: int
+    predicted: Traffic
+    gpu_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
+
+    def panels(self, cols: int) -> list[tuple[int, int]]:
+        """Column ranges of the panels of a tensor with ``cols`` columns."""
+        return [(c, min(c + self.panel_cols, cols)) for c in range(0, cols, self.panel_cols)]
+
+    def summary(self) -> str:
+        """One line per tier, for logs."""
+        gpu = [n for n, t in self.tensors.items() if all(x == "gpu" for x in t.tiers)]
+        disk = [n for n, t in self.tensors.items() if "disk" in t.tiers]
+        return (
+            f"panels of {self.panel_cols} columns, {self.passes} aggregation passes per epoch, "
+            f"blocks of {self.block_rows} rows; on the device: {gpu or 'none'} and "
+            f"{format_bytes(self.adjacency_resident)} of Â; on NVMe: {disk or 'none'} and "
+            f"{format_bytes(self.adjacency_disk)} of Â; predicted per epoch: {self.predicted}"
+        )
+
+
+def epoch_steps(program: Program) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The steps of a training epoch, each ``(kind, [(tensor, "r" | "w"), ...])``.
+
+    Kinds: ``"rows"``, ``"aggregate"``, ``"loss"`` (the last ``Rows`` stage, forward and backward
+    in one pass), ``"rows_backward"``, ``"aggregate_backward"``. Gradients are named ``d`` + the
+    tensor.
+    """
+    steps: list[tuple[str, list[tuple[str, str]]]] = []
+    needs = program.needs_grad
+    *body, last = program.stages
+    for stage in body:
+        kind = "rows" if isinstance(stage, Rows) else "aggregate"
+        steps.append((kind, [(stage.source, "r"), (stage.target, "w")]))
+    loss = [(last.source, "r")] + ([("d" + last.source, "w")] if last.source in needs else [])
+    steps.append(("loss", loss))
+    for stage in reversed(body):
+        if isinstance(stage, Aggregate):
+            if stage.source in needs:
+                steps.append(
+                    ("aggregate_backward", [("d" + stage.target, "r"), ("d" + stage.source, "w")])
+                )
+        elif stage.target in needs:
+            acc = [(stage.source, "r"), ("d" + stage.target, "r")]
+            if stage.source in needs:
+                acc.append(("d" + stage.source, "w"))
+            steps.append(("rows_backward", acc))
+    return steps
+
+
+@dataclass
+class _Item:
+    """A candidate for a tier: one panel of one tensor."""
+
+    name: str
+    panel: int
+    nbytes: int
+    saves: int  # accesses per epoch
+    first: int
+    last: int
+
+
+def plan_epoch(
+    program: Program,
+    *,
+    rows: int,
+    item: int,
+    tile_nbytes: list[int],
+    adjacency_reserve: Callable[[int], int],
+    gpu_budget: int,
+    host_budget: int,
+    param_bytes: int,
+    max_width: int,
+    cuda: bool,
+    bandwidths: Bandwidths | None = None,
+    panel_cols: int | None = None,
+) -> Plan:
+    """The plan with the least predicted transfer time, or a ``ValueError`` naming the minimum.
+
+    Args:
+        program: the epoch's stages.
+        rows: nodes ``N``.
+        item: bytes per element of the dense tensors.
+        tile_nbytes: the adjacency's tile sizes (its tile table).
+        adjacency_reserve: device bytes the adjacency's scheduler keeps beside its slots for a
+            call of ``w`` columns (output staging and kernel workspace), as a function of ``w``.
+        gpu_budget, host_budget: the budgets, in bytes.
+        param_bytes: bytes of the parameters (times four: values, gradients, Adam's moments).
+        max_width: the widest layer (sizes the row blocks' temporaries).
+        cuda: whether the device is a GPU (the CPU's "device" is host memory too).
+        bandwidths: for ranking plans; priors when ``None``.
+        panel_cols: force ``w`` (tests); ``None`` tries every width.
+    """
+    bandwidths = bandwidths or Bandwidths()
+    steps = epoch_steps(program)
+    widest = max(a.cols for a in program.aggregates)
+    widths = sorted({math.ceil(widest / k) for k in range(1, widest + 1)}, reverse=True)
+    if panel_cols is not None:
+        widths = [min(panel_cols, widest)]
+    best: Plan | None = None
+    minimum = None
+    for w in widths:
+        for adjacency_first in (False, True):
+            try:
+                plan = _plan(
+                    program, steps, w, adjacency_first, rows, item, tile_nbytes,
+                    adjacency_reserve, gpu_budget, host_budget, param_bytes, max_width, cuda,
+                )
+            except _TooSmall as small:
+                minimum = small.need if minimum is None else min(minimum, small.need)
+                continue
+            if best is None or bandwidths.seconds(plan.predicted) < bandwidths.seconds(
+                best.predicted
+            ):
+                best = plan
+    if best is None:
+        raise ValueError(
+            f"gpu_budget {gpu_budget} B ({format_bytes(gpu_budget)}) is below the minimum "
+            f"working set of this model and graph: {minimum} B ({format_bytes(minimum)})"
+        )
+    return best
+
+
+class _TooSmall(Exception):
+    def __init__(self, need: int) -> None:
+        self.need = need
+
+
+def _plan(
+    program: Program,
+    steps: list[tuple[str, list[tuple[str, str]]]],
+    w: int,
+    adjacency_first: bool,
+    rows: int,
+    item: int,
+    tile_nbytes: list[int],
+    adjacency_reserve: Callable[[int], int],
+    gpu_budget: int,
+    host_budget: int,
+    param_bytes: int,
+    max_width: int,
+    cuda: bool,
+) -> Plan:
+    widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
+    reads: dict[str, int] = {}
+    writes: dict[str, int] = {}
+    span: dict[str, list[int]] = {}
+    for k, (_, acc) in enumerate(steps):
+        for name, mode in acc:
+            (reads if mode == "r" else writes)[name] = (reads if mode == "r" else writes).get(
+                name, 0
+            ) + 1
+            lo, hi = span.get(name, [k, k])
+            span[name] = [min(lo, k), max(hi, k)]
+    span["x"] = [0, len(steps) - 1]
+    agg_steps = [k for k, (kind, _) in enumerate(steps) if kind.startswith("aggregate")]
+    passes = 0
+    for kind, acc in steps:
+        if kind.startswith("aggregate"):
+            # A sparse source (outside ``widths``) is one SpGEMM pass over all its columns.
+            source = acc[0][0]
+            passes += math.ceil(widths[source] / w) if source in widths else 1
+
+    # Row-local working set: BUFFERS blocks of inputs and outputs, plus temporaries.
+    row_floats = BUFFERS * (2 * max_width) + TEMPS_PER_WIDTH * max_width
+    fixed_params = 4 * param_bytes
+    slot = max(tile_nbytes, default=0)
+    adjacency_min = (MIN_SLOTS + 1) * slot + adjacency_reserve(w)
+    panel_bytes = rows * w * item
+    least_rows = min(rows, MIN_BLOCK_ROWS)
+    margin = MARGIN if cuda else 0
+    need = fixed_params + adjacency_min + panel_bytes + least_rows * row_floats * item + margin
+    if need > gpu_budget:
+        raise _TooSmall(need)
+    rows_room = max(int(gpu_budget * ROWS_SHARE), least_rows * row_floats * item)
+    block_rows = max(least_rows, min(rows, rows_room // (row_floats * item)))
+    rows_bytes = block_rows * row_floats * item
+    room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin
+    if room < panel_bytes:
+        rows_bytes = least_rows * row_floats * item
+        block_rows = least_rows
+        room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin
+
+    items: list[_Item] = []
+    for name, cols in widths.items():
+        if name not in span:
+            continue
+        for p, c0 in enumerate(range(0, cols, w)):
+            nbytes = rows * (min(c0 + w, cols) - c0) * item
+            items.append(
+                _Item(name, p, nbytes, reads.get(name, 0) + writes.get(name, 0), *span[name])
+            )
+    items.sort(key=lambda i: (-i.saves, -i.nbytes, i.name, i.panel))
+    adjacency_total = sum(tile_nbytes)
+
+    def arena(chosen: list[_Item], panel_steps: list[int]) -> tuple[dict[tuple[str, int], int], int, int]:
+        blocks = [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen]
+        if panel_steps:
+            blocks.append((panel_bytes, min(panel_steps), max(panel_steps), ("<panel>", 0)))
+        return _first_fit(blocks)
+
+    def panel_steps_for(on_gpu: set[tuple[str, int]]) -> list[int]:
+        out = []
+        for k in agg_steps:
+            src = steps[k][1][0][0]
+            if any((i.name, i.panel) not in on_gpu for i in items if i.name == src):
+                out.append(k)
+        return out
+
+    chosen: list[_Item] = []
+    adjacency_resident_room = 0
+
+    def fill_tensors(limit: int) -> None:
+        for cand in items:
+            trial = chosen + [cand]
+            on_gpu = {(i.name, i.panel) for i in trial}
+            _, peak, _ = arena(trial, panel_steps_for(on_gpu))
+            if peak <= limit:
+                chosen.append(cand)
+
+    if adjacency_first:
+        adjacency_resident_room = min(adjacency_total, max(room - panel_bytes, 0))
+        fill_tensors(room - adjacency_resident_room)
+    else:
+        fill_tensors(room)
+    on_gpu = {(i.name, i.panel) for i in chosen}
+    offsets, arena_bytes, _ = arena(chosen, panel_steps_for(on_gpu))
+    if not adjacency_first:
+        adjacency_resident_room = max(room - arena_bytes, 0)
+    adjacency_gpu = adjacency_min + adjacency_resident_room
+    placement = place(
+        tile_nbytes,
+        gpu_budget=adjacency_gpu,
+        host_budget=0,
+        slots=MIN_SLOTS,
+        disk_workers=1,
+        direct_disk=not cuda,
+        reserve_bytes=adjacency_reserve(w),
+        dual=False,
+    )
+    resident = placement.resident_bytes
+
+    # Pinned memory: what is not on the device, by accesses per byte; the adjacency's
+    # non-resident tiles are worth ``passes`` each.
+    host_items = [i for i in items if (i.name, i.panel) not in on_gpu]
+    host_left = host_budget
+    on_host: set[tuple[str, int]] = set()
+    adjacency_rest = adjacency_total - resident
+    staging = panel_bytes if cuda else 0  # an NVMe-bound aggregation output is staged here
+    adjacency_host = 0
+    queue: list[tuple[int, int, object]] = [(i.saves, i.nbytes, i) for i in host_items]
+    queue.append((passes, adjacency_rest, "adjacency"))
+    queue.sort(key=lambda e: (-e[0], e[1]))
+    for _, nbytes, what in queue:
+        if what == "adjacency":
+            adjacency_host = min(adjacency_rest, max(host_left - staging, 0))
+            host_left -= adjacency_host
+        elif nbytes <= host_left - staging:
+            on_host.add((what.name, what.panel))
+            host_left -= nbytes
+    adjacency_disk = adjacency_rest - adjacency_host
+    # The scheduler places whole tiles: round to what it will hold.
+    if adjacency_rest:
+        host_place = place(
+            tile_nbytes,
+            gpu_budget=adjacency_gpu,
+            host_budget=adjacency_host + (0 if not cuda else slot),
+            slots=MIN_SLOTS,
+            disk_workers=1,
+            direct_disk=not cuda,
+            reserve_bytes=adjacency_reserve(w),
+            dual=False,
+        )
+        adjacency_host = host_place.host_bytes
+        adjacency_disk = adjacency_rest - adjacency_host
+
+    tensors: dict[str, TensorPlan] = {}
+    traffic = Traffic()
+    any_disk = False
+    for name, cols in widths.items():
+        if name not in span:
+            continue
+        tiers, offs = [], []
+        for p, c0 in enumerate(range(0, cols, w)):
+            key = (name, p)
+            tier = "gpu" if key in on_gpu else "host" if key in on_host else "disk"
+            any_disk |= tier == "disk"
+            tiers.append(tier)
+            offs.append(offsets.get(key, -1))
+            nbytes = rows * (min(c0 + w, cols) - c0) * item
+            r, wr = reads.get(name, 0), writes.get(name, 0)
+            if tier != "gpu":
+                traffic.h2d += r * nbytes
+                traffic.d2h += wr * nbytes
+            if tier == "disk":
+                traffic.disk_read += r * nbytes
+                traffic.disk_write += wr * nbytes
+        tensors[name] = TensorPlan(name, cols, tuple(tiers), tuple(offs), reads.get(name, 0),
+                                   writes.get(name, 0), *span[name])
+    traffic.h2d += passes * (adjacency_host + adjacency_disk)
+    traffic.disk_read += passes * adjacency_disk
+    if not cuda:
+        # On the CPU the "device" is host memory: nothing crosses a bus, only the disk.
+        traffic.h2d = traffic.d2h = 0
+    pinned = sum(rows * (min(c0 + w, widths[n]) - c0) * item
+                 for n, p in on_host for c0 in [p * w]) + adjacency_host
+    pinned += staging if any_disk else 0
+    breakdown = {
+        "parameters": fixed_params,
+        "adjacency": adjacency_min + resident,
+        "arena": arena_bytes,
+        "row_blocks": rows_bytes,
+        "margin": margin,
+    }
+    return Plan(
+        rows=rows,
+        item=item,
+        panel_cols=w,
+        block_rows=block_rows,
+        tensors=tensors,
+        arena_bytes=arena_bytes,
+        panel_offset=offsets.get(("<panel>", 0), -1),
+        adjacency_gpu=adjacency_gpu,
+        adjacency_host=adjacency_host,
+        adjacency_resident=resident,
+        adjacency_host_bytes=adjacency_host,
+        adjacency_disk=adjacency_disk,
+        passes=passes,
+        predicted=traffic,
+        gpu_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        host_bytes=pinned,
+    )
+
+
+def _first_fit(
+    blocks: list[tuple[int, int, int, tuple[str, int]]],
+) -> tuple[dict[tuple[str, int], int], int, int]:
+    """Offsets for ``(bytes, first step, last step, key)`` blocks in one arena, blocks alive at
+    the same step never overlapping; largest first, each at the lowest offset that fits.
+    Returns the offsets, the arena's size and the number of blocks."""
+    placed: list[tuple[int, int, int, int]] = []  # offset, bytes, first, last
+    offsets: dict[tuple[str, int], int] = {}
+    align = ALIGN
+    for nbytes, first, last, key in sorted(blocks, key=lambda b: -b[0]):
+        size = -(-nbytes // align) * align
+        busy = sorted((o, o + b) for o, b, f, l in placed if not (l < first or f > last))
+        offset = 0
+        for lo, hi in busy:
+            if offset + size <= lo:
+                break
+            offset = max(offset, hi)
+        placed.append((offset, size, first, last))
+        offsets[key] = offset
+    peak = max((o + b for o, b, _, _ in placed), default=0)
+    return offsets, peak, len(placed)

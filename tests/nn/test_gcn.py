@@ -1,0 +1,236 @@
+"""``aires.nn.GCN`` against in-core training with PyG's ``GCNConv``, on every tier mix.
+
+The reference is PyG's own layers on the whole graph in memory (float64 on the CPU): the
+out-of-core model must give the same losses epoch by epoch and the same weight gradients,
+whatever its budgets put on the device, in pinned memory or on NVMe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.nn import GCNConv
+
+from aires.nn import GCN, dropout_mask
+from aires.data._splitmix import stream_key
+from aires.tiling import TileStore
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# Budgets that put panels on every tier (checked by ``test_tier_mix_uses_every_tier``): a
+# device budget that holds some panels, pinned memory for a few more, NVMe for the rest.
+TIERED = {"gpu_budget": 260 << 10, "host_budget": 24 << 10, "tile_bytes": "8KiB", "panel_cols": 4}
+TIERED_CUDA = {"gpu_budget": "200MiB", "host_budget": 1 << 20, "tile_bytes": "64KiB",
+               "panel_cols": 4}
+
+
+def graph(n: int = 400, edges: int = 2400, seed: int = 0) -> torch.Tensor:
+    """An undirected random graph (both directions of each edge, no self loops)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, n, (edges,), generator=g)
+    dst = torch.randint(0, n, (edges,), generator=g)
+    ei = torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
+    ei = ei[:, ei[0] != ei[1]]
+    return torch.unique(ei, dim=1)
+
+
+def problem(n: int = 400, f: int = 12, c: int = 5, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, f, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    mask = torch.rand(n, generator=g) < 0.4
+    return graph(n, seed=seed), x, y, mask
+
+
+def reference_losses(model: GCN, x, ei, y, mask, epochs: int, dropout_keys=None):
+    """Adam training of PyG ``GCNConv`` layers holding ``model``'s initial weights; returns the
+    losses and the last epoch's weight gradients."""
+    convs = [GCNConv(a, b).to(x.dtype) for a, b in zip(model.dims[:-1], model.dims[1:])]
+    for conv, layer in zip(convs, model.convs):
+        conv.lin.weight.data.copy_(layer.lin.weight.data.cpu())
+        conv.bias.data.copy_(layer.bias.data.cpu())
+    params = [p for conv in convs for p in conv.parameters()]
+    opt = torch.optim.Adam(params, lr=0.01)
+    losses = []
+    for epoch in range(epochs):
+        opt.zero_grad()
+        h = x
+        for i, conv in enumerate(convs):
+            if dropout_keys is not None:
+                key = dropout_keys(epoch + 1, i)
+                h = h * dropout_mask(0, h.shape[0], h.shape[1], model.dropout, key, h.device).to(
+                    h.dtype
+                )
+            h = conv(h, ei)
+            if i < len(convs) - 1:
+                h = F.relu(h)
+        loss = F.cross_entropy(h[mask], y[mask])
+        loss.backward()
+        losses.append(loss.item())
+        grads = [conv.lin.weight.grad.clone() for conv in convs]
+        opt.step()
+    return losses, grads
+
+
+def train(model: GCN, x, adj, y, mask, epochs: int):
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = model.loss(x, adj, y, mask)
+        loss.backward()
+        losses.append(loss.item())
+        grads = [layer.lin.weight.grad.detach().cpu().clone() for layer in model.convs]
+        opt.step()
+    return losses, grads
+
+
+def options(device: str, tiered: bool) -> dict:
+    if not tiered:
+        return {}
+    return dict(TIERED if device == "cpu" else TIERED_CUDA)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["auto", "aggregate_first", "transform_first"])
+@pytest.mark.parametrize("tiered", [False, True], ids=["fits", "tiered"])
+def test_training_matches_pyg_in_core(device: str, order: str, tiered: bool) -> None:
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    ei, x, y, mask = problem(dtype=dtype)
+    torch.manual_seed(0)
+    model = GCN(12, 16, 5, num_layers=3, device=device, order=order, **options(device, tiered))
+    model.to(dtype)
+    ref_losses, ref_grads = reference_losses(model, x, ei, y, mask, epochs=3)
+    losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert losses == pytest.approx(ref_losses, rel=rtol)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got.to(want.dtype), want, rtol=rtol * 10, atol=rtol * 1e-2)
+    model.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tier_mix_uses_every_tier(device: str) -> None:
+    ei, x, y, mask = problem(dtype=torch.float64 if device == "cpu" else torch.float32)
+    model = GCN(12, 16, 5, num_layers=3, device=device, **options(device, True))
+    plan = model.plan(x, ei)
+    tiers = {t for tensor in plan.tensors.values() for t in tensor.tiers}
+    assert tiers == {"gpu", "host", "disk"}, plan.summary()
+    model.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_measured_bytes_equal_the_traffic_model(device: str) -> None:
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    ei, x, y, mask = problem(dtype=dtype)
+    model = GCN(12, 16, 5, num_layers=3, device=device, **options(device, True)).to(dtype)
+    model.loss(x, ei, y, mask).backward()
+    assert model.stats.measured == model.stats.predicted
+    assert model.stats.measured["disk_read"] > 0 and model.stats.measured["disk_write"] > 0
+    model.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_masks_survive_blocking_and_tiers(device: str) -> None:
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    ei, x, y, mask = problem(dtype=dtype)
+    torch.manual_seed(3)
+    model = GCN(12, 16, 5, num_layers=2, dropout=0.5, device=device, seed=7,
+                **options(device, True)).to(dtype)
+    ref, ref_grads = reference_losses(
+        model, x, ei, y, mask, epochs=3,
+        dropout_keys=lambda step, site: stream_key(7, f"dropout:{step}:{site}"),
+    )
+    losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert losses == pytest.approx(ref, rel=rtol)
+    model.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["aggregate_first", "transform_first"])
+def test_sparse_features_match_dense(device: str, order: str) -> None:
+    """Sparse X: SpGEMM aggregation (aggregate first) or sparse row blocks (transform first)."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    ei, x, y, mask = problem(dtype=dtype)
+    x = x * (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.2)
+    torch.manual_seed(0)
+    model = GCN(12, 16, 5, num_layers=2, device=device, order=order).to(dtype)
+    ref, ref_grads = reference_losses(model, x, ei, y, mask, epochs=2)
+    losses, grads = train(model, x.to_sparse_csr().to(device), ei, y, mask, epochs=2)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert losses == pytest.approx(ref, rel=rtol)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got.to(want.dtype), want, rtol=rtol * 10, atol=rtol * 1e-2)
+    model.close()
+
+
+def test_logits_match_pyg() -> None:
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, num_layers=2, device="cpu", **TIERED).double().eval()
+    convs = [GCNConv(a, b).double() for a, b in zip(model.dims[:-1], model.dims[1:])]
+    for conv, layer in zip(convs, model.convs):
+        conv.load_state_dict(layer.state_dict())
+    h = F.relu(convs[0](x, ei))
+    want = convs[1](h, ei)
+    assert torch.allclose(model(x, ei), want, rtol=1e-12, atol=1e-12)
+    model.close()
+
+
+def test_budget_below_the_minimum_names_it() -> None:
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, device="cpu", gpu_budget=4096, tile_bytes="8KiB")
+    with pytest.raises(ValueError, match=r"gpu_budget 4096 B .* below the minimum working set .* \d+ B"):
+        model.loss(x, ei, y, mask)
+
+
+def test_a_tile_store_is_accepted_and_must_match(tmp_path: Path) -> None:
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, device="cpu", tile_bytes="8KiB").double()
+    from aires.gcn_conv import tile_adjacency
+
+    store = tile_adjacency(ei, 400, torch.float64, tile_bytes=8192, store_dir=tmp_path)
+    a = model.loss(x, store, y, mask).item()
+    b = model.loss(x, ei, y, mask).item()
+    assert a == pytest.approx(b, rel=1e-12)
+    with pytest.raises(ValueError, match="x has 300 rows"):
+        model.loss(x[:300], store, y[:300], mask[:300])
+    model.close()
+
+
+def test_killed_run_leaves_the_store_reusable(tmp_path: Path) -> None:
+    """A run killed mid-epoch leaves its tile store whole (or absent) and its scratch unread."""
+    store_dir, scratch = tmp_path / "tiles", tmp_path / "scratch"
+    scratch.mkdir()
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from tests.nn.test_gcn import problem
+        from aires.nn import GCN
+        ei, x, y, mask = problem()
+        model = GCN(12, 16, 5, device="cpu", tile_bytes="8KiB", gpu_budget={TIERED['gpu_budget']},
+                    host_budget=0, store_dir={str(store_dir)!r}, scratch_dir={str(scratch)!r}).double()
+        print("ready", flush=True)
+        while True:
+            model.loss(x, ei, y, mask).backward()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ei, x, y, mask = problem()
+    torch.manual_seed(0)
+    model = GCN(12, 16, 5, device="cpu", tile_bytes="8KiB", store_dir=store_dir,
+                scratch_dir=scratch, host_budget=0, gpu_budget=TIERED["gpu_budget"]).double()
+    ref, _ = reference_losses(model, x, ei, y, mask, epochs=1)
+    assert model.loss(x, ei, y, mask).item() == pytest.approx(ref[0], rel=1e-10)
+    stores = [p for p in store_dir.iterdir() if not p.name.startswith(".")]
+    assert all(TileStore.open(p) for p in stores)
+    model.close()
