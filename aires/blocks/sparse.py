@@ -43,8 +43,9 @@ class SparseRows:
             t = t.detach().to("cpu").contiguous()
             return t.pin_memory() if cuda else t
 
-        self.crow = host(matrix.crow_indices()).to(torch.int64)
-        self.col = host(matrix.col_indices())
+        # One index dtype for both arrays: torch's CSR constructor requires it.
+        self.crow = host(matrix.crow_indices().to(torch.int64))
+        self.col = host(matrix.col_indices().to(torch.int64))
         self.val = host(matrix.values())
 
     @property

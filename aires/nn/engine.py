@@ -131,7 +131,7 @@ class Engine:
             reserve_bytes=reserve,
             **(scheduler_options or {}),
         )
-        self.adjacency_stats: list[Any] = []
+        self.scheduler.history = []
         if self.cuda:
             self._copy = torch.cuda.Stream(device)
             self._back = torch.cuda.Stream(device)
@@ -161,7 +161,6 @@ class Engine:
                 dst.flush(p, 0, dst.rows, self._staging)
             if tier != "gpu" and self.cuda:
                 self.traffic.add("d2h", dst.panel_bytes(p))
-            self._count_adjacency()
 
     def _spgemm(self, src: SparseRows, target: str) -> None:
         """``target = Â · src`` for sparse ``src`` (cuSPARSE SpGEMM per tile), a host CSR."""
@@ -170,15 +169,18 @@ class Engine:
         if self.cuda:
             self.traffic.add("d2h", out.nbytes)
         self.tensors[target] = out
-        self._count_adjacency()
 
-    def _count_adjacency(self) -> None:
-        """The last scheduler call's tile bytes, by path."""
-        stats = self.scheduler.stats
-        self.adjacency_stats.append(stats)
-        if self.cuda:
-            self.traffic.add("h2d", stats.bytes_h2d + stats.bytes_disk)
-        self.traffic.add("disk_read", stats.bytes_disk)
+    def adjacency_calls(self) -> int:
+        """Fold the scheduler calls made since the last fold into the traffic (waiting for
+        their GPU work), and return how many there were."""
+        self.scheduler.stats  # reduces every pending call into the history
+        calls = self.scheduler.history
+        for stats in calls:
+            if self.cuda:
+                self.traffic.add("h2d", stats.bytes_h2d + stats.bytes_disk)
+            self.traffic.add("disk_read", stats.bytes_disk)
+        self.scheduler.history = []
+        return len(calls)
 
     def _panel_on_device(self, src: PanelTensor, p: int) -> torch.Tensor:
         if src.tiers[p] == "gpu":

@@ -349,7 +349,11 @@ class GCN(nn.Module):
                 logits = self._run_ops(last.ops, h, r0, True, step, leaves)
                 sel = rows[r0:r1].to(self.device, non_blocking=True)
                 target = labels[r0:r1].to(self.device, non_blocking=True)
-                part = F.cross_entropy(logits[sel], target[sel], reduction="sum") / count
+                # A weighted sum instead of indexing by the mask: indexing would wait for the
+                # device to count the selected rows, once per block.
+                target = torch.where(sel, target, torch.zeros_like(target))
+                losses = F.cross_entropy(logits, target, reduction="none")
+                part = (losses * sel.to(losses.dtype)).sum() / count
                 total = total + part.detach().double()
                 if part.requires_grad:
                     part.backward()
@@ -385,6 +389,7 @@ class GCN(nn.Module):
             state.sample()
 
     def _begin(self, state: _State) -> float:
+        state.engine.adjacency_calls()
         state.engine.traffic.reset()
         state.peak_used = 0
         if state.cuda:
@@ -396,8 +401,7 @@ class GCN(nn.Module):
         if state.cuda:
             torch.cuda.synchronize(self.device)
         state.sample()
-        passes = len(state.engine.adjacency_stats)
-        state.engine.adjacency_stats.clear()
+        passes = state.engine.adjacency_calls()
         self.stats = EpochStats(
             seconds=time.perf_counter() - start,
             predicted=state.plan.predicted.as_dict(),
@@ -496,6 +500,7 @@ class _State:
             param_bytes=params,
             max_width=max(model.dims),
             cuda=cuda,
+            nnz=int(store.nnz),
             bandwidths=Bandwidths(),
             panel_cols=model.panel_cols,
         )

@@ -46,10 +46,10 @@ __all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MAR
 MARGIN = 64 << 20
 #: Share of the device budget a row-local stage's working set may take (blocks of rows and
 #: their temporaries). Larger blocks mean fewer kernel launches per pass.
-ROWS_SHARE = 0.15
+ROWS_SHARE = 0.2
 #: Floats per row a row-local stage keeps on the device per unit of its widest layer, for the
 #: recomputed activations, their gradients and autograd's saved tensors.
-TEMPS_PER_WIDTH = 6
+TEMPS_PER_WIDTH = 5
 #: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
 ALIGN = 4096
 #: The fewest rows a row-local block may have (the minimum working set's share).
@@ -60,13 +60,19 @@ BUFFERS = 2
 
 @dataclass(frozen=True)
 class Bandwidths:
-    """Bytes per second of each path, for ranking plans and for the floor (priors until
-    measured: the H200's pinned copies and cold disk reads, DESIGN.md)."""
+    """Rates for ranking plans (priors: the H200's pinned copies and cold disk reads, and the
+    H100's in-core SpMM, DESIGN.md).
+
+    ``spmm`` is in units of ``nnz * (w + 128)`` per second: a pass with ``w`` columns gathers
+    ``w`` values per nonzero and reads the nonzero itself, worth about 128 columns (the cost
+    model of :func:`aires.gcn_conv.choose_order`); 66.6M nonzeros at ``w = 128`` took 6.8 ms.
+    """
 
     h2d: float = 50e9
     d2h: float = 50e9
     disk_read: float = 1.5e9
     disk_write: float = 1.5e9
+    spmm: float = 2.5e12
 
     def seconds(self, traffic: Traffic) -> float:
         """The transfer floor: both PCIe directions at once, the disk on top."""
@@ -115,6 +121,7 @@ class Plan:
         adjacency_host: pinned budget handed to it.
         adjacency_resident, adjacency_host_bytes, adjacency_disk: adjacency bytes per tier.
         passes: aggregation passes per epoch (forward and backward).
+        pass_columns: columns those passes compute, in all.
         predicted: the traffic model's bytes per epoch.
         gpu_bytes: what the plan holds on the device at most (arena, adjacency, row blocks,
             parameters, margin): at most the budget.
@@ -135,6 +142,7 @@ class Plan:
     adjacency_host_bytes: int
     adjacency_disk: int
     passes: int
+    pass_columns: int
     predicted: Traffic
     gpu_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
@@ -209,6 +217,7 @@ def plan_epoch(
     param_bytes: int,
     max_width: int,
     cuda: bool,
+    nnz: int = 0,
     bandwidths: Bandwidths | None = None,
     panel_cols: int | None = None,
 ) -> Plan:
@@ -225,6 +234,7 @@ def plan_epoch(
         param_bytes: bytes of the parameters (times four: values, gradients, Adam's moments).
         max_width: the widest layer (sizes the row blocks' temporaries).
         cuda: whether the device is a GPU (the CPU's "device" is host memory too).
+        nnz: the adjacency's nonzeros (each aggregation pass costs compute in proportion).
         bandwidths: for ranking plans; priors when ``None``.
         panel_cols: force ``w`` (tests); ``None`` tries every width.
     """
@@ -246,9 +256,7 @@ def plan_epoch(
             except _TooSmall as small:
                 minimum = small.need if minimum is None else min(minimum, small.need)
                 continue
-            if best is None or bandwidths.seconds(plan.predicted) < bandwidths.seconds(
-                best.predicted
-            ):
+            if best is None or _seconds(plan, nnz, bandwidths) < _seconds(best, nnz, bandwidths):
                 best = plan
     if best is None:
         raise ValueError(
@@ -256,6 +264,13 @@ def plan_epoch(
             f"working set of this model and graph: {minimum} B ({format_bytes(minimum)})"
         )
     return best
+
+
+def _seconds(plan: Plan, nnz: int, bandwidths: Bandwidths) -> float:
+    """A plan's predicted epoch: its transfers plus its aggregation passes' compute (a narrow
+    panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time)."""
+    compute = nnz * (plan.pass_columns + 128 * plan.passes) / bandwidths.spmm
+    return bandwidths.seconds(plan.predicted) + compute
 
 
 class _TooSmall(Exception):
@@ -291,15 +306,20 @@ def _plan(
             span[name] = [min(lo, k), max(hi, k)]
     span["x"] = [0, len(steps) - 1]
     agg_steps = [k for k, (kind, _) in enumerate(steps) if kind.startswith("aggregate")]
-    passes = 0
+    passes = pass_columns = 0
     for kind, acc in steps:
         if kind.startswith("aggregate"):
             # A sparse source (outside ``widths``) is one SpGEMM pass over all its columns.
             source = acc[0][0]
             passes += math.ceil(widths[source] / w) if source in widths else 1
+            pass_columns += widths.get(source, 0)
 
     # Row-local working set: BUFFERS blocks of inputs and outputs, plus temporaries.
-    row_floats = BUFFERS * (2 * max_width) + TEMPS_PER_WIDTH * max_width
+    # Per row: the in-flight buffers of the widest row stage's tensors (its source, target and
+    # their gradients), and the recomputed activations and their gradients.
+    io = max((widths.get(s.source, 0) + widths.get(s.target or "", 0)
+              for s in program.stages if isinstance(s, Rows)), default=max_width)
+    row_floats = BUFFERS * 2 * io + TEMPS_PER_WIDTH * max_width
     fixed_params = 4 * param_bytes
     slot = max(tile_nbytes, default=0)
     adjacency_min = (MIN_SLOTS + 1) * slot + adjacency_reserve(w)
@@ -368,7 +388,7 @@ def _plan(
     placement = place(
         tile_nbytes,
         gpu_budget=adjacency_gpu,
-        host_budget=0,
+        host_budget=slot if cuda else 0,  # the disk path's bounce buffer
         slots=MIN_SLOTS,
         disk_workers=1,
         direct_disk=not cuda,
@@ -463,6 +483,7 @@ def _plan(
         adjacency_host_bytes=adjacency_host,
         adjacency_disk=adjacency_disk,
         passes=passes,
+        pass_columns=pass_columns,
         predicted=traffic,
         gpu_bytes=sum(breakdown.values()),
         breakdown=breakdown,

@@ -321,6 +321,9 @@ class Scheduler:
         self._parts: dict[tuple[int, int], list[_Part] | None] = {}
         self._pending: list[Recorder] = []
         self._stats: RunStats | None = None
+        #: When a list, every call's stats are appended to it as they are reduced (a caller
+        #: that runs many calls reads them once, without waiting after each call).
+        self.history: list[RunStats] | None = None
 
     # ------------------------------------------------------------------ public surface
 
@@ -1057,6 +1060,8 @@ class Scheduler:
         stats = self._pending.pop(0).finish()
         self.dispatcher.update("host", stats.bytes_h2d - stats.bytes_prefetched, stats.t_h2d_s)
         self._stats = stats
+        if self.history is not None:
+            self.history.append(stats)
 
     def _check_dense(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -8,6 +8,7 @@ whatever its budgets put on the device, in pinned memory or on NVMe.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,9 +27,13 @@ from aires.tiling import TileStore
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # Budgets that put panels on every tier (checked by ``test_tier_mix_uses_every_tier``): a
 # device budget that holds some panels, pinned memory for a few more, NVMe for the rest.
+# On a GPU the minimum working set holds cuSPARSE's workspace and a margin for the caching
+# allocator, so the graph is larger there and the device budget is the minimum plus room for a
+# few panels (the minimum read from the error a budget below it raises).
 TIERED = {"gpu_budget": 260 << 10, "host_budget": 24 << 10, "tile_bytes": "8KiB", "panel_cols": 4}
-TIERED_CUDA = {"gpu_budget": "200MiB", "host_budget": 1 << 20, "tile_bytes": "64KiB",
-               "panel_cols": 4}
+TIERED_CUDA = {"host_budget": 4 << 20, "tile_bytes": "256KiB", "panel_cols": 4}
+CUDA_ROOM = 6 << 20
+CUDA_NODES = 50_000
 
 
 def graph(n: int = 400, edges: int = 2400, seed: int = 0) -> torch.Tensor:
@@ -46,7 +51,22 @@ def problem(n: int = 400, f: int = 12, c: int = 5, seed: int = 0, dtype=torch.fl
     x = torch.randn(n, f, generator=g, dtype=dtype)
     y = torch.randint(0, c, (n,), generator=g)
     mask = torch.rand(n, generator=g) < 0.4
-    return graph(n, seed=seed), x, y, mask
+    return graph(n, edges=6 * n, seed=seed), x, y, mask
+
+
+def device_problem(device: str, tiered: bool):
+    """The CPU problem in float64, or on a GPU float32 (and a larger graph when tiered)."""
+    if device == "cpu":
+        return problem()
+    return problem(n=CUDA_NODES if tiered else 400, dtype=torch.float32)
+
+
+def minimum_gpu_bytes(x, ei, **kwargs) -> int:
+    """The model's minimum working set, as a budget below it reports."""
+    model = GCN(x.shape[1], 16, 5, num_layers=3, device="cuda", gpu_budget=1 << 20, **kwargs)
+    with pytest.raises(ValueError, match="minimum working set") as error:
+        model.plan(x, ei)
+    return int(re.search(r"working set of this model and graph: (\d+) B", str(error.value))[1])
 
 
 def reference_losses(model: GCN, x, ei, y, mask, epochs: int, dropout_keys=None):
@@ -92,20 +112,27 @@ def train(model: GCN, x, adj, y, mask, epochs: int):
     return losses, grads
 
 
-def options(device: str, tiered: bool) -> dict:
+def options(device: str, tiered: bool, x=None, ei=None) -> dict:
     if not tiered:
         return {}
-    return dict(TIERED if device == "cpu" else TIERED_CUDA)
+    if device == "cpu":
+        return dict(TIERED)
+    # The budget is the process's: what it already holds on the device (cuBLAS workspaces,
+    # earlier tests' caches) and x, which the test moves there, count against it.
+    held = torch.cuda.memory_allocated() + x.numel() * x.element_size()
+    return {**TIERED_CUDA,
+            "gpu_budget": minimum_gpu_bytes(x, ei, **TIERED_CUDA) + held + CUDA_ROOM}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order", ["auto", "aggregate_first", "transform_first"])
 @pytest.mark.parametrize("tiered", [False, True], ids=["fits", "tiered"])
 def test_training_matches_pyg_in_core(device: str, order: str, tiered: bool) -> None:
-    dtype = torch.float64 if device == "cpu" else torch.float32
-    ei, x, y, mask = problem(dtype=dtype)
+    ei, x, y, mask = device_problem(device, tiered)
+    dtype = x.dtype
     torch.manual_seed(0)
-    model = GCN(12, 16, 5, num_layers=3, device=device, order=order, **options(device, tiered))
+    model = GCN(12, 16, 5, num_layers=3, device=device, order=order,
+                **options(device, tiered, x, ei))
     model.to(dtype)
     ref_losses, ref_grads = reference_losses(model, x, ei, y, mask, epochs=3)
     losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
@@ -118,8 +145,8 @@ def test_training_matches_pyg_in_core(device: str, order: str, tiered: bool) -> 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tier_mix_uses_every_tier(device: str) -> None:
-    ei, x, y, mask = problem(dtype=torch.float64 if device == "cpu" else torch.float32)
-    model = GCN(12, 16, 5, num_layers=3, device=device, **options(device, True))
+    ei, x, y, mask = device_problem(device, True)
+    model = GCN(12, 16, 5, num_layers=3, device=device, **options(device, True, x, ei))
     plan = model.plan(x, ei)
     tiers = {t for tensor in plan.tensors.values() for t in tensor.tiers}
     assert tiers == {"gpu", "host", "disk"}, plan.summary()
@@ -128,9 +155,9 @@ def test_tier_mix_uses_every_tier(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_measured_bytes_equal_the_traffic_model(device: str) -> None:
-    dtype = torch.float64 if device == "cpu" else torch.float32
-    ei, x, y, mask = problem(dtype=dtype)
-    model = GCN(12, 16, 5, num_layers=3, device=device, **options(device, True)).to(dtype)
+    ei, x, y, mask = device_problem(device, True)
+    dtype = x.dtype
+    model = GCN(12, 16, 5, num_layers=3, device=device, **options(device, True, x, ei)).to(dtype)
     model.loss(x, ei, y, mask).backward()
     assert model.stats.measured == model.stats.predicted
     assert model.stats.measured["disk_read"] > 0 and model.stats.measured["disk_write"] > 0
@@ -139,11 +166,11 @@ def test_measured_bytes_equal_the_traffic_model(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_masks_survive_blocking_and_tiers(device: str) -> None:
-    dtype = torch.float64 if device == "cpu" else torch.float32
-    ei, x, y, mask = problem(dtype=dtype)
+    ei, x, y, mask = device_problem(device, True)
+    dtype = x.dtype
     torch.manual_seed(3)
     model = GCN(12, 16, 5, num_layers=2, dropout=0.5, device=device, seed=7,
-                **options(device, True)).to(dtype)
+                **options(device, True, x, ei)).to(dtype)
     ref, ref_grads = reference_losses(
         model, x, ei, y, mask, epochs=3,
         dropout_keys=lambda step, site: stream_key(7, f"dropout:{step}:{site}"),
