@@ -108,11 +108,6 @@ class Engine:
         if sparse_x is not None:
             self.tensors["x"] = SparseRows("x", sparse_x, device, self.traffic)
         panel_bytes = plan.rows * plan.panel_cols * plan.item
-        self._panel = (
-            self.arena[plan.panel_offset : plan.panel_offset + panel_bytes]
-            if plan.panel_offset >= 0
-            else None
-        )
         any_disk = any("disk" in t.tiers for t in plan.tensors.values())
         # NVMe-bound aggregation outputs land in pinned memory first, and NVMe-held
         # aggregation inputs are read through two halves of a bounce buffer.
@@ -120,10 +115,11 @@ class Engine:
             torch.empty(panel_bytes, dtype=torch.uint8, pin_memory=self.cuda) if any_disk else None
         )
         slot = max((int(t.nbytes) for t in store.tiles), default=0)
+        direct = not self.cuda or store.io_mode != "posix"
         self.scheduler = Scheduler(
             store,
             gpu_budget=plan.adjacency_gpu,
-            host_budget=plan.adjacency_host + (slot if self.cuda else 0),
+            host_budget=plan.adjacency_host + (0 if direct else slot),
             device=device,
             disk_workers=1,
             # The plan counts each tile on its own tier's path: no tile takes the other path.
@@ -185,8 +181,8 @@ class Engine:
     def _panel_on_device(self, src: PanelTensor, p: int) -> torch.Tensor:
         if src.tiers[p] == "gpu":
             return src.device_panel(p)
-        assert self._panel is not None, "the plan gives non-device inputs a panel buffer"
-        x = self._panel[: src.panel_bytes(p)].view(self.dtype).view(src.rows, src.width(p))
+        offset = self.plan.panel_offsets[src.name]
+        x = self.arena[offset : offset + src.panel_bytes(p)].view(self.dtype).view(src.rows, -1)
         bounce = self._staging
         src.read_panel(p, x, bounce)
         return x
@@ -339,7 +335,6 @@ class Engine:
             t.close()
         self.scheduler.close()
         self.arena = None
-        self._panel = None
         self._staging = None
 
 

@@ -83,6 +83,8 @@ class EpochStats:
         peak_device_used: the device's used memory, sampled after every pass (bytes; includes
             the CUDA context and anything else in the process; 0 on the CPU).
         passes: aggregation passes run.
+        io_mode: how the adjacency's NVMe tiles were read (``"gds"``, ``"kvikio-compat"``,
+            ``"posix"``, or ``"cpu"``).
         plan: the plan's one-line summary.
     """
 
@@ -92,6 +94,7 @@ class EpochStats:
     peak_allocated: int = 0
     peak_device_used: int = 0
     passes: int = 0
+    io_mode: str = ""
     plan: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -409,6 +412,7 @@ class GCN(nn.Module):
             peak_allocated=torch.cuda.max_memory_allocated(self.device) if state.cuda else 0,
             peak_device_used=state.peak_used,
             passes=passes,
+            io_mode=state.engine.scheduler.io_mode,
             plan=state.plan.summary(),
         )
 
@@ -501,6 +505,7 @@ class _State:
             max_width=max(model.dims),
             cuda=cuda,
             nnz=int(store.nnz),
+            direct_disk=not cuda or store.io_mode != "posix",
             bandwidths=Bandwidths(),
             panel_cols=model.panel_cols,
         )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aires.blocks import Traffic
 from aires.nn.program import Aggregate, Program, Rows
@@ -52,6 +53,8 @@ ROWS_SHARE = 0.2
 TEMPS_PER_WIDTH = 5
 #: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
 ALIGN = 4096
+#: Shares of the device room tried for the adjacency's resident tiles before tensors fill it.
+ADJACENCY_SHARES = (0.0, 0.5, 1.0)
 #: The fewest rows a row-local block may have (the minimum working set's share).
 MIN_BLOCK_ROWS = 64
 #: Row-block buffers in flight (one being loaded, one computed and written back).
@@ -115,8 +118,8 @@ class Plan:
         block_rows: rows per block of a row-local stage.
         tensors: by name.
         arena_bytes: device bytes of the arena (device panels and the aggregation's input panel).
-        panel_offset: arena offset of the input-panel buffer, ``-1`` when every aggregation
-            input lives on the device.
+        panel_offsets: arena offset of the input-panel buffer of each aggregation source not
+            held on the device (the buffer lives during that aggregation only).
         adjacency_gpu: device budget handed to the adjacency's scheduler.
         adjacency_host: pinned budget handed to it.
         adjacency_resident, adjacency_host_bytes, adjacency_disk: adjacency bytes per tier.
@@ -135,7 +138,7 @@ class Plan:
     block_rows: int
     tensors: dict[str, TensorPlan]
     arena_bytes: int
-    panel_offset: int
+    panel_offsets: dict[str, int]
     adjacency_gpu: int
     adjacency_host: int
     adjacency_resident: int
@@ -218,6 +221,7 @@ def plan_epoch(
     max_width: int,
     cuda: bool,
     nnz: int = 0,
+    direct_disk: bool | None = None,
     bandwidths: Bandwidths | None = None,
     panel_cols: int | None = None,
 ) -> Plan:
@@ -235,10 +239,13 @@ def plan_epoch(
         max_width: the widest layer (sizes the row blocks' temporaries).
         cuda: whether the device is a GPU (the CPU's "device" is host memory too).
         nnz: the adjacency's nonzeros (each aggregation pass costs compute in proportion).
+        direct_disk: whether the scheduler's NVMe reads land on the device directly (KvikIO,
+            or the CPU); else they need a pinned bounce buffer. ``None``: ``not cuda``.
         bandwidths: for ranking plans; priors when ``None``.
         panel_cols: force ``w`` (tests); ``None`` tries every width.
     """
     bandwidths = bandwidths or Bandwidths()
+    direct_disk = not cuda if direct_disk is None else direct_disk
     steps = epoch_steps(program)
     widest = max(a.cols for a in program.aggregates)
     widths = sorted({math.ceil(widest / k) for k in range(1, widest + 1)}, reverse=True)
@@ -247,11 +254,11 @@ def plan_epoch(
     best: Plan | None = None
     minimum = None
     for w in widths:
-        for adjacency_first in (False, True):
+        for share in ADJACENCY_SHARES:
             try:
                 plan = _plan(
-                    program, steps, w, adjacency_first, rows, item, tile_nbytes,
-                    adjacency_reserve, gpu_budget, host_budget, param_bytes, max_width, cuda,
+                    program, steps, w, share, rows, item, tile_nbytes, adjacency_reserve,
+                    gpu_budget, host_budget, param_bytes, max_width, cuda, direct_disk,
                 )
             except _TooSmall as small:
                 minimum = small.need if minimum is None else min(minimum, small.need)
@@ -282,7 +289,7 @@ def _plan(
     program: Program,
     steps: list[tuple[str, list[tuple[str, str]]]],
     w: int,
-    adjacency_first: bool,
+    adjacency_share: float,
     rows: int,
     item: int,
     tile_nbytes: list[int],
@@ -292,6 +299,7 @@ def _plan(
     param_bytes: int,
     max_width: int,
     cuda: bool,
+    direct_disk: bool,
 ) -> Plan:
     widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
     reads: dict[str, int] = {}
@@ -347,51 +355,50 @@ def _plan(
             items.append(
                 _Item(name, p, nbytes, reads.get(name, 0) + writes.get(name, 0), *span[name])
             )
-    items.sort(key=lambda i: (-i.saves, -i.nbytes, i.name, i.panel))
+    # Most accesses first; among equals, the shortest-lived (transients share arena bytes).
+    items.sort(key=lambda i: (-i.saves, i.last - i.first, -i.nbytes, i.name, i.panel))
     adjacency_total = sum(tile_nbytes)
 
-    def arena(chosen: list[_Item], panel_steps: list[int]) -> tuple[dict[tuple[str, int], int], int, int]:
-        blocks = [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen]
-        if panel_steps:
-            blocks.append((panel_bytes, min(panel_steps), max(panel_steps), ("<panel>", 0)))
-        return _first_fit(blocks)
-
-    def panel_steps_for(on_gpu: set[tuple[str, int]]) -> list[int]:
+    def needs_panel(on_gpu: set[tuple[str, int]]) -> list[tuple[int, str]]:
+        """The aggregation steps (and their sources) whose source is not all on the device:
+        each needs the input-panel buffer during its step alone."""
         out = []
         for k in agg_steps:
             src = steps[k][1][0][0]
             if any((i.name, i.panel) not in on_gpu for i in items if i.name == src):
-                out.append(k)
+                out.append((k, src))
         return out
 
+    def arena(chosen: list[_Item]) -> tuple[dict[tuple[str, int], int], int]:
+        on_gpu = {(i.name, i.panel) for i in chosen}
+        blocks = [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen]
+        blocks += [(panel_bytes, k, k, ("<panel>", src)) for k, src in needs_panel(on_gpu)]
+        return _first_fit(blocks)
+
     chosen: list[_Item] = []
-    adjacency_resident_room = 0
 
     def fill_tensors(limit: int) -> None:
         for cand in items:
-            trial = chosen + [cand]
-            on_gpu = {(i.name, i.panel) for i in trial}
-            _, peak, _ = arena(trial, panel_steps_for(on_gpu))
-            if peak <= limit:
+            if arena(chosen + [cand])[1] <= limit:
                 chosen.append(cand)
 
-    if adjacency_first:
-        adjacency_resident_room = min(adjacency_total, max(room - panel_bytes, 0))
-        fill_tensors(room - adjacency_resident_room)
-    else:
-        fill_tensors(room)
+    # The adjacency's share of the room is tried at several levels (the caller keeps the best
+    # plan): its tiles save ``passes`` bytes each, a panel its accesses, but the panels' arena
+    # bytes are shared between tensors that do not live at once.
+    panel_room = arena([])[1]
+    adjacency_resident_room = int(min(adjacency_total, max(room - panel_room, 0)) * adjacency_share)
+    fill_tensors(room - adjacency_resident_room)
+    offsets, arena_bytes = arena(chosen)
+    adjacency_resident_room = max(room - arena_bytes, 0)
     on_gpu = {(i.name, i.panel) for i in chosen}
-    offsets, arena_bytes, _ = arena(chosen, panel_steps_for(on_gpu))
-    if not adjacency_first:
-        adjacency_resident_room = max(room - arena_bytes, 0)
     adjacency_gpu = adjacency_min + adjacency_resident_room
     placement = place(
         tile_nbytes,
         gpu_budget=adjacency_gpu,
-        host_budget=slot if cuda else 0,  # the disk path's bounce buffer
+        host_budget=0 if direct_disk else slot,  # the disk path's bounce buffer
         slots=MIN_SLOTS,
         disk_workers=1,
-        direct_disk=not cuda,
+        direct_disk=direct_disk,
         reserve_bytes=adjacency_reserve(w),
         dual=False,
     )
@@ -421,10 +428,10 @@ def _plan(
         host_place = place(
             tile_nbytes,
             gpu_budget=adjacency_gpu,
-            host_budget=adjacency_host + (0 if not cuda else slot),
+            host_budget=adjacency_host + (0 if direct_disk else slot),
             slots=MIN_SLOTS,
             disk_workers=1,
-            direct_disk=not cuda,
+            direct_disk=direct_disk,
             reserve_bytes=adjacency_reserve(w),
             dual=False,
         )
@@ -476,7 +483,7 @@ def _plan(
         block_rows=block_rows,
         tensors=tensors,
         arena_bytes=arena_bytes,
-        panel_offset=offsets.get(("<panel>", 0), -1),
+        panel_offsets={src: off for (kind, src), off in offsets.items() if kind == "<panel>"},
         adjacency_gpu=adjacency_gpu,
         adjacency_host=adjacency_host,
         adjacency_resident=resident,
@@ -492,11 +499,11 @@ def _plan(
 
 
 def _first_fit(
-    blocks: list[tuple[int, int, int, tuple[str, int]]],
-) -> tuple[dict[tuple[str, int], int], int, int]:
+    blocks: list[tuple[int, int, int, tuple[str, Any]]],
+) -> tuple[dict[tuple[str, Any], int], int]:
     """Offsets for ``(bytes, first step, last step, key)`` blocks in one arena, blocks alive at
     the same step never overlapping; largest first, each at the lowest offset that fits.
-    Returns the offsets, the arena's size and the number of blocks."""
+    Returns the offsets and the arena's size."""
     placed: list[tuple[int, int, int, int]] = []  # offset, bytes, first, last
     offsets: dict[tuple[str, int], int] = {}
     align = ALIGN
@@ -511,4 +518,4 @@ def _first_fit(
         placed.append((offset, size, first, last))
         offsets[key] = offset
     peak = max((o + b for o, b, _, _ in placed), default=0)
-    return offsets, peak, len(placed)
+    return offsets, peak

@@ -1,10 +1,11 @@
-"""``aires``: the GCN built from :class:`aires.gcn_conv.AiresGCNConv`, and its ablations.
+"""``aires``: the whole-model out-of-core GCN (:class:`aires.nn.GCN`), and its ablations.
 
-``aires`` trains what an AIRES user writes: ``AiresGCNConv`` layers (``normalize=False`` on the
-workload's normalised ``Â``, ``cached=True``, the benchmark's ``tile_bytes`` and GPU budget),
-the features and activations on the GPU, every aggregation an out-of-core tiled product. The
-product order is the layer's default, chosen per layer by its cost model (``order="auto"``),
-unless ``config.order`` is PyG's ``"transform_first"``.
+``aires`` trains what an AIRES user writes: ``aires.nn.GCN`` with ``gpu_budget`` set to the
+benchmark's budget, over the workload's tiled ``Â`` (``tile_bytes``), the features read from the
+workload's file. Every tensor with one row per node lives where the model's planner puts it
+(device, pinned host memory, NVMe), so the process stays within the budget the runner caps it
+at. The product order is the model's default, chosen per layer by its cost model
+(``order="auto"``), unless ``config.order`` is PyG's ``"transform_first"``.
 
 Ablations (``aires-<variant>``):
 
@@ -49,7 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.methods.chunks import csr_tensor
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
 from bench.methods.result import MethodResult, OverBudgetError
@@ -57,8 +57,8 @@ from bench.methods.training import (
     initial_parameters,
     layer_dims,
     peak_of_one_pass,
-    stacked_forward,
     train,
+    train_loss,
 )
 from bench.methods.workload import Workload
 
@@ -198,57 +198,36 @@ def _stats_result(
     return result
 
 
-def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) -> MethodResult:
-    from aires.gcn_conv import AiresGCNConv
-    from aires.matmul import clear_cache, matmul
+def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -> MethodResult:
+    """``aires``: the whole-model out-of-core :class:`aires.nn.GCN` under the process budget."""
+    from aires.nn import GCN
 
-    index = np.int32 if max(workload.nnz, workload.num_nodes) < 2**31 else np.int64
-    adj_t = csr_tensor(
-        torch.from_numpy(np.asarray(workload.adj_indptr).astype(index)),
-        torch.from_numpy(np.asarray(workload.adj_indices).astype(index)),
-        torch.from_numpy(np.array(workload.adj_data, dtype=np.float32)),
-        workload.num_nodes,
-    )
-    x = _features(workload, device)
     dims = layer_dims(workload, config)
-    convs = torch.nn.ModuleList(
-        AiresGCNConv(i, o, cached=True, normalize=False, order=config.order,
-                     tile_bytes=config.tile_bytes, store_dir=config.store_dir)
-        for i, o in zip(dims[:-1], dims[1:])
-    ).to(device)
-    forward = stacked_forward(convs, dims, config.seed, x, adj_t)
-
-    def set_budget(budget: int | None) -> None:
-        clear_cache()  # closes the schedulers of the previous budget, freeing their memory
-        for conv in convs:
-            conv.gpu_budget = budget
-
-    widths = product_widths(dims, workload.nnz, workload.num_nodes, config.order)
-
-    def product_stats() -> Any:
-        store = convs[0].adjacency_store(x, adj_t)
-        probe = torch.randn(workload.num_nodes, max(widths), device=device)
-        return matmul(store, probe, gpu_budget=convs[0].gpu_budget, device=device,
-                      return_stats=True)[1]
-
-    def probe(budget: int) -> tuple[int, int]:
-        set_budget(budget)
-        peak = peak_of_one_pass(forward, list(convs.parameters()), workload, device)
-        return peak, product_stats().peak_gpu_bytes
-
-    def reserve() -> int:
-        return _output_reserve(convs[0].adjacency_store(x, adj_t), max(widths), device)
-
+    model = GCN(dims[0], config.hidden, dims[-1], num_layers=config.layers, device=device,
+                order=config.order, gpu_budget=config.gpu_budget)
+    with torch.no_grad():
+        for layer, (weight, bias) in zip(model.convs, initial_parameters(dims, config.seed)):
+            layer.lin.weight.copy_(weight.T)
+            layer.bias.copy_(bias)
+    store = _store(workload, config, 4096)
+    y = torch.from_numpy(np.array(workload.y, dtype=np.int64))
+    rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
     try:
-        set_budget(_scheduler_budget(config, device, probe, reserve))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        log = train(forward, list(convs.parameters()), workload, config, device)
-        stats = product_stats()
+        log = train_loss(lambda: model.loss(workload.x, store, y, rows),
+                         list(model.parameters()), config, device)
     except ValueError as error:
         raise _budget_error(error) from error
-    return _stats_result(log, device, stats, len(widths), gpu_budget_scheduler=convs[0].gpu_budget,
-                         features_on_gpu_bytes=x.nbytes, order=config.order)
+    stats = model.stats
+    result = log.result(device, order=config.order, plan=stats.plan,
+                        passes_per_epoch=stats.passes, io_mode=stats.io_mode,
+                        predicted_bytes=stats.predicted, measured_bytes=stats.measured,
+                        peak_device_used=stats.peak_device_used)
+    result.bytes_h2d = stats.measured["h2d"]
+    result.bytes_disk = stats.measured["disk_read"]
+    model.close()
+    return result
 
 
 def _store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
@@ -326,7 +305,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     device = config.torch_device()
     variant = config.method.removeprefix("aires").removeprefix("-")
     if not variant:
-        return _run_conv(workload, config, device)
+        return _run_model(workload, config, device)
     if variant == PYG_ORDER:
-        return _run_conv(workload, replace(config, order="transform_first"), device)
+        return _run_model(workload, replace(config, order="transform_first"), device)
     return _run_ablation(workload, config, device, variant)

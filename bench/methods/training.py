@@ -23,6 +23,7 @@ __all__ = [
     "peak_of_one_pass",
     "stacked_forward",
     "train",
+    "train_loss",
 ]
 
 
@@ -126,8 +127,7 @@ def train(
     """Run ``config.warmup`` untimed and ``config.epochs`` timed full-graph training epochs.
 
     An epoch is: ``forward()`` over the whole graph, cross-entropy on the training rows,
-    backward, one Adam step. The time of an epoch is wall time between two device
-    synchronisations, so asynchronous GPU work is counted in the epoch that queued it.
+    backward, one Adam step (:func:`train_loss` with that loss).
 
     Args:
         forward: returns the logits of all nodes.
@@ -136,11 +136,29 @@ def train(
         config: epochs, warm-up, learning rate.
         device: where the computation runs.
         traffic: the method's byte counters, read after each timed epoch.
+    """
+    y_train, train_idx = labels(workload, device)
+    return train_loss(
+        lambda: F.cross_entropy(forward()[train_idx], y_train), parameters, config, device, traffic
+    )
+
+
+def train_loss(
+    loss_fn: Callable[[], torch.Tensor],
+    parameters: list[torch.nn.Parameter],
+    config: MethodConfig,
+    device: torch.device,
+    traffic: Traffic | None = None,
+) -> EpochLog:
+    """Epochs of ``loss_fn()``, backward and one Adam step, timed as :func:`train` says.
+
+    The time of an epoch is wall time between two device synchronisations, so asynchronous GPU
+    work is counted in the epoch that queued it. ``loss_fn`` is the loss over the training
+    rows (a model that never holds the logits, such as ``aires.nn.GCN``, computes it itself).
 
     Returns:
         Epoch times, losses and per-epoch traffic.
     """
-    y_train, train_idx = labels(workload, device)
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     log = EpochLog()
 
@@ -154,7 +172,7 @@ def train(
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(forward()[train_idx], y_train)
+        loss = loss_fn()
         loss.backward()
         optimizer.step()
         sync()

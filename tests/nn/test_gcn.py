@@ -261,3 +261,19 @@ def test_killed_run_leaves_the_store_reusable(tmp_path: Path) -> None:
     stores = [p for p in store_dir.iterdir() if not p.name.startswith(".")]
     assert all(TileStore.open(p) for p in stores)
     model.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("room", [CUDA_ROOM, 64 << 20])
+def test_measured_peak_is_within_the_process_budget(room: int) -> None:
+    """The allocator's peak over training, everything the process holds included, stays at or
+    under the budget the model was given."""
+    ei, x, y, mask = problem(n=CUDA_NODES, dtype=torch.float32)
+    held = torch.cuda.memory_allocated()
+    budget = minimum_gpu_bytes(x, ei, **TIERED_CUDA) + held + room
+    model = GCN(12, 16, 5, num_layers=3, device="cuda", gpu_budget=budget, **TIERED_CUDA)
+    torch.cuda.reset_peak_memory_stats()
+    train(model, x, ei, y, mask, epochs=2)
+    assert torch.cuda.max_memory_allocated() <= budget
+    assert 0 < model.stats.peak_allocated <= budget
+    model.close()
