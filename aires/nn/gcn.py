@@ -85,6 +85,8 @@ class EpochStats:
         passes: aggregation passes run.
         io_mode: how the adjacency's NVMe tiles were read (``"gds"``, ``"kvikio-compat"``,
             ``"posix"``, or ``"cpu"``).
+        stages: ``(stage, seconds)`` for each pass, in order (device time between the ends of
+            consecutive passes on the compute stream).
         plan: the plan's one-line summary.
     """
 
@@ -95,6 +97,7 @@ class EpochStats:
     peak_device_used: int = 0
     passes: int = 0
     io_mode: str = ""
+    stages: list[tuple[str, float]] = field(default_factory=list)
     plan: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -333,7 +336,7 @@ class GCN(nn.Module):
                     return [self._run_ops(ops, inputs[0], r0, training, step, params)]
 
                 engine.rows_pass([stage.source], [stage.target], block)
-            state.sample()
+            state.mark(f"{type(stage).__name__.lower()} {stage.source}->{stage.target}")
 
     def _loss_and_backward_pass(
         self, state: _State, labels: Tensor, rows: Tensor, leaves: list[tuple[Tensor, Tensor]]
@@ -364,7 +367,7 @@ class GCN(nn.Module):
 
         targets = ["d" + last.source] if needs else []
         state.engine.rows_pass([last.source], targets, block)
-        state.sample()
+        state.mark(f"loss {last.source}")
         return total
 
     def _backward(self, state: _State, leaves: list[tuple[Tensor, Tensor]]) -> None:
@@ -372,8 +375,9 @@ class GCN(nn.Module):
         program, engine, step = state.program, state.engine, self._step
         for stage in reversed(program.stages[:-1]):
             if isinstance(stage, Aggregate):
-                if stage.source in program.needs_grad:
-                    engine.aggregate("d" + stage.target, "d" + stage.source)
+                if stage.source not in program.needs_grad:
+                    continue
+                engine.aggregate("d" + stage.target, "d" + stage.source)
             elif stage.target in program.needs_grad:
                 needs = stage.source in program.needs_grad
 
@@ -389,21 +393,25 @@ class GCN(nn.Module):
 
                 targets = ["d" + stage.source] if needs else []
                 engine.rows_pass([stage.source, "d" + stage.target], targets, block)
-            state.sample()
+            else:
+                continue
+            state.mark(f"{type(stage).__name__.lower()} backward d{stage.target}")
 
     def _begin(self, state: _State) -> float:
         state.engine.adjacency_calls()
         state.engine.traffic.reset()
         state.peak_used = 0
+        state.marks = []
         if state.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        state.mark("start")
         return time.perf_counter()
 
     def _end(self, state: _State, start: float) -> None:
         if state.cuda:
             torch.cuda.synchronize(self.device)
-        state.sample()
+        state.mark("end")
         passes = state.engine.adjacency_calls()
         self.stats = EpochStats(
             seconds=time.perf_counter() - start,
@@ -413,6 +421,7 @@ class GCN(nn.Module):
             peak_device_used=state.peak_used,
             passes=passes,
             io_mode=state.engine.scheduler.io_mode,
+            stages=state.stage_seconds(),
             plan=state.plan.summary(),
         )
 
@@ -468,6 +477,7 @@ class _State:
     cuda: bool
     scratch: tempfile.TemporaryDirectory | None
     peak_used: int = 0
+    marks: list[tuple[str, Any]] = field(default_factory=list)
 
     @classmethod
     def build(cls, model: GCN, x: Any, adj: Any, key: tuple[int, int]) -> _State:
@@ -528,11 +538,23 @@ class _State:
             _fill(engine.tensors["x"], x, plan.block_rows, dtype)
         return cls(key, program, plan, engine, rows, dtype, cuda, scratch)
 
-    def sample(self) -> None:
-        """Fold the device's used memory now into the peak."""
+    def mark(self, label: str) -> None:
+        """The end of a pass: fold the device's used memory now into the peak, and time it."""
         if self.cuda:
             free, total = torch.cuda.mem_get_info(self.engine.device)
             self.peak_used = max(self.peak_used, total - free)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((label, event))
+        else:
+            self.marks.append((label, time.perf_counter()))
+
+    def stage_seconds(self) -> list[tuple[str, float]]:
+        """Seconds between consecutive marks (waits for the device)."""
+        out = []
+        for (_, a), (label, b) in zip(self.marks, self.marks[1:]):
+            out.append((label, a.elapsed_time(b) / 1e3 if self.cuda else b - a))
+        return out
 
     def close(self) -> None:
         self.engine.close()
