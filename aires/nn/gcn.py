@@ -207,10 +207,10 @@ class GCN(nn.Module):
             mask: ``(N,)`` bool mask or an index tensor of the training rows.
         """
         state = self._prepare(x, adj)
-        labels, rows = _labels(y, mask, state.rows, self.device)
+        labels = _labels(y, mask, state.rows, self.dims[-1], self.device)
         self._step += 1
         params = [t for pair in self._leaves() for t in pair]
-        return _EpochLoss.apply(self, state, labels, rows, *params)
+        return _EpochLoss.apply(self, state, labels, *params)
 
     def forward(self, x: Any, adj: Any) -> Tensor:
         """Logits ``(N, out_channels)`` in host memory (dropout applies in training mode)."""
@@ -297,17 +297,26 @@ class GCN(nn.Module):
         params: list[tuple[Tensor, Tensor]],
     ) -> Tensor:
         """One ``Rows`` stage on a row block starting at row ``r0``."""
-        for op in ops:
+        k = 0
+        while k < len(ops):
+            op = ops[k]
             if op.kind == "dropout":
                 if training and self.dropout > 0:
                     h = self._dropout(h, r0, op.layer, step)
             elif op.kind == "linear":
-                weight = params[op.layer][0]
-                h = torch.sparse.mm(h, weight.t()) if h.layout != torch.strided else h @ weight.t()
+                weight, bias = params[op.layer]
+                if h.layout != torch.strided:
+                    h = torch.sparse.mm(h, weight.t())
+                elif k + 1 < len(ops) and ops[k + 1] == Op("bias", op.layer):
+                    h = F.linear(h, weight, bias)  # one fused kernel and one autograd node
+                    k += 1
+                else:
+                    h = F.linear(h, weight)
             elif op.kind == "bias":
                 h = h + params[op.layer][1]
             else:
                 h = F.relu(h)
+            k += 1
         return h
 
     def _dropout(self, h: Tensor, r0: int, site: int, step: int) -> Tensor:
@@ -339,27 +348,26 @@ class GCN(nn.Module):
             state.mark(f"{type(stage).__name__.lower()} {stage.source}->{stage.target}")
 
     def _loss_and_backward_pass(
-        self, state: _State, labels: Tensor, rows: Tensor, leaves: list[tuple[Tensor, Tensor]]
+        self, state: _State, labels: Tensor, leaves: list[tuple[Tensor, Tensor]]
     ) -> Tensor:
-        """The loss stage, forward and backward in one pass: the loss, and ``d source``."""
+        """The loss stage, forward and backward in one pass: the loss, and ``d source``.
+
+        ``labels`` holds ``-1`` on the rows outside the loss."""
         last = state.program.stages[-1]
         needs = last.source in state.program.needs_grad
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = max(int(rows.sum()), 1)
-        step = self._step
+        count = max(int((labels >= 0).sum()), 1)
+        step, training = self._step, self.training
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
             nonlocal total
             with torch.enable_grad():
                 h = inputs[0].detach().requires_grad_(needs)
-                logits = self._run_ops(last.ops, h, r0, True, step, leaves)
-                sel = rows[r0:r1].to(self.device, non_blocking=True)
+                logits = self._run_ops(last.ops, h, r0, training, step, leaves)
                 target = labels[r0:r1].to(self.device, non_blocking=True)
-                # A weighted sum instead of indexing by the mask: indexing would wait for the
-                # device to count the selected rows, once per block.
-                target = torch.where(sel, target, torch.zeros_like(target))
-                losses = F.cross_entropy(logits, target, reduction="none")
-                part = (losses * sel.to(losses.dtype)).sum() / count
+                # Rows outside the loss are labelled -1 and ignored: indexing by a mask would
+                # wait for the device to count the selected rows, once per block.
+                part = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") / count
                 total = total + part.detach().double()
                 if part.requires_grad:
                     part.backward()
@@ -372,7 +380,7 @@ class GCN(nn.Module):
 
     def _backward(self, state: _State, leaves: list[tuple[Tensor, Tensor]]) -> None:
         """Every stage but the last, in reverse."""
-        program, engine, step = state.program, state.engine, self._step
+        program, engine, step, training = state.program, state.engine, self._step, self.training
         for stage in reversed(program.stages[:-1]):
             if isinstance(stage, Aggregate):
                 if stage.source not in program.needs_grad:
@@ -387,7 +395,7 @@ class GCN(nn.Module):
                         h = inputs[0]
                         if needs:
                             h = h.detach().requires_grad_(True)
-                        out = self._run_ops(ops, h, r0, True, step, leaves)
+                        out = self._run_ops(ops, h, r0, training, step, leaves)
                         out.backward(inputs[1])
                     return [h.grad] if needs else []
 
@@ -436,7 +444,7 @@ class _EpochLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, model: GCN, state: _State, labels: Tensor, rows: Tensor, *params: Tensor
+        ctx: Any, model: GCN, state: _State, labels: Tensor, *params: Tensor
     ) -> Tensor:
         ctx.model, ctx.state = model, state
         start = model._begin(state)
@@ -446,7 +454,7 @@ class _EpochLoss(torch.autograd.Function):
         ]
         with torch.no_grad():
             model._forward(state, training=model.training, step=model._step)
-            loss = model._loss_and_backward_pass(state, labels, rows, leaves)
+            loss = model._loss_and_backward_pass(state, labels, leaves)
         ctx.leaves = leaves
         ctx.start = start
         return loss.to(params[0].dtype)
@@ -461,7 +469,7 @@ class _EpochLoss(torch.autograd.Function):
         for w, b in leaves:
             for leaf in (w, b):
                 grads.append(None if leaf.grad is None else leaf.grad * grad)
-        return (None, None, None, None, *grads)
+        return (None, None, None, *grads)
 
 
 @dataclass
@@ -617,8 +625,10 @@ def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype) -> None:
             t.write_host(p, r0, block[:, c0:c1].contiguous())
 
 
-def _labels(y: Tensor, mask: Tensor, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Labels and a bool row mask in host memory (pinned for a GPU)."""
+def _labels(y: Tensor, mask: Tensor, rows: int, classes: int, device: torch.device) -> Tensor:
+    """The labels of the rows ``mask`` selects and ``-1`` elsewhere, in host memory (pinned for
+    a GPU); a selected label outside ``[0, classes)`` is a ``ValueError`` here, not a device
+    assertion in the loss."""
     if not isinstance(y, Tensor) or y.dim() != 1 or y.numel() != rows:
         raise ValueError(f"y must be a ({rows},) tensor of labels, got "
                          f"{getattr(y, 'shape', type(y).__name__)}")
@@ -631,8 +641,9 @@ def _labels(y: Tensor, mask: Tensor, rows: int, device: torch.device) -> tuple[T
     else:
         keep = torch.zeros(rows, dtype=torch.bool)
         keep[mask.detach().cpu().long()] = True
-    labels = y.detach().cpu().long()
-    if device.type == "cuda":
-        return labels.pin_memory(), keep.pin_memory()
-    return labels, keep
-
+    labels = torch.where(keep, y.detach().cpu().long(), -1)
+    selected = labels[keep]
+    if selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= classes):
+        bad = int(selected.min()) if int(selected.min()) < 0 else int(selected.max())
+        raise ValueError(f"y holds label {bad} on a selected row; out_channels is {classes}")
+    return labels.pin_memory() if device.type == "cuda" else labels

@@ -277,3 +277,20 @@ def test_measured_peak_is_within_the_process_budget(room: int) -> None:
     assert torch.cuda.max_memory_allocated() <= budget
     assert 0 < model.stats.peak_allocated <= budget
     model.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda y, m: (y + 5, m), "y holds label 9 on a selected row; out_channels is 5"),
+        (lambda y, m: (y[:-1], m), r"y must be a \(400,\) tensor"),
+        (lambda y, m: (y, m[:-1]), "mask must have 400 entries, got 399"),
+    ],
+)
+def test_bad_labels_are_refused_by_name(change, message) -> None:
+    ei, x, y, mask = problem()
+    y, mask = change(y, mask)
+    model = GCN(12, 16, 5, device="cpu").double()
+    with pytest.raises(ValueError, match=message):
+        model.loss(x, ei, y, mask)
+    model.close()
