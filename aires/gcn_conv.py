@@ -486,18 +486,18 @@ def _assemble(
 
 
 def _is_symmetric(matrix: sp.csr_array) -> bool:
-    """Same structure as its transpose and values equal up to a few ulps.
+    """Equal to its transpose, bit for bit (what ``build_store(symmetric=True)`` checks).
 
-    Values can differ by rounding only where duplicate edges were summed in different orders;
-    using ``A`` for ``A^T`` in the backward pass then costs at most that rounding.
+    :func:`_scale` makes the values of symmetric weights exactly symmetric; where duplicate
+    edges were summed in different orders a value can differ by rounding, and the backward
+    pass then uses the transposed store instead of the same tiles.
     """
     transpose = matrix.T.tocsr()
     transpose.sort_indices()
-    eps = np.finfo(matrix.dtype).eps
     return (
         np.array_equal(matrix.indptr, transpose.indptr)
         and np.array_equal(matrix.indices, transpose.indices)
-        and np.allclose(matrix.data, transpose.data, rtol=4 * eps, atol=0.0)
+        and np.array_equal(matrix.data, transpose.data)
     )
 
 
