@@ -77,6 +77,7 @@ from aires.scheduler.placement import (
     place,
 )
 from aires.scheduler.stats import Recorder, RunStats
+from aires.tiling import TileCorruptError
 from aires.scheduler.transfer import (
     DISK_PRIOR,
     DiskPath,
@@ -646,17 +647,20 @@ class Scheduler:
             keep.append(slab)
         resident: dict[int, torch.Tensor] = {}
         host: dict[int, torch.Tensor] = {}
+        # Placed tiles are CRC-checked once, as they are read into their tier; from there only
+        # DMA (host) or nothing (resident) stands between them and every compute.
+        io = "POSIX" if self.io_mode in ("cpu", "posix") else f"KvikIO {self.io_mode}"
         if p.resident:
             block = torch.empty(p.resident_bytes, dtype=torch.uint8, device=dev)
             keep.append(block)
             for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes), strict=True):
-                self.store.read_bytes(tile, view)
+                self._place_tile(tile, view, f"placement in device memory (phase 1, {io} read)")
                 resident[tile] = view
         if p.host:
             block = pinned_empty(p.host_bytes, dev)
             keep.append(block)
             for tile, view in zip(p.host, _split(block, p.host, self._nbytes), strict=True):
-                self.store.read_bytes(tile, view)
+                self._place_tile(tile, view, "placement in host memory (phase 2, POSIX read)")
                 host[tile] = view
         bounce = None
         if p.n_disk and not p.direct_disk:
@@ -679,6 +683,13 @@ class Scheduler:
         if p.n_disk:
             self._disk = DiskPath(self.store, dev, bounce, self.dispatcher)
             self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
+
+    def _place_tile(self, tile: int, view: torch.Tensor, via: str) -> None:
+        """Read ``tile`` into ``view``, CRC-checked; a bad tile's error names ``via``."""
+        try:
+            self.store.read_bytes(tile, view, verify=True)
+        except TileCorruptError as error:
+            raise error.came_by(via) from error
 
     def _fresh_slot(self) -> torch.Tensor:
         """A new device buffer of one slot (``prealloc=False``)."""

@@ -7,6 +7,8 @@ rows 200-219 empty. Tiles are ~2 KiB, so the matrix spans dozens of tiles.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -83,3 +85,16 @@ def spgemm_budgets(
             break
         gpu = nxt
     return gpu, host_bytes
+
+
+def flip_byte(store: TileStore, tile: int, where: float = 0.5) -> None:
+    """Flip one bit of ``tile`` in the store's data file (through the page cache readers see)."""
+    info = store.tile_info(tile)
+    offset = info.offset + min(int(info.nbytes * where), info.nbytes - 1)
+    with open(store.data_path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+        f.flush()
+        os.fsync(f.fileno())  # for reads that bypass the page cache (GDS)
