@@ -76,17 +76,19 @@ from aires.scheduler.placement import (
     format_bytes,
     place,
 )
-from aires.scheduler.stats import Recorder, RunStats
-from aires.tiling import TileCorruptError
+from aires.scheduler.stats import Recorder, RunStats, begin_peak
 from aires.scheduler.transfer import (
     DISK_PRIOR,
+    PAGE,
     DiskPath,
     Dispatcher,
     HostPath,
     WriteBack,
     copy_rate,
     pinned_empty,
+    pinned_nbytes,
 )
+from aires.tiling import TileCorruptError
 
 __all__ = ["Scheduler", "spmm_reserve"]
 
@@ -322,6 +324,8 @@ class Scheduler:
         self._parts: dict[tuple[int, int], list[_Part] | None] = {}
         self._pending: list[Recorder] = []
         self._stats: RunStats | None = None
+        self._pinned_bytes = 0
+        self._peak_base = 0
 
     # ------------------------------------------------------------------ public surface
 
@@ -356,6 +360,7 @@ class Scheduler:
         """
         x = self._check_dense(x)
         to_host = _check_out(out)
+        self._begin_call()
         f = int(x.shape[1])
         item = x.element_size()
         reserve = self.spmm_reserve(f, x.dtype, out=out)
@@ -374,7 +379,7 @@ class Scheduler:
             ]
             acc_rows = acc[stage_bytes:].view(x.dtype).view(self._acc_rows, f)
             acc_rows.zero_()
-            rec.peak_bytes = held + acc.numel()
+            rec.planned_bytes = held + acc.numel()
         else:
             y = torch.empty((self._n_rows, f), dtype=x.dtype, device=self.device)
             if self._cuda:
@@ -384,7 +389,7 @@ class Scheduler:
             else:
                 for start, stop, _ in self._groups:
                     y[start:stop].zero_()
-            rec.peak_bytes = held + y.numel() * item
+            rec.planned_bytes = held + y.numel() * item
         for start, stop in self._uncovered:
             y[start:stop].zero_()
         offsets = _offsets(self._groups)
@@ -521,6 +526,7 @@ class Scheduler:
         """
         x = self._check_sparse(x)
         to_host = _check_out(out)
+        self._begin_call()
         op_bytes = _operand_bytes(x)
         room = 0 if to_host else self._spgemm_result_bytes(x)
         reserve = op_bytes + self._spgemm_workspace() + room
@@ -573,7 +579,7 @@ class Scheduler:
         if self._cuda:
             rec.end = rec.mark(torch.cuda.current_stream())
         total = 0 if to_host else self._spgemm_result_bytes(x, result._nnz())
-        rec.peak_bytes = max(peak[0], held_fixed + kept[0] + total)
+        rec.planned_bytes = max(peak[0], held_fixed + kept[0] + total)
         rec.extra["max_products"] = int(max_products)
         rec.extra["pieces"] = len(pieces)
         self._close_call(rec)
@@ -588,6 +594,7 @@ class Scheduler:
         if self._cuda:
             torch.cuda.synchronize(self.device)
         self._mem = None
+        self._pinned_bytes = 0
         self._disk = None
         self._stage = None
         self._views.clear()
@@ -620,6 +627,7 @@ class Scheduler:
             direct_disk=self._direct,
             reserve_bytes=reserve,
             dual=self._steals,
+            pinned_page=PAGE if self._cuda else 1,
         )
 
     def _prepare(self, reserve: int, what: str) -> None:
@@ -659,14 +667,17 @@ class Scheduler:
         if p.host:
             block = pinned_empty(p.host_bytes, dev)
             keep.append(block)
-            for tile, view in zip(p.host, _split(block, p.host, self._nbytes), strict=True):
+            views_host = _split(block, p.host, self._nbytes, p.pinned_page)
+            for tile, view in zip(p.host, views_host, strict=True):
                 self._place_tile(tile, view, "placement in host memory (phase 2, POSIX read)")
                 host[tile] = view
         bounce = None
         if p.n_disk and not p.direct_disk:
-            block = pinned_empty(p.n_disk * p.slot_bytes, dev)
+            block = pinned_empty(p.staging_host_bytes, dev)
             keep.append(block)
-            bounce = [block[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(p.n_disk)]
+            stride = p.pinned_slot_bytes
+            bounce = [block[k * stride : k * stride + p.slot_bytes] for k in range(p.n_disk)]
+        self._pinned_bytes = sum(pinned_nbytes(t.numel(), dev) for t in keep if not t.is_cuda)
         self._mem = _Memory(views[: p.n_slots], views[p.n_slots :], resident, host, keep)
         # The host path's prior: one timed host -> device slot copy. The disk keeps its
         # conservative prior (the loads above mostly hit the page cache, which says nothing
@@ -683,6 +694,26 @@ class Scheduler:
         if p.n_disk:
             self._disk = DiskPath(self.store, dev, bounce, self.dispatcher)
             self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
+
+    def _begin_call(self) -> None:
+        """Start the call's measurement of device memory (CUDA), before it allocates anything:
+        what others hold stays out of its peak, the scheduler's own buffers stay in."""
+        if self._cuda:
+            self._peak_base = begin_peak(self.device) - self._device_bytes_held()
+
+    def _device_bytes_held(self) -> int:
+        """Device bytes of the buffers this scheduler keeps between calls, as the caching
+        allocator counts them (sizes rounded up to its 512-byte blocks)."""
+        held: list[torch.Tensor | None] = [self._stage]
+        if self._mem is not None:
+            # Fresh slots (prealloc=False) live between calls too; ring views share the slab.
+            held += self._mem.keep + self._mem.ring + self._mem.disk_slots
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in held
+            if t is not None and t.is_cuda
+        }
+        return sum(-(-n // 512) * 512 for n in storages.values())
 
     def _place_tile(self, tile: int, view: torch.Tensor, via: str) -> None:
         """Read ``tile`` into ``view``, CRC-checked; a bad tile's error names ``via``."""
@@ -1041,7 +1072,13 @@ class Scheduler:
         return Recorder(op, self.device, self.io_mode, len(self._tiles))
 
     def _close_call(self, rec: Recorder) -> None:
-        """Queue ``rec`` for reduction; it is reduced during a later call or on ``stats``."""
+        """Measure the call's peaks and queue ``rec`` for reduction (during a later call or on
+        ``stats``)."""
+        rec.pinned_bytes = self._pinned_bytes
+        if self._cuda:
+            # The allocator's peak is host-side bookkeeping, final once the call has queued
+            # its work: no need to wait for the GPU.
+            rec.measured_peak = torch.cuda.max_memory_allocated(self.device) - self._peak_base
         self._pending.append(rec)
         while len(self._pending) > MAX_PENDING:
             self._finish_oldest()
@@ -1225,11 +1262,14 @@ def _offsets(groups: list[tuple[int, int, list[int]]]) -> list[int]:
     return out
 
 
-def _split(block: torch.Tensor, tiles: tuple[int, ...], nbytes: list[int]) -> list[torch.Tensor]:
+def _split(
+    block: torch.Tensor, tiles: tuple[int, ...], nbytes: list[int], granularity: int = 1
+) -> list[torch.Tensor]:
+    """Views of ``block`` for ``tiles``, each starting at a multiple of ``granularity``."""
     views, offset = [], 0
     for tile in tiles:
         views.append(block[offset : offset + nbytes[tile]])
-        offset += nbytes[tile]
+        offset += -(-nbytes[tile] // granularity) * granularity
     return views
 
 

@@ -22,13 +22,16 @@ the disk threads read with POSIX I/O, so CI exercises every rule.
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from aires.scheduler.placement import round_up
 from aires.scheduler.stats import Recorder
 from aires.tiling import TileCorruptError
 
@@ -38,6 +41,7 @@ __all__ = [
     "DiskPath",
     "WriteBack",
     "pinned_empty",
+    "pinned_nbytes",
     "copy_rate",
     "word_sum",
 ]
@@ -135,9 +139,48 @@ class Dispatcher:
         return self.eta("disk", nbytes) < self.eta("host", host_remaining)
 
 
+#: Host page size: page-locking works in whole pages.
+PAGE = mmap.PAGESIZE
+
+
+def pinned_nbytes(nbytes: int, device: torch.device) -> int:
+    """Host bytes :func:`pinned_empty` locks for an ``nbytes`` buffer (0 off CUDA)."""
+    return round_up(int(nbytes), PAGE) if device.type == "cuda" else 0
+
+
 def pinned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A host byte buffer, page-locked when ``device`` is CUDA (DMA-able, allocated once)."""
-    return torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    """A host byte buffer, page-locked when ``device`` is CUDA (DMA-able, allocated once).
+
+    On CUDA the buffer is ordinary host memory whose page-aligned range of
+    :func:`pinned_nbytes` bytes is locked with ``cudaHostRegister``, so the bytes locked are
+    exactly those counted against ``host_budget``. ``pin_memory=True`` would go through
+    PyTorch's caching host allocator, which rounds each block up to a power of two: up to
+    twice the bytes, which no budget saw. The pages are unlocked when the returned tensor is
+    collected (after the device is synchronised, so no copy still reads them); views of it
+    must not outlive it.
+    """
+    if device.type != "cuda":
+        return torch.empty(int(nbytes), dtype=torch.uint8)
+    size = pinned_nbytes(nbytes, device)
+    raw = torch.empty(size + PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % PAGE
+    block = raw[skip : skip + size]
+    cudart = torch.cuda.cudart()
+    error = int(cudart.cudaHostRegister(block.data_ptr(), size, 0))
+    if error:
+        raise RuntimeError(
+            f"cudaHostRegister of {size} bytes of host memory failed with CUDA error {error}"
+        )
+    out = block[: int(nbytes)]
+    # Not at exit: the CUDA context may be gone by then, and the process's pages go with it.
+    weakref.finalize(out, _unregister, cudart, block.data_ptr(), device).atexit = False
+    return out
+
+
+def _unregister(cudart: Any, ptr: int, device: torch.device) -> None:
+    # A copy queued from these pages may still run: wait for the device first.
+    torch.cuda.synchronize(device)
+    cudart.cudaHostUnregister(ptr)
 
 
 def copy_rate(dst: torch.Tensor, src: torch.Tensor) -> float:

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aires.scheduler.stats import reset_peak_memory_stats
+
 from bench.methods.chunks import csr_tensor
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
@@ -242,7 +244,7 @@ def _run_conv(workload: Workload, config: MethodConfig, device: torch.device) ->
     try:
         set_budget(_scheduler_budget(config, device, probe, reserve))
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory_stats(device)
         log = train(forward, list(convs.parameters()), workload, config, device)
         stats = product_stats()
     except ValueError as error:
@@ -302,7 +304,7 @@ def _run_ablation(
             config, device, probe, lambda: _output_reserve(store, max(widths), device)
         ))
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory_stats(device)
         log = train(model, list(model.parameters()), workload, config, device)
         stats = product_stats()
     except ValueError as error:

@@ -65,7 +65,12 @@ def scheduler_for(
     else:
         reserve = reserve_of(store, F, out, device)
         gpu, host_bytes = tier_budgets(
-            store, resident=resident, host=host, reserve=reserve, bounce=bounces(store, device)
+            store,
+            resident=resident,
+            host=host,
+            reserve=reserve,
+            bounce=bounces(store, device),
+            device=device,
         )
     return Scheduler(
         store, gpu_budget=gpu, host_budget=host_bytes, device=device, dual=False, **options
@@ -632,7 +637,7 @@ def test_gpu_posix_bounce_path(store: TileStore, tier: str) -> None:
     resident, host = TIERS[tier]
     reserve = reserve_of(store, F, None, "cuda")
     gpu, host_bytes = tier_budgets(
-        store, resident=resident, host=host, reserve=reserve, bounce=True
+        store, resident=resident, host=host, reserve=reserve, bounce=True, device="cuda"
     )
     sched = Scheduler(
         _PosixView(store), gpu_budget=gpu, host_budget=host_bytes, device="cuda", dual=False
@@ -668,6 +673,7 @@ def gpu_budgets(store: TileStore, resident: int, out: str | None = None) -> tupl
         host=streamed // 2,
         reserve=reserve,
         bounce=bounces(store, "cuda"),
+        device="cuda",
     )
 
 
@@ -803,3 +809,67 @@ def test_kvikio_reads_into_gpu_memory_are_checked_on_the_device(store: TileStore
     flip_byte(store, tile, where=0.3)
     with pytest.raises(TileCorruptError, match=rf"tile {tile} of .*word sum.*KvikIO"):
         sched.spmm(x)
+
+
+# --------------------------------------------------------------------------- measured peaks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "switch",
+    [{}, {"prealloc": False}, {"overlap": False}, {"dual": True}],
+    ids=["ring", "fresh", "serial", "dual"],
+)
+@pytest.mark.parametrize("out", [None, "host"])
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_measured_peaks_stay_within_the_budgets(
+    store: TileStore, tier: str, out: str | None, switch: dict[str, bool]
+) -> None:
+    """The allocator's measured device peak and the pinned host bytes of a call stay within
+    the budgets for every tier mix and ablation switch; RunStats reports the same figures."""
+    resident, host = tier_counts(store, tier)
+    reserve = reserve_of(store, F, out, "cuda")
+    gpu, host_bytes = tier_budgets(
+        store,
+        resident=resident,
+        host=host,
+        reserve=reserve,
+        bounce=bounces(store, "cuda"),
+        device="cuda",
+    )
+    x = dense_x(store.shape[1], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    sched = Scheduler(
+        store, gpu_budget=gpu, host_budget=host_bytes, device="cuda", **{"dual": False, **switch}
+    )
+    for _ in range(2):
+        y = sched.spmm(x, out=out)
+        np.testing.assert_allclose(
+            y.cpu().numpy(), hub_matrix() @ x.cpu().numpy(), rtol=1e-12, atol=1e-12
+        )
+        del y
+    torch.cuda.synchronize()
+    stats = sched.stats
+    # The allocator's own figure: its peak was reset when the last call began.
+    assert torch.cuda.max_memory_allocated() - base <= gpu
+    assert 0 < stats.peak_gpu_bytes <= gpu
+    assert stats.pinned_host_bytes == sched.placement.pinned_bytes <= host_bytes
+    sched.close()
+
+
+@pytest.mark.gpu
+def test_the_process_peak_survives_the_resets_of_calls(store: TileStore) -> None:
+    """Each call resets the allocator's peak statistic; the process-wide peak is kept."""
+    from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
+
+    reset_peak_memory_stats()
+    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    sched = scheduler_for(store, "all-three", device="cuda")
+    sched.spmm(dense_x(store.shape[1], device="cuda"))
+    assert torch.cuda.max_memory_allocated() < 256 << 20
+    assert max_memory_allocated() >= 256 << 20
+    reset_peak_memory_stats()
+    assert max_memory_allocated() < 256 << 20
