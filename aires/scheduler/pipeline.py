@@ -718,7 +718,14 @@ class Scheduler:
     def _place_tile(self, tile: int, view: torch.Tensor, via: str) -> None:
         """Read ``tile`` into ``view``, CRC-checked; a bad tile's error names ``via``."""
         try:
-            self.store.read_bytes(tile, view, verify=True)
+            if view.is_cuda and self.io_mode == "posix":
+                # The store's own POSIX path to the GPU pins a bounce buffer outside
+                # host_budget; placement happens once, so a pageable copy does.
+                host = np.empty(view.numel(), dtype=np.uint8)
+                self.store.read_bytes(tile, host, verify=True)
+                view.copy_(torch.from_numpy(host))
+            else:
+                self.store.read_bytes(tile, view, verify=True)
         except TileCorruptError as error:
             raise error.came_by(via) from error
 
