@@ -861,12 +861,15 @@ class AiresGCNConv(nn.Module):
             )
         self._check_x(x)
         entries = None
-        if _values_need_grad(edge_index, edge_weight):
-            if self.cached:
-                raise NotImplementedError(
-                    "gradients w.r.t. edge_weight or the adjacency's values need cached=False: "
-                    "a cached layer keeps the first graph as a constant"
-                )
+        needs_grad = _values_need_grad(edge_index, edge_weight)
+        if needs_grad and self.cached:
+            raise NotImplementedError(
+                "gradients w.r.t. edge_weight or the adjacency's values need cached=False: "
+                "a cached layer keeps the first graph as a constant"
+            )
+        # First: it validates the graph.
+        store = self.adjacency_store(x, edge_index, edge_weight)
+        if needs_grad:
             entries = _norm_triplets(
                 edge_index,
                 edge_weight,
@@ -877,7 +880,6 @@ class AiresGCNConv(nn.Module):
                 normalize=self.normalize,
                 flow=self.flow,
             )[:3]
-        store = self.adjacency_store(x, edge_index, edge_weight)
         out = self._propagate(x, store, entries)
         return out if self.bias is None else out + self.bias
 
