@@ -500,6 +500,13 @@ def test_sparse_tensor_value_gradients(order: str) -> None:
     )
 
 
+def test_csc_adj_t_with_value_gradients_is_refused_by_name() -> None:
+    edge_index, value = graph_with_loops()
+    adj = adj_t(edge_index, leaf(value), torch.sparse_coo).to_sparse_csc()
+    with pytest.raises(NotImplementedError, match="sparse CSC edge_index is not supported"):
+        AiresGCNConv(F_IN, F_OUT, **OUT_OF_CORE)(features(), adj)
+
+
 def test_value_gradients_with_batched_and_sparse_features() -> None:
     """Batched x (batches become columns) and sparse x (the product runs transform-first)."""
     edge_index, value = graph_with_loops()
