@@ -640,10 +640,13 @@ _K_ROW, _K_COL, _K_VALUE = (
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """splitmix64's finaliser, elementwise and in place on uint64 (wrapping arithmetic)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def _entry_hashes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> tuple[int, int]:
@@ -652,15 +655,29 @@ def _entry_hashes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> tup
     Each is a sum mod 2**64 of a mixed hash per entry, so tiles hash independently and add up;
     a matrix is symmetric exactly when its entries equal its transpose's as multisets, which
     (but for a 2**-64 chance) is when the two sums agree. Zero values are left out (an
-    explicit zero is no entry) and ``-0.0`` counts as ``0.0``.
+    explicit zero is no entry) and ``-0.0`` counts as ``0.0``. In place where it can be: this
+    runs over every entry of a build.
     """
-    keep = values != 0
-    rows, cols = rows[keep].astype(np.uint64), cols[keep].astype(np.uint64)
-    bits = (values[keep].astype(np.float64) + 0.0).view(np.uint64) * _K_VALUE
-    with np.errstate(over="ignore"):
-        forward = _mix((rows * _K_ROW) ^ (cols * _K_COL) ^ bits).sum(dtype=np.uint64)
-        transpose = _mix((cols * _K_ROW) ^ (rows * _K_COL) ^ bits).sum(dtype=np.uint64)
-    return int(forward), int(transpose)
+    v = values.astype(np.float64)
+    v += 0.0  # -0.0 becomes 0.0
+    keep = v != 0
+    if not keep.all():
+        rows, cols, v = rows[keep], cols[keep], v[keep]
+    bits = v.view(np.uint64)
+    bits *= _K_VALUE
+    r, c = rows.astype(np.uint64), cols.astype(np.uint64)
+    forward = r * _K_ROW
+    forward ^= c * _K_COL
+    forward ^= bits
+    transpose = c
+    transpose *= _K_ROW
+    r *= _K_COL
+    transpose ^= r
+    transpose ^= bits
+    return (
+        int(_mix(forward).sum(dtype=np.uint64)),
+        int(_mix(transpose).sum(dtype=np.uint64)),
+    )
 
 
 def _tile_entry_hashes(buf: np.ndarray, src: _Source, plan: TilePlan, i: int) -> tuple[int, int]:
