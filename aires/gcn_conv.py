@@ -71,6 +71,12 @@ def _is_sparse_tensor(obj: Any) -> bool:
     return module is not None and isinstance(obj, module.SparseTensor)
 
 
+def _shape(adj: Any) -> tuple[int, ...]:
+    """Shape of a torch tensor or a ``SparseTensor`` (whose ``size()`` needs a dim; ``sizes()``
+    gives the tuple)."""
+    return tuple(adj.sizes()) if _is_sparse_tensor(adj) else tuple(adj.size())
+
+
 def _add_remaining_self_loops(
     edge_index: Tensor, weight: Tensor, fill: float, num_nodes: int
 ) -> tuple[Tensor, Tensor]:
@@ -115,7 +121,8 @@ def _compressed_triplets(adj_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _check_square(adj_t: Any, num_nodes: int | None, name: str) -> int:
-    rows, cols = int(adj_t.size(0)), int(adj_t.size(1))
+    shape = _shape(adj_t)
+    rows, cols = int(shape[0]), int(shape[1])
     if rows != cols:
         raise ValueError(
             f"{name} must be a square adjacency, got shape ({rows}, {cols})"
@@ -231,14 +238,15 @@ def _edge_norm(
     dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
     """PyG's ``gcn_norm`` on a checked ``edge_index``: ``(edge_index, weight)``, loops appended."""
+    # As the installed PyG (2.8) does, not as it documents: without edge weights the loops are
+    # added unweighted and every weight then becomes 1, so ``improved`` has no effect (A + I).
+    fill = 2.0 if improved and edge_weight is not None else 1.0
     if edge_weight is None:
-        # Unit weights come before the self loops so that ``improved`` gives A + 2I, as documented
-        # (PyG 2.8 adds the loops first and then overwrites every weight with 1).
         edge_weight = _unit_weights(edge_index, dtype)
     edge_index = edge_index.long()
     if add_self_loops:
         edge_index, edge_weight = _add_remaining_self_loops(
-            edge_index, edge_weight, 2.0 if improved else 1.0, num_nodes
+            edge_index, edge_weight, fill, num_nodes
         )
     row, col = edge_index[0], edge_index[1]
     target, source = (col, row) if flow == "source_to_target" else (row, col)
@@ -267,7 +275,8 @@ def gcn_norm(
             ``torch_sparse.SparseTensor`` ``adj_t``.
         edge_weight: weights of the ``E`` edges (``edge_index`` form only; default 1).
         num_nodes: number of nodes (default: ``max(edge_index) + 1`` or the matrix size).
-        improved: add self loops of weight 2 instead of 1 (``A + 2I``).
+        improved: add self loops of weight 2 instead of 1 (``A + 2I``), except for an
+            ``edge_index`` without ``edge_weight`` (see the note).
         add_self_loops: add self loops. An ``edge_index`` keeps the weight of existing loops and
             adds the missing ones; a torch sparse matrix gets ``fill`` added to its whole
             diagonal; a ``SparseTensor`` gets its diagonal replaced (all three as in PyG).
@@ -286,9 +295,13 @@ def gcn_norm(
         NotImplementedError: for a sparse CSC matrix (as PyG).
 
     Note:
-        PyG 2.8 ignores ``improved`` for an ``edge_index`` without ``edge_weight`` (it overwrites
-        the loop weights with ones); this function gives ``A + 2I`` there, as PyG documents and
-        as PyG does for every other input form.
+        PyG documents ``improved=True`` as ``A + 2I`` for every input. What PyG 2.8 computes
+        differs for an ``edge_index`` without ``edge_weight``: its ``add_remaining_self_loops``
+        adds the loops without weights and ``gcn_norm`` then sets every weight to 1, so the
+        result is ``A + I``, as if ``improved`` were False. With ``edge_weight`` (even all ones),
+        a torch sparse ``adj_t`` or a ``SparseTensor`` it is ``A + 2I``. This function computes
+        what PyG computes, so that swapping the classes gives the same numbers; pass unit
+        ``edge_weight`` for ``A + 2I``.
     """
     if flow not in _FLOWS:
         raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
@@ -427,7 +440,7 @@ def _digest(adj: Any, edge_weight: Tensor | None, params: tuple) -> str:
     """Content hash of the adjacency, the weights and the parameters (one pass over the bytes)."""
     digest = hashlib.blake2b(repr(params).encode(), digest_size=16)
     kind = "sparse_tensor" if _is_sparse_tensor(adj) else str(adj.layout)
-    digest.update(f"{kind}{tuple(adj.size())}".encode())
+    digest.update(f"{kind}{_shape(adj)}".encode())
     for tensor in _components(adj) + ([] if edge_weight is None else [edge_weight]):
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         digest.update(f"|{flat.dtype}:{flat.numel()}|".encode())
@@ -461,7 +474,10 @@ def _lookup_digest(adj: Any, edge_weight: Tensor | None, params: tuple) -> str:
 def _assemble(
     target: Tensor, source: Tensor, value: Tensor, n: int, dtype: np.dtype
 ) -> sp.csr_array:
-    """Target-major CSR (``out = A @ h``), duplicate entries summed, indices sorted."""
+    """Target-major CSR (``out = A @ h``), duplicate entries summed, indices sorted.
+
+    The tiles are a constant: gradients w.r.t. the values are added by :class:`_ValueGradient`.
+    """
     data = value.detach().cpu().numpy().astype(dtype, copy=False)
     rows, cols = target.cpu().numpy(), source.cpu().numpy()
     matrix = sp.coo_array((data, (rows, cols)), shape=(n, n)).tocsr()
@@ -470,18 +486,18 @@ def _assemble(
 
 
 def _is_symmetric(matrix: sp.csr_array) -> bool:
-    """Same structure as its transpose and values equal up to a few ulps.
+    """Equal to its transpose, bit for bit (what ``build_store(symmetric=True)`` checks).
 
-    Values can differ by rounding only where duplicate edges were summed in different orders;
-    using ``A`` for ``A^T`` in the backward pass then costs at most that rounding.
+    :func:`_scale` makes the values of symmetric weights exactly symmetric; where duplicate
+    edges were summed in different orders a value can differ by rounding, and the backward
+    pass then uses the transposed store instead of the same tiles.
     """
     transpose = matrix.T.tocsr()
     transpose.sort_indices()
-    eps = np.finfo(matrix.dtype).eps
     return (
         np.array_equal(matrix.indptr, transpose.indptr)
         and np.array_equal(matrix.indices, transpose.indices)
-        and np.allclose(matrix.data, transpose.data, rtol=4 * eps, atol=0.0)
+        and np.array_equal(matrix.data, transpose.data)
     )
 
 
@@ -540,6 +556,44 @@ def _check_sparse_form(adj: Any, edge_weight: Tensor | None, flow: str) -> None:
         )
 
 
+def _norm_triplets(
+    adj: Any,
+    edge_weight: Tensor | None,
+    num_nodes: int,
+    dtype: torch.dtype,
+    *,
+    improved: bool,
+    add_self_loops: bool,
+    normalize: bool,
+    flow: str,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(target, source, value, n)`` of ``A`` (``out = A @ h``), duplicates kept.
+
+    ``value`` carries the autograd history of the input weights (``edge_weight`` or the sparse
+    values), through the normalisation.
+    """
+    if isinstance(adj, Tensor) and adj.layout == torch.strided:
+        n = _check_edge_index(adj, edge_weight, num_nodes)
+        if normalize:
+            edge_index, weight = _edge_norm(
+                adj, edge_weight, n, improved, add_self_loops, flow, dtype
+            )
+        else:
+            edge_index = adj.long()
+            weight = _unit_weights(adj, dtype) if edge_weight is None else edge_weight
+        row, col = edge_index[0], edge_index[1]
+        target, source = (col, row) if flow == "source_to_target" else (row, col)
+        return target, source, weight, n
+    return _sparse_norm_triplets(
+        adj,
+        num_nodes,
+        improved=improved,
+        add_self_loops=add_self_loops,
+        normalize=normalize,
+        dtype=dtype,
+    )
+
+
 def _shared_adjacency(
     adj: Any,
     edge_weight: Tensor | None,
@@ -571,26 +625,16 @@ def _shared_adjacency(
     if store is not None:
         _STORES.move_to_end(digest)
         return store
-    if isinstance(adj, Tensor) and adj.layout == torch.strided:
-        n = _check_edge_index(adj, edge_weight, num_nodes)
-        if normalize:
-            edge_index, weight = _edge_norm(
-                adj, edge_weight, n, improved, add_self_loops, flow, dtype
-            )
-        else:
-            edge_index = adj.long()
-            weight = _unit_weights(adj, dtype) if edge_weight is None else edge_weight
-        row, col = edge_index[0], edge_index[1]
-        target, source = (col, row) if flow == "source_to_target" else (row, col)
-    else:
-        target, source, weight, n = _sparse_norm_triplets(
-            adj,
-            num_nodes,
-            improved=improved,
-            add_self_loops=add_self_loops,
-            normalize=normalize,
-            dtype=dtype,
-        )
+    target, source, weight, n = _norm_triplets(
+        adj,
+        edge_weight,
+        num_nodes,
+        dtype,
+        improved=improved,
+        add_self_loops=add_self_loops,
+        normalize=normalize,
+        flow=flow,
+    )
     matrix = _assemble(target, source, weight, n, _NUMPY_DTYPES[dtype])
     store = _tile(matrix, digest, tile_bytes, store_dir)
     _STORES[digest] = store
@@ -633,6 +677,60 @@ def tile_adjacency(
     )
 
 
+# --------------------------------------------------------------------------- value gradients
+
+# Edges per chunk of the sampled product in _ValueGradient.backward, times the columns: bounds
+# its temporary (two gathered (chunk, F) blocks) to about 2 x 64 MiB of float32.
+_GATHER_ELEMENTS = 1 << 24
+
+
+class _ValueGradient(torch.autograd.Function):
+    """Identity on ``y = A @ h`` that gives ``A``'s values their gradient.
+
+    The tiles of ``A`` are a constant, so the out-of-core product gives gradients to ``h``
+    only. This adds the one for the values: for entry ``e`` at ``(target_e, source_e)``,
+    ``dL/dvalue_e = <dL/dy[target_e], h[source_e]>`` (a sampled dense-dense product), computed
+    in chunks of edges. Duplicate entries each get their own gradient, as they sum in ``A``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, y: Tensor, value: Tensor, h: Tensor, target: Tensor, source: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(h, target, source)
+        ctx.value_dtype = value.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor
+    ) -> tuple[Tensor, Tensor | None, None, None, None]:
+        h, target, source = ctx.saved_tensors
+        dvalue = None
+        if ctx.needs_input_grad[1]:
+            target, source = target.to(dy.device), source.to(dy.device)
+            step = max(1, _GATHER_ELEMENTS // max(h.size(1), 1))
+            dvalue = torch.cat(
+                [
+                    (dy[target[k : k + step]] * h[source[k : k + step]]).sum(1)
+                    for k in range(0, target.numel(), step)
+                ]
+                or [dy.new_zeros(0)]
+            ).to(ctx.value_dtype)
+        return dy, dvalue, None, None, None
+
+
+def _values_need_grad(adj: Any, edge_weight: Tensor | None) -> bool:
+    """Whether autograd will want a gradient w.r.t. the graph's weights or sparse values."""
+    if not torch.is_grad_enabled():
+        return False
+    if _is_sparse_tensor(adj):
+        value = adj.storage.value()
+        return value is not None and value.requires_grad
+    weights = [adj, edge_weight] if isinstance(adj, Tensor) else [edge_weight]
+    return any(isinstance(w, Tensor) and w.requires_grad for w in weights)
+
+
 # --------------------------------------------------------------------------- the layer
 
 
@@ -665,7 +763,8 @@ class AiresGCNConv(nn.Module):
     Args:
         in_channels: size of each input feature vector.
         out_channels: size of each output feature vector.
-        improved: use ``A + 2I`` instead of ``A + I``.
+        improved: use ``A + 2I`` instead of ``A + I`` (as in the installed PyG, not for an
+            ``edge_index`` without ``edge_weight``: see :func:`gcn_norm`).
         cached: tile the normalised adjacency on the first call and use it for every later call
             (transductive learning only).
         add_self_loops: add self loops; default: ``normalize``. True with ``normalize=False`` is
@@ -777,15 +876,17 @@ class AiresGCNConv(nn.Module):
             edge_index: ``[2, E]`` LongTensor, torch sparse COO/CSR ``adj_t`` or
                 ``torch_sparse.SparseTensor`` ``adj_t``; may live on another device than ``x``
                 (it is tiled on the host).
-            edge_weight: ``(E,)`` weights for an ``edge_index``; no gradient flows to them.
+            edge_weight: ``(E,)`` weights for an ``edge_index``. Gradients flow to them, and
+                to the values of a sparse ``adj_t`` or ``SparseTensor``, as in PyG (not with
+                ``cached=True``).
 
         Returns:
             Dense ``(|V|, F_out)`` (or ``(B, |V|, F_out)``) on ``x``'s device.
 
         Raises:
             ValueError: bipartite ``x``, shapes that do not match, bad ``edge_index``.
-            NotImplementedError: unsupported dtypes, or gradients w.r.t. ``edge_weight``,
-                sparse ``x`` or sparse ``adj_t`` values.
+            NotImplementedError: unsupported dtypes, gradients w.r.t. a sparse ``x``, or
+                gradients w.r.t. the graph's weights with ``cached=True``.
         """
         if isinstance(x, (tuple, list)):
             raise ValueError(  # noqa: TRY004 (PyG's GCNConv raises ValueError here too)
@@ -793,17 +894,27 @@ class AiresGCNConv(nn.Module):
                 "passing is not supported"
             )
         self._check_x(x)
-        for name, value in (("edge_weight", edge_weight), ("edge_index", edge_index)):
-            if (
-                isinstance(value, Tensor)
-                and value.requires_grad
-                and torch.is_grad_enabled()
-            ):
-                raise NotImplementedError(
-                    f"gradients w.r.t. {name} are not supported: the adjacency is tiled as a "
-                    "constant; detach it"
-                )
-        out = self._propagate(x, self.adjacency_store(x, edge_index, edge_weight))
+        entries = None
+        needs_grad = _values_need_grad(edge_index, edge_weight)
+        if needs_grad and self.cached:
+            raise NotImplementedError(
+                "gradients w.r.t. edge_weight or the adjacency's values need cached=False: "
+                "a cached layer keeps the first graph as a constant"
+            )
+        # First: it validates the graph.
+        store = self.adjacency_store(x, edge_index, edge_weight)
+        if needs_grad:
+            entries = _norm_triplets(
+                edge_index,
+                edge_weight,
+                x.size(-2),
+                x.dtype,
+                improved=self.improved,
+                add_self_loops=self.add_self_loops,
+                normalize=self.normalize,
+                flow=self.flow,
+            )[:3]
+        out = self._propagate(x, store, entries)
         return out if self.bias is None else out + self.bias
 
     def _check_x(self, x: Tensor) -> None:
@@ -871,29 +982,44 @@ class AiresGCNConv(nn.Module):
             self._cache[slot] = store
         return store
 
-    def _matmul(self, store: TileStore, h: Tensor) -> Tensor:
-        return matmul(
+    def _matmul(
+        self, store: TileStore, h: Tensor, entries: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
+        """``A @ h``; with ``entries`` (``A``'s ``(target, source, value)`` whose values need a
+        gradient) the values get theirs too."""
+        y = matmul(
             store,
             h,
             gpu_budget=self.gpu_budget,
             host_budget=self.host_budget,
             device=h.device,
         )
+        if entries is None:
+            return y
+        target, source, value = entries
+        return _ValueGradient.apply(y, value, h, target, source)
 
-    def _aggregate(self, store: TileStore, h: Tensor) -> Tensor:
+    def _aggregate(
+        self, store: TileStore, h: Tensor, entries: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         """``A @ h`` for ``h`` of shape ``(..., |V|, F)`` (batches become columns)."""
         if h.dim() == 2:
-            return self._matmul(store, h)
+            return self._matmul(store, h, entries)
         nodes_first = h.movedim(-2, 0)
-        out = self._matmul(store, nodes_first.reshape(h.size(-2), -1))
+        out = self._matmul(store, nodes_first.reshape(h.size(-2), -1), entries)
         return out.reshape(nodes_first.shape[:-1] + (-1,)).movedim(0, -2)
 
-    def _propagate(self, x: Tensor, store: TileStore) -> Tensor:
+    def _propagate(
+        self, x: Tensor, store: TileStore, entries: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         weight = self.lin.weight
         sparse = x.layout != torch.strided
         if x.layout == torch.sparse_coo:
             x = x.coalesce().to_sparse_csr()
         order = self.order
+        if sparse and entries is not None:
+            # The values' gradient gathers rows of the product's right operand: keep it dense.
+            order = "transform_first"
         if order == "auto":
             batch = int(np.prod(x.shape[:-2])) if x.dim() > 2 else 1
             grad = torch.is_grad_enabled()
@@ -909,7 +1035,7 @@ class AiresGCNConv(nn.Module):
         if sparse:
             if order == "aggregate_first":
                 return self._matmul(store, x) @ weight.t()
-            return self._matmul(store, x @ weight.t())
+            return self._matmul(store, x @ weight.t(), entries)
         if order == "aggregate_first":
-            return F.linear(self._aggregate(store, x), weight)
-        return self._aggregate(store, F.linear(x, weight))
+            return F.linear(self._aggregate(store, x, entries), weight)
+        return self._aggregate(store, F.linear(x, weight), entries)

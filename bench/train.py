@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from aires.checks import parse_size
+from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from bench.provenance import versions
 
 __all__ = ["VARIANTS", "main", "parse_args", "run_variant"]
@@ -365,7 +366,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         model, adj_t = VARIANTS[name](graph, args, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory_stats(device)
 
         def step() -> None:
             model.train()
@@ -390,7 +391,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 "all": [1e3 * t for t in times],
             },
             "final_loss": float(losses[-1]),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device)
+            "peak_gpu_bytes": max_memory_allocated(device)
             if device.type == "cuda"
             else None,
         }

@@ -156,11 +156,6 @@ def graph_with_array_named(ctx: Ctx, key: str) -> Path:
 NO_CUDA = torch.cuda.is_available()
 
 
-def gap(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-
 # fmt: off
 CASES = [
     # ---- malformed CSR into build_store (argument: matrix)

@@ -192,20 +192,29 @@ def test_improved_with_weights(form: str) -> None:
     check_parity(pyg, aires, features(), graph_args(form, edge_index, weight))
 
 
-def test_improved_without_weights_is_a_plus_2i() -> None:
-    """PyG 2.8's edge_index path drops ``improved`` when no weights are given; we keep A + 2I,
-    which is what PyG computes with explicit unit weights and for a sparse adj_t."""
+@pytest.mark.parametrize("form", FORMS + ["sparse_tensor"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_improved_matches_installed_pyg(form: str, weighted: bool) -> None:
+    """improved=True gives PyG's numbers for every input form, including an edge_index without
+    weights, where PyG 2.8 computes A + I (not the A + 2I it documents)."""
     edge_index = undirected_graph()
-    ones = torch.ones(edge_index.size(1))
+    weight = (
+        torch.rand(edge_index.size(1), generator=torch.Generator().manual_seed(4)) + 0.1
+        if weighted
+        else None
+    )
     pyg, aires = pair(F_IN, F_OUT, improved=True)
-    check_parity(pyg, aires, features(), (edge_index, ones), (edge_index,))
+    if form == "sparse_tensor":
+        args = (sparse_tensor(edge_index, weight),)
+    else:
+        args = graph_args(form, edge_index, weight)
+    check_parity(pyg, aires, features(), args)
     plain = AiresGCNConv(F_IN, F_OUT, **OUT_OF_CORE)
     plain.load_state_dict(aires.state_dict())
+    # The improved flag changes the numbers exactly where PyG's does.
     with torch.no_grad():
-        assert (
-            relative_error(plain(features(), edge_index), aires(features(), edge_index))
-            > 1e-3
-        )
+        differs = relative_error(plain(features(), *args), aires(features(), *args)) > 1e-3
+    assert differs == (form != "edge_index" or weighted)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -382,23 +391,135 @@ def test_all_input_forms_agree_like_pyg_test() -> None:
         assert not torch.allclose(out1, out2)
 
 
-def test_sparse_tensor_input() -> None:
+def sparse_tensor(
+    edge_index: torch.Tensor, value: torch.Tensor | None, nodes: int = NODES
+) -> Any:
+    """The ``SparseTensor`` ``adj_t`` of ``edge_index`` (transposed: rows are targets)."""
     torch_sparse = pytest.importorskip(
         "torch_sparse", reason="torch-sparse is not installed"
     )
-    edge_index = undirected_graph()
+    return torch_sparse.SparseTensor.from_edge_index(
+        edge_index, value, (nodes, nodes)
+    ).t()
+
+
+def graph_with_loops(seed: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """A directed graph with loops on every third node, and positive weights."""
+    edge_index = directed_graph()
     loops = torch.arange(0, NODES, 3).repeat(2, 1)
     with_loops = torch.cat([edge_index, loops], dim=1)
-    value = (
-        torch.rand(with_loops.size(1), generator=torch.Generator().manual_seed(12))
-        + 0.5
+    value = torch.rand(with_loops.size(1), generator=torch.Generator().manual_seed(seed))
+    return with_loops, value + 0.5
+
+
+@pytest.mark.parametrize("order", ["aggregate_first", "transform_first"])
+@pytest.mark.parametrize("valued", [False, True])
+def test_sparse_tensor_input(valued: bool, order: str) -> None:
+    """A real torch_sparse.SparseTensor adj_t, with and without values, against GCNConv."""
+    edge_index, value = graph_with_loops()
+    adj = sparse_tensor(edge_index, value if valued else None)
+    pyg, aires = pair(F_IN, F_OUT, order=order)
+    check_parity(pyg, aires, features(), (adj,))
+
+
+def test_sparse_tensor_transposed_is_the_other_direction() -> None:
+    """adj (rows are sources) and adj_t give PyG's two results: the layer reads rows as targets."""
+    edge_index, value = graph_with_loops()
+    adj_t = sparse_tensor(edge_index, value)
+    adj = adj_t.t()
+    pyg, aires = pair(F_IN, F_OUT)
+    check_parity(pyg, aires, features(), (adj,))
+    with torch.no_grad():
+        assert relative_error(aires(features(), adj), aires(features(), adj_t)) > 1e-2
+
+
+def test_sparse_tensor_cached(builds: list[Any]) -> None:
+    edge_index, value = graph_with_loops()
+    pyg, aires = pair(F_IN, F_OUT, cached=True)
+    adj = sparse_tensor(edge_index, value)
+    first = check_parity(pyg, aires, features(), (adj,))
+    pyg.zero_grad()
+    aires.zero_grad()
+    assert torch.equal(first, check_parity(pyg, aires, features(), (adj,)))
+    assert len(builds) == 1
+
+
+def check_value_gradients(
+    pyg_args: tuple, aires_args: tuple, pyg_value: torch.Tensor, aires_value: torch.Tensor,
+    **kwargs: Any,
+) -> None:
+    """Forward, x/weight/bias gradients and the graph values' gradient agree with PyG."""
+    pyg, aires = pair(F_IN, F_OUT, **kwargs)
+    check_parity(pyg, aires, features(), pyg_args, aires_args)
+    assert pyg_value.grad is not None and aires_value.grad is not None
+    assert pyg_value.grad.abs().sum() > 0
+    assert relative_error(aires_value.grad, pyg_value.grad) < 1e-5
+
+
+def leaf(value: torch.Tensor) -> torch.Tensor:
+    return value.clone().requires_grad_()
+
+
+ORDERS = ["aggregate_first", "transform_first"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("improved", [False, True])
+def test_edge_weight_gradients(order: str, improved: bool) -> None:
+    """What an explainer (GNNExplainer's edge mask) needs: d loss / d edge_weight."""
+    edge_index, value = graph_with_loops()
+    theirs, ours = leaf(value), leaf(value)
+    check_value_gradients(
+        (edge_index, theirs), (edge_index, ours), theirs, ours,
+        order=order, improved=improved,
     )
-    for v in (None, value):
-        adj = torch_sparse.SparseTensor.from_edge_index(
-            with_loops, v, (NODES, NODES)
-        ).t()
-        pyg, aires = pair(F_IN, F_OUT)
-        check_parity(pyg, aires, features(), (adj,))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
+def test_sparse_adj_t_value_gradients(layout: torch.layout, order: str) -> None:
+    """Gradients reach the values of a torch sparse adj_t. PyG 2.8 cannot differentiate a COO
+    adj_t (no derivative for coalesce), so COO is checked against PyG's CSR result, which is the
+    same matrix with the values in the same (coalesced) order."""
+    edge_index, value = graph_with_loops()
+    theirs, ours = leaf(value), leaf(value)
+    check_value_gradients(
+        (adj_t(edge_index, theirs, torch.sparse_csr),),
+        (adj_t(edge_index, ours, layout),),
+        theirs, ours, order=order,
+    )
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_sparse_tensor_value_gradients(order: str) -> None:
+    edge_index, value = graph_with_loops()
+    theirs, ours = leaf(value), leaf(value)
+    check_value_gradients(
+        (sparse_tensor(edge_index, theirs),), (sparse_tensor(edge_index, ours),),
+        theirs, ours, order=order,
+    )
+
+
+def test_csc_adj_t_with_value_gradients_is_refused_by_name() -> None:
+    edge_index, value = graph_with_loops()
+    adj = adj_t(edge_index, leaf(value), torch.sparse_coo).to_sparse_csc()
+    with pytest.raises(NotImplementedError, match="sparse CSC edge_index is not supported"):
+        AiresGCNConv(F_IN, F_OUT, **OUT_OF_CORE)(features(), adj)
+
+
+def test_value_gradients_with_batched_and_sparse_features() -> None:
+    """Batched x (batches become columns) and sparse x (the product runs transform-first)."""
+    edge_index, value = graph_with_loops()
+    for x in (
+        torch.randn(3, NODES, F_IN, generator=torch.Generator().manual_seed(21)),
+        (features() > 1).float().to_sparse_csr(),
+    ):
+        theirs, ours = leaf(value), leaf(value)
+        pyg, aires = pair(F_IN, F_OUT, batch=x.size(0) if x.dim() == 3 else 1)
+        dense = x.to_dense() if x.layout != torch.strided else x
+        (pyg(dense, edge_index, theirs) ** 2).sum().backward()
+        (aires(x, edge_index, ours) ** 2).sum().backward()
+        assert relative_error(ours.grad, theirs.grad) < 1e-5
 
 
 @pytest.mark.gpu
@@ -591,28 +712,37 @@ def test_deepcopy_and_pickle() -> None:
             assert torch.equal(clone(x, edge_index), expected)
 
 
-def test_gradient_flows_only_where_supported() -> None:
-    conv = AiresGCNConv(F_IN, F_OUT)
+def test_value_gradients_are_refused_with_cached() -> None:
+    """A cached layer keeps its first graph as a constant: a gradient w.r.t. the weights would
+    be silently wrong for a later graph, so it is refused (fine without autograd)."""
+    conv = AiresGCNConv(F_IN, F_OUT, cached=True)
     edge_index = undirected_graph()
     weight = torch.rand(edge_index.size(1), requires_grad=True)
-    with pytest.raises(NotImplementedError, match="edge_weight"):
+    with pytest.raises(NotImplementedError, match="cached=False"):
         conv(features(), edge_index, weight)
+    with pytest.raises(NotImplementedError, match="cached=False"):
+        conv(features(), sparse_tensor(edge_index, weight))
     with torch.no_grad():
-        conv(features(), edge_index, weight)  # fine without autograd
+        conv(features(), edge_index, weight)
 
 
 # --------------------------------------------------------------------------- gcn_norm
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("improved", [False, True])
 @pytest.mark.parametrize("add_self_loops", [False, True])
 def test_gcn_norm_matches_pyg_on_edge_index(
-    improved: bool, add_self_loops: bool
+    improved: bool, add_self_loops: bool, weighted: bool
 ) -> None:
     edge_index = torch.cat(
         [directed_graph(), torch.tensor([[3, 3, 7], [3, 3, 7]])], dim=1
     )
-    weight = torch.rand(edge_index.size(1), generator=torch.Generator().manual_seed(14))
+    weight = (
+        torch.rand(edge_index.size(1), generator=torch.Generator().manual_seed(14))
+        if weighted
+        else None
+    )
     ours = gcn_norm(edge_index, weight, NODES, improved, add_self_loops)
     theirs = pyg_conv.gcn_norm(edge_index, weight, NODES, improved, add_self_loops)
     assert torch.equal(ours[0], theirs[0])

@@ -76,16 +76,19 @@ from aires.scheduler.placement import (
     format_bytes,
     place,
 )
-from aires.scheduler.stats import Recorder, RunStats
+from aires.scheduler.stats import Recorder, RunStats, begin_peak
 from aires.scheduler.transfer import (
     DISK_PRIOR,
+    PAGE,
     DiskPath,
     Dispatcher,
     HostPath,
     WriteBack,
     copy_rate,
     pinned_empty,
+    pinned_nbytes,
 )
+from aires.tiling import TileCorruptError
 
 __all__ = ["Scheduler", "spmm_reserve"]
 
@@ -321,6 +324,8 @@ class Scheduler:
         self._parts: dict[tuple[int, int], list[_Part] | None] = {}
         self._pending: list[Recorder] = []
         self._stats: RunStats | None = None
+        self._pinned_bytes = 0
+        self._peak_base = 0
         #: When a list, every call's stats are appended to it as they are reduced (a caller
         #: that runs many calls reads them once, without waiting after each call).
         self.history: list[RunStats] | None = None
@@ -363,6 +368,7 @@ class Scheduler:
         """
         x = self._check_dense(x)
         to_host = _check_out(out)
+        self._begin_call()
         f = int(x.shape[1])
         item = x.element_size()
         reserve = self.spmm_reserve(f, x.dtype, out=out)
@@ -387,7 +393,7 @@ class Scheduler:
             ]
             acc_rows = acc[stage_bytes:].view(x.dtype).view(self._acc_rows, f)
             acc_rows.zero_()
-            rec.peak_bytes = held + acc.numel()
+            rec.planned_bytes = held + acc.numel()
         else:
             y = into if into is not None else torch.empty(
                 (self._n_rows, f), dtype=x.dtype, device=self.device
@@ -399,7 +405,7 @@ class Scheduler:
             else:
                 for start, stop, _ in self._groups:
                     y[start:stop].zero_()
-            rec.peak_bytes = held + y.numel() * item
+            rec.planned_bytes = held + y.numel() * item
         for start, stop in self._uncovered:
             y[start:stop].zero_()
         offsets = _offsets(self._groups)
@@ -536,6 +542,7 @@ class Scheduler:
         """
         x = self._check_sparse(x)
         to_host = _check_out(out)
+        self._begin_call()
         op_bytes = _operand_bytes(x)
         room = 0 if to_host else self._spgemm_result_bytes(x)
         reserve = op_bytes + self._spgemm_workspace() + room
@@ -588,7 +595,7 @@ class Scheduler:
         if self._cuda:
             rec.end = rec.mark(torch.cuda.current_stream())
         total = 0 if to_host else self._spgemm_result_bytes(x, result._nnz())
-        rec.peak_bytes = max(peak[0], held_fixed + kept[0] + total)
+        rec.planned_bytes = max(peak[0], held_fixed + kept[0] + total)
         rec.extra["max_products"] = int(max_products)
         rec.extra["pieces"] = len(pieces)
         self._close_call(rec)
@@ -603,6 +610,7 @@ class Scheduler:
         if self._cuda:
             torch.cuda.synchronize(self.device)
         self._mem = None
+        self._pinned_bytes = 0
         self._disk = None
         self._stage = None
         self._views.clear()
@@ -635,6 +643,7 @@ class Scheduler:
             direct_disk=self._direct,
             reserve_bytes=reserve,
             dual=self._steals,
+            pinned_page=PAGE if self._cuda else 1,
         )
 
     def _prepare(self, reserve: int, what: str) -> None:
@@ -662,23 +671,29 @@ class Scheduler:
             keep.append(slab)
         resident: dict[int, torch.Tensor] = {}
         host: dict[int, torch.Tensor] = {}
+        # Placed tiles are CRC-checked once, as they are read into their tier; from there only
+        # DMA (host) or nothing (resident) stands between them and every compute.
+        io = "POSIX" if self.io_mode in ("cpu", "posix") else f"KvikIO {self.io_mode}"
         if p.resident:
             block = torch.empty(p.resident_bytes, dtype=torch.uint8, device=dev)
             keep.append(block)
             for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes), strict=True):
-                self.store.read_bytes(tile, view)
+                self._place_tile(tile, view, f"placement in device memory (phase 1, {io} read)")
                 resident[tile] = view
         if p.host:
             block = pinned_empty(p.host_bytes, dev)
             keep.append(block)
-            for tile, view in zip(p.host, _split(block, p.host, self._nbytes), strict=True):
-                self.store.read_bytes(tile, view)
+            views_host = _split(block, p.host, self._nbytes, p.pinned_page)
+            for tile, view in zip(p.host, views_host, strict=True):
+                self._place_tile(tile, view, "placement in host memory (phase 2, POSIX read)")
                 host[tile] = view
         bounce = None
         if p.n_disk and not p.direct_disk:
-            block = pinned_empty(p.n_disk * p.slot_bytes, dev)
+            block = pinned_empty(p.staging_host_bytes, dev)
             keep.append(block)
-            bounce = [block[k * p.slot_bytes : (k + 1) * p.slot_bytes] for k in range(p.n_disk)]
+            stride = p.pinned_slot_bytes
+            bounce = [block[k * stride : k * stride + p.slot_bytes] for k in range(p.n_disk)]
+        self._pinned_bytes = sum(pinned_nbytes(t.numel(), dev) for t in keep if not t.is_cuda)
         self._mem = _Memory(views[: p.n_slots], views[p.n_slots :], resident, host, keep)
         # The host path's prior: one timed host -> device slot copy. The disk keeps its
         # conservative prior (the loads above mostly hit the page cache, which says nothing
@@ -695,6 +710,40 @@ class Scheduler:
         if p.n_disk:
             self._disk = DiskPath(self.store, dev, bounce, self.dispatcher)
             self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
+
+    def _begin_call(self) -> None:
+        """Start the call's measurement of device memory (CUDA), before it allocates anything:
+        what others hold stays out of its peak, the scheduler's own buffers stay in."""
+        if self._cuda:
+            self._peak_base = begin_peak(self.device) - self._device_bytes_held()
+
+    def _device_bytes_held(self) -> int:
+        """Device bytes of the buffers this scheduler keeps between calls, as the caching
+        allocator counts them (sizes rounded up to its 512-byte blocks)."""
+        held: list[torch.Tensor | None] = [self._stage]
+        if self._mem is not None:
+            # Fresh slots (prealloc=False) live between calls too; ring views share the slab.
+            held += self._mem.keep + self._mem.ring + self._mem.disk_slots
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in held
+            if t is not None and t.is_cuda
+        }
+        return sum(-(-n // 512) * 512 for n in storages.values())
+
+    def _place_tile(self, tile: int, view: torch.Tensor, via: str) -> None:
+        """Read ``tile`` into ``view``, CRC-checked; a bad tile's error names ``via``."""
+        try:
+            if view.is_cuda and self.io_mode == "posix":
+                # The store's own POSIX path to the GPU pins a bounce buffer outside
+                # host_budget; placement happens once, so a pageable copy does.
+                host = np.empty(view.numel(), dtype=np.uint8)
+                self.store.read_bytes(tile, host, verify=True)
+                view.copy_(torch.from_numpy(host))
+            else:
+                self.store.read_bytes(tile, view, verify=True)
+        except TileCorruptError as error:
+            raise error.came_by(via) from error
 
     def _fresh_slot(self) -> torch.Tensor:
         """A new device buffer of one slot (``prealloc=False``)."""
@@ -1046,7 +1095,13 @@ class Scheduler:
         return Recorder(op, self.device, self.io_mode, len(self._tiles))
 
     def _close_call(self, rec: Recorder) -> None:
-        """Queue ``rec`` for reduction; it is reduced during a later call or on ``stats``."""
+        """Measure the call's peaks and queue ``rec`` for reduction (during a later call or on
+        ``stats``)."""
+        rec.pinned_bytes = self._pinned_bytes
+        if self._cuda:
+            # The allocator's peak is host-side bookkeeping, final once the call has queued
+            # its work: no need to wait for the GPU.
+            rec.measured_peak = torch.cuda.max_memory_allocated(self.device) - self._peak_base
         self._pending.append(rec)
         while len(self._pending) > MAX_PENDING:
             self._finish_oldest()
@@ -1251,11 +1306,14 @@ def _offsets(groups: list[tuple[int, int, list[int]]]) -> list[int]:
     return out
 
 
-def _split(block: torch.Tensor, tiles: tuple[int, ...], nbytes: list[int]) -> list[torch.Tensor]:
+def _split(
+    block: torch.Tensor, tiles: tuple[int, ...], nbytes: list[int], granularity: int = 1
+) -> list[torch.Tensor]:
+    """Views of ``block`` for ``tiles``, each starting at a multiple of ``granularity``."""
     views, offset = [], 0
     for tile in tiles:
         views.append(block[offset : offset + nbytes[tile]])
-        offset += nbytes[tile]
+        offset += -(-nbytes[tile] // granularity) * granularity
     return views
 
 

@@ -48,8 +48,11 @@ class Placement:
             disk path needs no host bounce buffers.
         reserve_bytes: Device bytes kept free for the output and kernel workspace.
         resident, host, disk: Tile indices of phases 1, 2 and 3, in tile order.
-        resident_bytes, host_bytes: Bytes of the phase-1 and phase-2 tiles.
+        resident_bytes: Bytes of the phase-1 tiles.
+        host_bytes: Pinned bytes of the phase-2 tiles, each rounded up to ``pinned_page``.
         gpu_budget, host_budget: The budgets this placement was made for.
+        pinned_page: Granularity of pinned host memory: each pinned tile and the bounce
+            buffers take whole pages of it (1 where nothing is pinned).
     """
 
     slot_bytes: int
@@ -64,6 +67,7 @@ class Placement:
     host_bytes: int
     gpu_budget: int
     host_budget: int
+    pinned_page: int = 1
 
     @property
     def working_gpu_bytes(self) -> int:
@@ -83,7 +87,12 @@ class Placement:
     @property
     def staging_host_bytes(self) -> int:
         """Pinned bounce buffers of the disk path (none when reads go straight to the device)."""
-        return 0 if self.direct_disk else self.n_disk * self.slot_bytes
+        return 0 if self.direct_disk else self.n_disk * self.pinned_slot_bytes
+
+    @property
+    def pinned_slot_bytes(self) -> int:
+        """A slot's bytes rounded up to :attr:`pinned_page`: one pinned bounce buffer."""
+        return round_up(self.slot_bytes, self.pinned_page)
 
     @property
     def pinned_bytes(self) -> int:
@@ -111,6 +120,7 @@ def place(
     direct_disk: bool = False,
     reserve_bytes: int = 0,
     dual: bool = True,
+    pinned_page: int = 1,
 ) -> Placement:
     """Place tiles on the device, in pinned host memory or on NVMe under two budgets.
 
@@ -129,6 +139,9 @@ def place(
         reserve_bytes: Device bytes to keep free for the output and kernel workspace.
         dual: Keep the disk path available even when every tile fits in memory, so the
             dispatcher can send some tiles over both paths at once.
+        pinned_page: Pinned host memory is locked in whole pages of this size: each pinned
+            tile and bounce buffer counts against ``host_budget`` rounded up to it, so the
+            bytes really locked stay within the budget.
 
     Returns:
         The :class:`Placement`.
@@ -144,11 +157,13 @@ def place(
     if isinstance(disk_workers, bool) or not isinstance(disk_workers, int) or disk_workers < 1:
         raise ValueError(f"disk_workers must be an int >= 1, got {disk_workers!r}")
     reserve = parse_size(reserve_bytes, "reserve_bytes", allow_zero=True)
+    if isinstance(pinned_page, bool) or not isinstance(pinned_page, int) or pinned_page < 1:
+        raise ValueError(f"pinned_page must be an int >= 1, got {pinned_page!r}")
     sizes = [int(n) for n in tile_nbytes]
     slot_bytes = max(sizes, default=0)
 
     def staging(n_disk: int) -> int:
-        return 0 if direct_disk else n_disk * slot_bytes
+        return 0 if direct_disk else n_disk * round_up(slot_bytes, pinned_page)
 
     def minimum(n_disk: int) -> int:
         return (slots + n_disk) * slot_bytes + reserve
@@ -166,9 +181,9 @@ def place(
             if nbytes <= room_gpu:
                 resident.append(tile)
                 room_gpu -= nbytes
-            elif nbytes <= room_host:
+            elif round_up(nbytes, pinned_page) <= room_host:
                 pinned.append(tile)
-                room_host -= nbytes
+                room_host -= round_up(nbytes, pinned_page)
             else:
                 disk.append(tile)
         return Placement(
@@ -181,9 +196,10 @@ def place(
             host=tuple(pinned),
             disk=tuple(disk),
             resident_bytes=sum(sizes[t] for t in resident),
-            host_bytes=sum(sizes[t] for t in pinned),
+            host_bytes=sum(round_up(sizes[t], pinned_page) for t in pinned),
             gpu_budget=gpu,
             host_budget=host,
+            pinned_page=pinned_page,
         )
 
     without = attempt(0) if fits(0) else None
@@ -198,7 +214,7 @@ def place(
         return without
     # At the minimum no tile is resident: a disk slot is part of it unless host memory
     # holds every tile.
-    n_disk = 1 if sum(sizes) > host else 0
+    n_disk = 1 if sum(round_up(n, pinned_page) for n in sizes) > host else 0
     if gpu < minimum(n_disk):
         parts = f"{slots} slots"
         if n_disk:
@@ -214,6 +230,11 @@ def place(
         f"{staging(n_disk)} bytes ({format_bytes(staging(n_disk))}) for the disk path's pinned "
         "bounce buffer"
     )
+
+
+def round_up(nbytes: int, granularity: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``granularity``."""
+    return -(-nbytes // granularity) * granularity
 
 
 def _mem_available() -> int:

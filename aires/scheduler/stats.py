@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunStats", "Recorder"]
+__all__ = [
+    "RunStats",
+    "Recorder",
+    "begin_peak",
+    "max_memory_allocated",
+    "reset_peak_memory_stats",
+]
 
 #: Paths a tile's bytes can travel to reach the compute: already on the device, host DMA,
 #: NVMe read. ``d2h`` is the write-back path of outputs.
@@ -42,8 +48,19 @@ class RunStats:
     copied during the call.
 
     ``io_mode`` is ``"gds"``, ``"kvikio-compat"``, ``"posix"`` (the disk path's mechanism on a
-    GPU) or ``"cpu"`` (the product ran on the CPU). ``peak_gpu_bytes`` is the most device bytes
-    the scheduler held during the call (slots, resident tiles, output, staging, SpGEMM pieces).
+    GPU) or ``"cpu"`` (the product ran on the CPU).
+
+    Memory. On CUDA ``peak_gpu_bytes`` is measured: the caching allocator's peak across the
+    call (its peak statistic is reset when the call starts; :func:`max_memory_allocated`
+    keeps the process-wide peak across those resets), less what others held when the call
+    began, so it counts the scheduler's buffers (slots, resident tiles, staging), the output
+    and every temporary, cuSPARSE's buffers included (PyTorch allocates them). Nothing here
+    allocates through CuPy. On the CPU nothing measures device memory and it is
+    ``planned_gpu_bytes``, the most device bytes the scheduler's arithmetic says it holds.
+    ``pinned_host_bytes`` is the host memory the scheduler holds page-locked for tiles and
+    bounce buffers, exactly the ranges registered with the driver (``pinned_empty``), which
+    the placement keeps within ``host_budget``; 0 on the CPU. The pinned output of
+    ``out="host"`` is the caller's result and not part of it.
     """
 
     op: str
@@ -72,6 +89,8 @@ class RunStats:
     bw_d2h: float = 0.0
     overlap_efficiency: float = 0.0
     peak_gpu_bytes: int = 0
+    planned_gpu_bytes: int = 0
+    pinned_host_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -114,7 +133,10 @@ class Recorder:
         # Disk reads timed on the worker threads (wall clock): (nbytes, t0, t1).
         self.disk_reads: list[tuple[int, float, float]] = []
         self.stolen = 0
-        self.peak_bytes = 0
+        self.planned_bytes = 0
+        # Set on CUDA when the call ends: the allocator's measured peak for the call.
+        self.measured_peak: int | None = None
+        self.pinned_bytes = 0
         self.extra: dict[str, Any] = {}
 
     def mark(self, stream: Any = None) -> Any:
@@ -144,7 +166,11 @@ class Recorder:
             io_mode=self.io_mode,
             n_tiles=self.n_tiles,
             tiles_stolen=self.stolen,
-            peak_gpu_bytes=self.peak_bytes,
+            peak_gpu_bytes=(
+                self.planned_bytes if self.measured_peak is None else self.measured_peak
+            ),
+            planned_gpu_bytes=self.planned_bytes,
+            pinned_host_bytes=self.pinned_bytes,
             extra=dict(self.extra),
         )
         h2d_busy = 0.0
@@ -189,3 +215,39 @@ class Recorder:
         if stats.t_total_s > 0:
             stats.overlap_efficiency = max(stats.t_io_s, stats.t_compute_s) / stats.t_total_s
         return stats
+
+
+# CUDA device index -> the highest allocator peak seen before a call of ours reset it.
+_carried_peaks: dict[int, int] = {}
+
+
+def _index(device: torch.device | int | None) -> int:
+    if isinstance(device, int):
+        return device
+    if device is None or torch.device(device).index is None:
+        return torch.cuda.current_device()
+    return int(torch.device(device).index)
+
+
+def begin_peak(device: torch.device) -> int:
+    """Start measuring a call's peak on CUDA ``device``: reset the allocator's peak statistic
+    (keeping the earlier peak for :func:`max_memory_allocated`); return the bytes allocated now.
+    """
+    index = _index(device)
+    earlier = torch.cuda.max_memory_allocated(index)
+    _carried_peaks[index] = max(_carried_peaks.get(index, 0), earlier)
+    torch.cuda.reset_peak_memory_stats(index)
+    return torch.cuda.memory_allocated(index)
+
+
+def max_memory_allocated(device: torch.device | int | None = None) -> int:
+    """``torch.cuda.max_memory_allocated``, across the resets of scheduler calls."""
+    index = _index(device)
+    return max(torch.cuda.max_memory_allocated(index), _carried_peaks.get(index, 0))
+
+
+def reset_peak_memory_stats(device: torch.device | int | None = None) -> None:
+    """``torch.cuda.reset_peak_memory_stats``, forgetting the peaks kept across calls too."""
+    index = _index(device)
+    torch.cuda.reset_peak_memory_stats(index)
+    _carried_peaks.pop(index, None)

@@ -22,16 +22,29 @@ the disk threads read with POSIX I/O, so CI exercises every rule.
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from aires.scheduler.placement import round_up
 from aires.scheduler.stats import Recorder
+from aires.tiling import TileCorruptError
 
-__all__ = ["Dispatcher", "HostPath", "DiskPath", "WriteBack", "pinned_empty", "copy_rate"]
+__all__ = [
+    "Dispatcher",
+    "HostPath",
+    "DiskPath",
+    "WriteBack",
+    "pinned_empty",
+    "pinned_nbytes",
+    "copy_rate",
+    "word_sum",
+]
 
 #: Prior for a disk path not yet measured: below the cold single-thread reads measured on the
 #: benchmark machine (1.2 to 2.0 GB/s; DESIGN.md, "Physical limits"), so an unmeasured disk
@@ -126,9 +139,48 @@ class Dispatcher:
         return self.eta("disk", nbytes) < self.eta("host", host_remaining)
 
 
+#: Host page size: page-locking works in whole pages.
+PAGE = mmap.PAGESIZE
+
+
+def pinned_nbytes(nbytes: int, device: torch.device) -> int:
+    """Host bytes :func:`pinned_empty` locks for an ``nbytes`` buffer (0 off CUDA)."""
+    return round_up(int(nbytes), PAGE) if device.type == "cuda" else 0
+
+
 def pinned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A host byte buffer, page-locked when ``device`` is CUDA (DMA-able, allocated once)."""
-    return torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    """A host byte buffer, page-locked when ``device`` is CUDA (DMA-able, allocated once).
+
+    On CUDA the buffer is ordinary host memory whose page-aligned range of
+    :func:`pinned_nbytes` bytes is locked with ``cudaHostRegister``, so the bytes locked are
+    exactly those counted against ``host_budget``. ``pin_memory=True`` would go through
+    PyTorch's caching host allocator, which rounds each block up to a power of two: up to
+    twice the bytes, which no budget saw. The pages are unlocked when the returned tensor is
+    collected (after the device is synchronised, so no copy still reads them); views of it
+    must not outlive it.
+    """
+    if device.type != "cuda":
+        return torch.empty(int(nbytes), dtype=torch.uint8)
+    size = pinned_nbytes(nbytes, device)
+    raw = torch.empty(size + PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % PAGE
+    block = raw[skip : skip + size]
+    cudart = torch.cuda.cudart()
+    error = int(cudart.cudaHostRegister(block.data_ptr(), size, 0))
+    if error:
+        raise RuntimeError(
+            f"cudaHostRegister of {size} bytes of host memory failed with CUDA error {error}"
+        )
+    out = block[: int(nbytes)]
+    # Not at exit: the CUDA context may be gone by then, and the process's pages go with it.
+    weakref.finalize(out, _unregister, cudart, block.data_ptr(), device).atexit = False
+    return out
+
+
+def _unregister(cudart: Any, ptr: int, device: torch.device) -> None:
+    # A copy queued from these pages may still run: wait for the device first.
+    torch.cuda.synchronize(device)
+    cudart.cudaHostUnregister(ptr)
 
 
 def copy_rate(dst: torch.Tensor, src: torch.Tensor) -> float:
@@ -217,18 +269,49 @@ class HostPath:
         return ready
 
 
+def word_sum(buf: torch.Tensor) -> int:
+    """Sum mod 2**64 of ``buf``'s bytes read as 64-bit words: one pass, on ``buf``'s device.
+
+    The cheap check of a tile read into GPU memory: any change confined to one word (a flipped
+    byte, a torn sector's worth of zeros in a word) changes it, and a tile read from the
+    wrong place or a store rewritten since gives another sum (but for a 2**-64 chance). The
+    reduction allocates no tile-sized temporary.
+
+    Args:
+        buf: contiguous uint8 tensor, 8-byte aligned, a multiple of 8 bytes long (tiles and
+            slots are: their lengths and offsets are multiples of the store's alignment).
+    """
+    if buf.numel() % 8 or buf.data_ptr() % 8:
+        raise ValueError(
+            f"buf must be 8-byte aligned and a multiple of 8 bytes long, got {buf.numel()} "
+            f"bytes at address {buf.data_ptr():#x}"
+        )
+    return int(buf.view(torch.int64).sum()) % (1 << 64)
+
+
 class DiskPath:
-    """Whole-tile reads from the tile file into a worker's device slot.
+    """Whole-tile reads from the tile file into a worker's device slot, each one checked.
 
     Worker ``k`` reads into the device slot it is handed and, unless reads go to the device
     directly, through its own pinned bounce buffer ``bounce[k]``. Calls for worker ``k`` come
     from one thread at a time.
+
+    Checks: a read that lands in host memory (POSIX into a bounce buffer, or the CPU's slots)
+    checks the tile's CRC-32, folded into the read for free. A KvikIO read into GPU memory
+    would have to copy the tile back to the host for its CRC, so there a tile's first read
+    does that, and takes the :func:`word_sum` of the checked bytes on the device; every later
+    read of the tile is checked against that sum on the device (one reduction and a wait on
+    a stream of its own, in the worker's thread, while the other worker reads). A mismatch is
+    a :class:`~aires.tiling.TileCorruptError` naming the tile and this path, raised before the
+    tile reaches a computation.
 
     Args:
         store: The tile store (``read_bytes``, ``tiles``).
         device: The compute device.
         bounce: One pinned buffer per worker, or ``None`` when reads go to the device directly.
         dispatcher: Receives the measured read throughput.
+        crc_every_read: Check every read by CRC-32 (``True``) or only first reads, later ones
+            by word sum (``False``); ``None``: CRC where reads land in host memory.
     """
 
     def __init__(
@@ -237,17 +320,54 @@ class DiskPath:
         device: torch.device,
         bounce: Sequence[torch.Tensor] | None,
         dispatcher: Dispatcher,
+        *,
+        crc_every_read: bool | None = None,
     ) -> None:
         self.store = store
         self.bounce = list(bounce) if bounce is not None else None
         self.dispatcher = dispatcher
         cuda = device.type == "cuda"
-        # The CRC is folded into POSIX reads for free; a KvikIO read into GPU memory would
-        # copy the tile back to the host to check it, so streamed GPU reads trust the disk
-        # (tiles were checked when placed; ``TileStore.verify`` checks them all).
-        self.verify = not (cuda and bounce is None)
+        direct = cuda and bounce is None
+        self.crc_every_read = not direct if crc_every_read is None else crc_every_read
+        if not cuda:
+            self.via = "the disk path (POSIX read into host memory)"
+        elif direct:
+            self.via = f"the disk path (KvikIO, {store.io_mode}, read into GPU memory)"
+        else:
+            self.via = "the disk path (POSIX read into a pinned bounce buffer)"
         self.stream = torch.cuda.Stream(device) if cuda and bounce is not None else None
+        # The word sums run apart from the computes, which may be queued on the default stream.
+        self._check_stream = (
+            torch.cuda.Stream(device) if cuda and not self.crc_every_read else None
+        )
+        self._sums: dict[int, int] = {}
         self._bounce_free: list[Any] = [None] * (len(self.bounce) if self.bounce else 0)
+
+    def _read(self, tile: int, target: torch.Tensor) -> None:
+        """Read ``tile`` into ``target`` and check it (see the class notes)."""
+        try:
+            if self.crc_every_read:
+                self.store.read_bytes(tile, target, verify=True)
+                return
+            expected = self._sums.get(tile)
+            self.store.read_bytes(tile, target, verify=expected is None)
+            if self._check_stream is None:
+                got = word_sum(target)
+            else:
+                with torch.cuda.stream(self._check_stream):
+                    got = word_sum(target)
+            if expected is None:
+                self._sums[tile] = got
+            elif got != expected:
+                data_path = self.store.data_path
+                raise TileCorruptError(
+                    f"tile {tile} of {data_path} is corrupt: 64-bit word sum {got:#018x}, its "
+                    f"first (CRC-checked) read gave {expected:#018x}",
+                    path=data_path,
+                    tile=tile,
+                )
+        except TileCorruptError as error:
+            raise error.came_by(self.via) from error
 
     def fetch(
         self, worker: int, tile: int, nbytes: int, slot: torch.Tensor, after: Any, rec: Recorder
@@ -264,7 +384,7 @@ class DiskPath:
             if after is not None:
                 after.synchronize()
             t0 = time.perf_counter()
-            self.store.read_bytes(tile, slot[:nbytes], verify=self.verify)
+            self._read(tile, slot[:nbytes])
             t1 = time.perf_counter()
             ready = None
         else:
@@ -272,7 +392,7 @@ class DiskPath:
             if self._bounce_free[worker] is not None:
                 self._bounce_free[worker].synchronize()
             t0 = time.perf_counter()
-            self.store.read_bytes(tile, bounce[:nbytes], verify=self.verify)
+            self._read(tile, bounce[:nbytes])
             t1 = time.perf_counter()
             if self.stream is None:
                 slot[:nbytes].copy_(bounce[:nbytes])

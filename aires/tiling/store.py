@@ -45,12 +45,20 @@ class TileCorruptError(ValueError):
     Attributes:
         path: the data file.
         tile: index of the first bad tile (``None`` when no single tile is to blame).
+        via: the data path the tile came by (``None`` when read outside a product).
     """
 
-    def __init__(self, message: str, *, path: Path, tile: int | None) -> None:
+    def __init__(
+        self, message: str, *, path: Path, tile: int | None, via: str | None = None
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.tile = tile
+        self.via = via
+
+    def came_by(self, via: str) -> TileCorruptError:
+        """This error, its message naming ``via``, the path the tile came by."""
+        return TileCorruptError(f"{self} (read by {via})", path=self.path, tile=self.tile, via=via)
 
 
 class TileStore:
@@ -431,20 +439,27 @@ def build_store(
             readers never see a partial store (for an instant, no store).
         progress: show a tqdm progress bar.
         symmetric: record that the matrix is (``True``) or is not (``False``) symmetric;
-            ``None`` records nothing. Not checked.
+            ``None`` records nothing. ``True`` is checked while the tiles are packed (no extra
+            read): an order-independent hash of the nonzero entries ``(row, col, value)``,
+            values as stored, must equal that of ``(col, row, value)``. Duplicate entries are
+            compared one by one (a pair summed differently on the two sides is refused).
 
     Returns:
         The opened store.
 
     Raises:
         FileExistsError: ``path`` exists, is not an empty directory, and ``overwrite`` is false.
-        ValueError, TypeError: a bad argument or a matrix that is not a valid CSR matrix.
+        ValueError, TypeError: a bad argument, a matrix that is not a valid CSR matrix, or
+            ``symmetric=True`` for a matrix that is not symmetric (nothing is left on disk).
         OSError: not enough disk space or a failed write (the partial build is removed).
     """
     if symmetric not in (None, True, False):
         raise TypeError(f"symmetric must be True, False or None, got {symmetric!r}")
+    src = _as_source(matrix)
+    if symmetric and src.shape[0] != src.shape[1]:
+        raise ValueError(f"symmetric=True, but matrix has shape {src.shape}: it is not square")
     return _build(
-        _as_source(matrix),
+        src,
         Path(path),
         tile_bytes=tile_bytes,
         alignment=alignment,
@@ -499,7 +514,15 @@ def _build(
     _check_space(path.parent, plan.total_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
-        checksums = _write_tiles(src, plan, tmp / DATA_NAME, progress, path.name)
+        checksums, entries = _write_tiles(
+            src, plan, tmp / DATA_NAME, progress, path.name, hash_entries=bool(symmetric)
+        )
+        if symmetric and entries[0] != entries[1]:
+            raise ValueError(
+                "symmetric=True, but matrix is not symmetric: its nonzero entries (row, col, "
+                "value) differ from its transpose's (compared by an order-independent hash of "
+                "every entry); pass symmetric=False or None"
+            )
         columns = (plan.row_start, plan.row_stop, plan.tile_nnz, plan.offset, plan.nbytes)
         columns += (checksums, plan.partial)
         manifest = Manifest(
@@ -529,14 +552,25 @@ def _build(
 
 
 def _write_tiles(
-    src: _Source, plan: TilePlan, data_path: Path, progress: bool, name: str
-) -> np.ndarray:
-    """Write every tile of ``plan`` to a new ``data_path`` and fsync it; return the CRC-32s.
+    src: _Source,
+    plan: TilePlan,
+    data_path: Path,
+    progress: bool,
+    name: str,
+    *,
+    hash_entries: bool = False,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Write every tile of ``plan`` to a new ``data_path`` and fsync it.
 
     Tiles go to their planned offsets with ``os.pwrite``, so worker threads need no ordering;
     at most ``2 * workers`` tiles are queued and each worker reuses one scratch buffer.
+
+    Returns:
+        The CRC-32s, and with ``hash_entries`` the :func:`_entry_hashes` of the whole matrix
+        (sums mod 2**64 of the tiles'; ``(0, 0)`` without).
     """
     checksums = np.zeros(len(plan), dtype=np.int64)
+    hashes = np.zeros((len(plan), 2), dtype=np.uint64)
     scratch = threading.local()
     largest = int(plan.nbytes.max()) if len(plan) else 0
     fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -547,6 +581,8 @@ def _write_tiles(
             buf = scratch.buf = np.empty(largest, dtype=np.uint8)
         tile = _pack_checked(buf, src, plan, i)
         checksums[i] = zlib.crc32(tile)
+        if hash_entries:
+            hashes[i] = _tile_entry_hashes(buf, src, plan, i)
         done, offset = 0, int(plan.offset[i])
         try:
             while done < len(tile):
@@ -591,7 +627,67 @@ def _write_tiles(
         os.fsync(fd)
     finally:
         os.close(fd)
-    return checksums
+    total = hashes.sum(axis=0, dtype=np.uint64)  # wraps mod 2**64, like the per-tile sums
+    return checksums, (int(total[0]), int(total[1]))
+
+
+# Odd 64-bit constants (golden ratio and splitmix64's) for _entry_hashes.
+_K_ROW, _K_COL, _K_VALUE = (
+    np.uint64(0x9E3779B97F4A7C15),
+    np.uint64(0xC2B2AE3D27D4EB4F),
+    np.uint64(0x165667B19E3779F9),
+)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise and in place on uint64 (wrapping arithmetic)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _entry_hashes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> tuple[int, int]:
+    """Order-independent hashes of the entries ``(row, col, value)`` and ``(col, row, value)``.
+
+    Each is a sum mod 2**64 of a mixed hash per entry, so tiles hash independently and add up;
+    a matrix is symmetric exactly when its entries equal its transpose's as multisets, which
+    (but for a 2**-64 chance) is when the two sums agree. Zero values are left out (an
+    explicit zero is no entry) and ``-0.0`` counts as ``0.0``. In place where it can be: this
+    runs over every entry of a build.
+    """
+    v = values.astype(np.float64)
+    v += 0.0  # -0.0 becomes 0.0
+    keep = v != 0
+    if not keep.all():
+        rows, cols, v = rows[keep], cols[keep], v[keep]
+    bits = v.view(np.uint64)
+    bits *= _K_VALUE
+    r, c = rows.astype(np.uint64), cols.astype(np.uint64)
+    forward = r * _K_ROW
+    forward ^= c * _K_COL
+    forward ^= bits
+    transpose = c
+    transpose *= _K_ROW
+    r *= _K_COL
+    transpose ^= r
+    transpose ^= bits
+    return (
+        int(_mix(forward).sum(dtype=np.uint64)),
+        int(_mix(transpose).sum(dtype=np.uint64)),
+    )
+
+
+def _tile_entry_hashes(buf: np.ndarray, src: _Source, plan: TilePlan, i: int) -> tuple[int, int]:
+    """:func:`_entry_hashes` of tile ``i``, packed in ``buf``: its values as stored (cast)."""
+    lo, hi = int(plan.nnz_start[i]), int(plan.nnz_stop[i])
+    r0, r1 = int(plan.row_start[i]), int(plan.row_stop[i])
+    bounds = np.clip(np.asarray(src.indptr[r0 : r1 + 1], dtype=np.int64), lo, hi)
+    rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(bounds))
+    values = tile_views(buf, r1 - r0, hi - lo, plan.index_dtype, plan.value_dtype)[2]
+    return _entry_hashes(rows, np.asarray(src.indices[lo:hi]), values)
 
 
 def _pack_checked(buf: np.ndarray, src: _Source, plan: TilePlan, i: int) -> memoryview:

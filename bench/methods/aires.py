@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aires.scheduler.stats import reset_peak_memory_stats
+
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
 from bench.methods.result import MethodResult, OverBudgetError
@@ -214,7 +216,7 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
     rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
     try:
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory_stats(device)
         log = train_loss(lambda: model.loss(workload.x, store, y, rows),
                          list(model.parameters()), config, device)
     except ValueError as error:
@@ -281,7 +283,7 @@ def _run_ablation(
             config, device, probe, lambda: _output_reserve(store, max(widths), device)
         ))
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory_stats(device)
         log = train(model, list(model.parameters()), workload, config, device)
         stats = product_stats()
     except ValueError as error:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
+
 from bench.methods import method_module
 from bench.methods.config import BUDGET_SCOPES, MethodConfig
 from bench.methods.result import MethodResult, is_out_of_memory
@@ -54,13 +56,13 @@ def run_method(config: MethodConfig) -> MethodResult:
         device = config.torch_device()
         _cap_process(config, device)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory_stats(device)
         return method_module(config.method).run(load_workload(config.workload), config)
     except Exception as error:  # noqa: BLE001 - every failure is a result, not a crash
         cuda = device is not None and device.type == "cuda"
         return MethodResult(
             status="oom" if is_out_of_memory(error) else "error",
-            peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+            peak_gpu_bytes=max_memory_allocated(device) if cuda else None,
             error=f"{type(error).__name__}: {error}".strip()[:2000],
             extra={"traceback": traceback.format_exc(limit=6)[-4000:]},
         )

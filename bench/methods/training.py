@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
+
 from bench.methods.config import MethodConfig
 from bench.methods.result import MethodResult
 from bench.methods.workload import Workload
@@ -56,7 +58,7 @@ class EpochLog:
 
     def result(self, device: torch.device, **extra: object) -> MethodResult:
         """An ``ok`` result: epoch times, per-epoch mean traffic, the peak and ``extra``."""
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak = max_memory_allocated(device) if device.type == "cuda" else None
         return MethodResult(
             status="ok",
             epoch_s=self.epoch_s,
@@ -198,11 +200,11 @@ def peak_of_one_pass(
     """
     y_train, train_idx = labels(workload, device)
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory_stats(device)
     F.cross_entropy(forward()[train_idx], y_train).backward()
     for parameter in parameters:
         parameter.grad = None
     torch.cuda.synchronize(device)
     # Adam's two moment buffers per parameter come on top once training starts.
     state = 2 * sum(p.nbytes for p in parameters)
-    return torch.cuda.max_memory_allocated(device) + state
+    return max_memory_allocated(device) + state

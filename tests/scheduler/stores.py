@@ -7,11 +7,14 @@ rows 200-219 empty. Tiles are ~2 KiB, so the matrix spans dozens of tiles.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from aires.scheduler import Scheduler, spmm_reserve
+from aires.scheduler.transfer import PAGE
 from aires.tiling import TileStore
 
 TILE_BYTES = 2048
@@ -44,15 +47,21 @@ def tier_budgets(
     reserve: int,
     disk_workers: int = 2,
     bounce: bool = False,
+    device: str = "cpu",
 ) -> tuple[int, int]:
     """``(gpu_budget, host_budget)`` placing exactly the first ``resident`` tiles on the device,
     the next ``host`` in host memory and the rest on disk (``dual=False``). ``bounce``: disk
-    reads go through pinned bounce buffers (POSIX on a GPU), which the host budget pays for."""
+    reads go through pinned bounce buffers (POSIX on a GPU), which the host budget pays for.
+    On CUDA pinned memory is locked in whole pages, each pinned tile and bounce buffer
+    rounded up to one (``Placement.pinned_page``)."""
     sizes = [t.nbytes for t in store.tiles]
     slot = max(sizes)
+    page = PAGE if device == "cuda" else 1
+    pinned = [-(-n // page) * page for n in sizes]
     n_disk = disk_workers if resident + host < len(sizes) else 0
     gpu = (3 + n_disk) * slot + reserve + sum(sizes[:resident])
-    return gpu, sum(sizes[resident : resident + host]) + (n_disk * slot if bounce else 0)
+    staging = n_disk * (-(-slot // page) * page) if bounce else 0
+    return gpu, sum(pinned[resident : resident + host]) + staging
 
 
 def bounces(store: TileStore, device: str) -> bool:
@@ -73,7 +82,12 @@ def spgemm_budgets(
     operand, a quarter of the budget, and the result's room unless ``out="host"``) depends on
     the budget: iterate ``budget = base + reserve(budget)`` to its fixed point."""
     gpu, host_bytes = tier_budgets(
-        store, resident=resident, host=host, reserve=0, bounce=bounces(store, x.device.type)
+        store,
+        resident=resident,
+        host=host,
+        reserve=0,
+        bounce=bounces(store, x.device.type),
+        device=x.device.type,
     )
     base = gpu
     for _ in range(60):
@@ -83,3 +97,16 @@ def spgemm_budgets(
             break
         gpu = nxt
     return gpu, host_bytes
+
+
+def flip_byte(store: TileStore, tile: int, where: float = 0.5) -> None:
+    """Flip one bit of ``tile`` in the store's data file (through the page cache readers see)."""
+    info = store.tile_info(tile)
+    offset = info.offset + min(int(info.nbytes * where), info.nbytes - 1)
+    with open(store.data_path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+        f.flush()
+        os.fsync(f.fileno())  # for reads that bypass the page cache (GDS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,9 +12,9 @@ import scipy.sparse as sp
 import torch
 
 from aires.scheduler import RunStats, Scheduler, spmm_reserve
-from aires.tiling import TileStore
+from aires.tiling import TileCorruptError, TileStore
 
-from .stores import bounces, hub_matrix, reserve_of, spgemm_budgets, tier_budgets
+from .stores import bounces, flip_byte, hub_matrix, reserve_of, spgemm_budgets, tier_budgets
 
 F = 6
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -64,7 +65,12 @@ def scheduler_for(
     else:
         reserve = reserve_of(store, F, out, device)
         gpu, host_bytes = tier_budgets(
-            store, resident=resident, host=host, reserve=reserve, bounce=bounces(store, device)
+            store,
+            resident=resident,
+            host=host,
+            reserve=reserve,
+            bounce=bounces(store, device),
+            device=device,
         )
     return Scheduler(
         store, gpu_budget=gpu, host_budget=host_bytes, device=device, dual=False, **options
@@ -631,7 +637,7 @@ def test_gpu_posix_bounce_path(store: TileStore, tier: str) -> None:
     resident, host = TIERS[tier]
     reserve = reserve_of(store, F, None, "cuda")
     gpu, host_bytes = tier_budgets(
-        store, resident=resident, host=host, reserve=reserve, bounce=True
+        store, resident=resident, host=host, reserve=reserve, bounce=True, device="cuda"
     )
     sched = Scheduler(
         _PosixView(store), gpu_budget=gpu, host_budget=host_bytes, device="cuda", dual=False
@@ -667,6 +673,7 @@ def gpu_budgets(store: TileStore, resident: int, out: str | None = None) -> tupl
         host=streamed // 2,
         reserve=reserve,
         bounce=bounces(store, "cuda"),
+        device="cuda",
     )
 
 
@@ -742,3 +749,132 @@ def test_gpu_steady_state_allocates_nothing(make_store: Callable[..., TileStore]
         del y
         segments.append(torch.cuda.memory_stats()["segment.all.allocated"])
     assert segments[1] == segments[2], segments
+
+
+# --------------------------------------------------------------------------- checked tiles
+
+# tier -> (the tile to corrupt: the first of that tier, the path named in the error)
+CORRUPT = {
+    "resident": (0, r"placement in device memory \(phase 1, \w+"),
+    "host": (0, r"placement in host memory \(phase 2, POSIX read\)"),
+    "disk": (0, r"the disk path \("),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tier", list(CORRUPT))
+def test_a_tile_corrupted_before_placement_is_an_error_naming_it_and_its_path(
+    store: TileStore, tier: str, device: str
+) -> None:
+    """A byte flipped after the store was opened: the product raises, naming the tile, the
+    file and the path the tile came by, before computing with it."""
+    sched = scheduler_for(store, tier, device=device)
+    tile, via = CORRUPT[tier]
+    flip_byte(store, tile)
+    name = re.escape(str(store.data_path))
+    with pytest.raises(TileCorruptError, match=rf"tile {tile} of {name} .* \(read by {via}") as e:
+        sched.spmm(dense_x(store.shape[1], device=device))
+    assert e.value.tile == tile and e.value.path == store.data_path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tier", ["disk", "host+disk"])
+def test_a_disk_tile_corrupted_after_placement_is_caught_on_its_next_read(
+    store: TileStore, tier: str, device: str
+) -> None:
+    """Disk tiles are read again on every product: a byte flipped between two products (bit
+    rot, a rewrite) is caught on the second one, on the CPU and the GPU paths alike."""
+    sched = scheduler_for(store, tier, device=device)
+    x = dense_x(store.shape[1], device=device)
+    expected = hub_matrix() @ x.cpu().numpy()
+    np.testing.assert_allclose(sched.spmm(x).cpu().numpy(), expected, rtol=1e-12, atol=1e-12)
+    disk = sched.placement.disk
+    flip_byte(store, disk[-1], where=0.1)
+    with pytest.raises(TileCorruptError, match=rf"tile {disk[-1]} of .*read by the disk path"):
+        sched.spmm(x)
+    flip_byte(store, disk[-1], where=0.1)  # repaired: the same product again
+    np.testing.assert_allclose(sched.spmm(x).cpu().numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_kvikio_reads_into_gpu_memory_are_checked_on_the_device(store: TileStore) -> None:
+    """KvikIO writes disk tiles straight into GPU slots: later reads are checked there by word
+    sum against the CRC-checked first read, and the error names KvikIO."""
+    if store.io_mode == "posix":
+        pytest.skip("KvikIO is not installed: GPU reads go through pinned bounce buffers")
+    sched = scheduler_for(store, "disk", device="cuda")
+    x = dense_x(store.shape[1], device="cuda")
+    sched.spmm(x)
+    tile = sched.placement.disk[1]
+    flip_byte(store, tile, where=0.3)
+    with pytest.raises(TileCorruptError, match=rf"tile {tile} of .*word sum.*KvikIO"):
+        sched.spmm(x)
+
+
+# --------------------------------------------------------------------------- measured peaks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "switch",
+    [{}, {"prealloc": False}, {"overlap": False}, {"dual": True}],
+    ids=["ring", "fresh", "serial", "dual"],
+)
+@pytest.mark.parametrize("out", [None, "host"])
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_measured_peaks_stay_within_the_budgets(
+    store: TileStore, tier: str, out: str | None, switch: dict[str, bool]
+) -> None:
+    """The allocator's measured device peak and the pinned host bytes of a call stay within
+    the budgets for every tier mix and ablation switch; RunStats reports the same figures."""
+    resident, host = tier_counts(store, tier)
+    reserve = reserve_of(store, F, out, "cuda")
+    gpu, host_bytes = tier_budgets(
+        store,
+        resident=resident,
+        host=host,
+        reserve=reserve,
+        bounce=bounces(store, "cuda"),
+        device="cuda",
+    )
+    x = dense_x(store.shape[1], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    pinned_by_torch = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    sched = Scheduler(
+        store, gpu_budget=gpu, host_budget=host_bytes, device="cuda", **{"dual": False, **switch}
+    )
+    for _ in range(2):
+        y = sched.spmm(x, out=out)
+        np.testing.assert_allclose(
+            y.cpu().numpy(), hub_matrix() @ x.cpu().numpy(), rtol=1e-12, atol=1e-12
+        )
+        del y
+    torch.cuda.synchronize()
+    stats = sched.stats
+    # The allocator's own figure: its peak was reset when the last call began.
+    assert torch.cuda.max_memory_allocated() - base <= gpu
+    assert 0 < stats.peak_gpu_bytes <= gpu
+    assert stats.pinned_host_bytes == sched.placement.pinned_bytes <= host_bytes
+    if out is None:
+        # Nothing was pinned through PyTorch's caching host allocator, which rounds blocks up
+        # to powers of two (the pinned output of out="host" is the caller's and comes from it).
+        assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == pinned_by_torch
+    sched.close()
+
+
+@pytest.mark.gpu
+def test_the_process_peak_survives_the_resets_of_calls(store: TileStore) -> None:
+    """Each call resets the allocator's peak statistic; the process-wide peak is kept."""
+    from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
+
+    reset_peak_memory_stats()
+    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    sched = scheduler_for(store, "all-three", device="cuda")
+    sched.spmm(dense_x(store.shape[1], device="cuda"))
+    assert torch.cuda.max_memory_allocated() < 256 << 20
+    assert max_memory_allocated() >= 256 << 20
+    reset_peak_memory_stats()
+    assert max_memory_allocated() < 256 << 20

@@ -74,6 +74,22 @@ def test_bounce_buffers_take_host_budget() -> None:
     assert direct.staging_host_bytes == 0 and direct.host == (0, 1, 2, 3)
 
 
+def test_pinned_memory_is_counted_in_whole_pages() -> None:
+    """Page-locking works in pages: with 256-byte pages, each 100-byte tile and 100-byte bounce
+    buffer takes a page of the host budget, so the bytes really locked never exceed it."""
+    sizes = [100] * 8
+    p = place(
+        sizes, gpu_budget=500, host_budget=1100, direct_disk=False, dual=False, pinned_page=256
+    )
+    assert p.staging_host_bytes == 2 * 256 and p.host == (0, 1)
+    assert p.host_bytes == 2 * 256 and p.pinned_bytes == 1024 <= 1100
+    # Too little for one page-rounded bounce buffer: refused up front, naming the minimum.
+    with pytest.raises(ValueError, match=r"host_budget=200 bytes .* minimum of 256 bytes"):
+        place(sizes, gpu_budget=500, host_budget=200, pinned_page=256, dual=False)
+    with pytest.raises(ValueError, match="pinned_page must be an int >= 1, got 0"):
+        place(sizes, gpu_budget=500, host_budget=200, pinned_page=0)
+
+
 def test_reserve_comes_before_resident_tiles() -> None:
     # Two disk slots would not fit beside the reserve; one does, and leaves no room for tiles.
     p = place(SIZES, gpu_budget=900, host_budget=0, reserve_bytes=450, direct_disk=True)

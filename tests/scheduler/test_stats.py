@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from aires.scheduler import RunStats
-from aires.scheduler.stats import Recorder
+from aires.scheduler.stats import (
+    Recorder,
+    begin_peak,
+    max_memory_allocated,
+    reset_peak_memory_stats,
+)
 
 
 def test_finish_reduces_marks_to_stats() -> None:
@@ -42,3 +48,54 @@ def test_to_dict_is_json_ready() -> None:
     d = json.loads(json.dumps(s.to_dict()))
     assert d["op"] == "spgemm" and d["bytes_moved"] == 3 and d["extra"] == {"pieces": 2}
     assert s.overlap_efficiency == 0.0
+
+
+class FakeAllocator:
+    """The three CUDA allocator counters the peak bookkeeping reads, on one fake device."""
+
+    def __init__(self) -> None:
+        self.allocated = 0
+        self.peak = 0
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+
+        def reset(device: object = None) -> None:
+            self.peak = self.allocated
+
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+
+
+def test_call_peaks_and_the_process_peak_across_their_resets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call's window starts at its reset; the process peak before it is kept, and a reset
+    by the caller forgets it."""
+    fake = FakeAllocator()
+    fake.install(monkeypatch)
+    reset_peak_memory_stats(torch.device("cuda"))
+    fake.alloc(1000)  # an earlier peak of 1000, then back to 100
+    fake.alloc(-900)
+    assert begin_peak(torch.device("cuda")) == 100
+    fake.alloc(300)  # the call's own allocations
+    fake.alloc(-300)
+    assert torch.cuda.max_memory_allocated() == 400  # the call's window: 100 held + 300
+    assert max_memory_allocated(torch.device("cuda")) == 1000
+    assert max_memory_allocated(0) == 1000
+    reset_peak_memory_stats()
+    assert max_memory_allocated() == 100
+
+
+def test_cpu_stats_report_the_planned_peak_and_no_pinned_memory() -> None:
+    rec = Recorder("spmm", torch.device("cpu"), "cpu", 1)
+    rec.start, rec.end, rec.planned_bytes = 0.0, 1.0, 4096
+    s = rec.finish()
+    assert s.peak_gpu_bytes == s.planned_gpu_bytes == 4096 and s.pinned_host_bytes == 0
+    rec.measured_peak = 5000
+    assert rec.finish().peak_gpu_bytes == 5000 and rec.finish().planned_gpu_bytes == 4096

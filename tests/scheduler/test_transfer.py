@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pytest
 import torch
 
 from aires.scheduler import Dispatcher
 from aires.scheduler.stats import Recorder
-from aires.scheduler.transfer import HostPath, WriteBack, copy_rate, pinned_empty
+from aires.scheduler.transfer import (
+    DiskPath,
+    HostPath,
+    WriteBack,
+    copy_rate,
+    pinned_empty,
+    word_sum,
+)
+from aires.tiling import TileCorruptError, TileStore
+
+from .stores import flip_byte
 
 
 def test_steal_when_disk_delivers_before_host_reaches_the_tile() -> None:
@@ -112,6 +125,54 @@ def test_copy_rate_and_pinned_empty_on_cpu() -> None:
     buf = pinned_empty(1 << 16, torch.device("cpu"))
     assert buf.numel() == 1 << 16 and buf.dtype == torch.uint8 and not buf.is_pinned()
     assert copy_rate(torch.empty_like(buf), buf) > 0
+
+
+def test_word_sum_is_the_sum_of_64_bit_words() -> None:
+    """Against numpy's wrapping uint64 sum, and any one flipped bit changes it."""
+    rng = np.random.default_rng(3)
+    buf = torch.from_numpy(rng.integers(0, 256, 4096, dtype=np.uint8))
+    expected = int(buf.numpy().view(np.uint64).sum(dtype=np.uint64))
+    assert word_sum(buf) == expected
+    for k in rng.choice(buf.numel(), 64, replace=False):
+        bit = int(rng.integers(8))
+        buf[k] ^= 1 << bit
+        assert word_sum(buf) != expected
+        buf[k] ^= 1 << bit
+    with pytest.raises(ValueError, match="multiple of 8 bytes long, got 12 bytes"):
+        word_sum(buf[:12])
+
+
+def disk_path(store: TileStore, crc_every_read: bool | None) -> DiskPath:
+    return DiskPath(
+        store, torch.device("cpu"), None, Dispatcher(1e9), crc_every_read=crc_every_read
+    )
+
+
+def fetch(path: DiskPath, store: TileStore, tile: int) -> torch.Tensor:
+    slot = torch.zeros(store.max_tile_nbytes, dtype=torch.uint8)
+    rec = Recorder("spmm", torch.device("cpu"), "cpu", len(store))
+    path.fetch(0, tile, store.tile_info(tile).nbytes, slot, None, rec)
+    return slot[: store.tile_info(tile).nbytes]
+
+
+def test_disk_path_checks_first_reads_by_crc_and_later_ones_by_word_sum(
+    make_store: Callable[..., TileStore],
+) -> None:
+    """The GPU (KvikIO) rule, run on the CPU: a tile's first read is CRC-checked and gives
+    the word sum every later read must match; either check names the tile and the path."""
+    store = make_store()
+    path = disk_path(store, crc_every_read=False)
+    good = fetch(path, store, 2).clone()
+    host = np.empty(store.max_tile_nbytes, np.uint8)
+    store.read_bytes(2, host)
+    assert torch.equal(good, torch.from_numpy(host[: good.numel()]))
+    flip_byte(store, 2)
+    with pytest.raises(TileCorruptError, match=r"tile 2 of .*word sum.*\(read by the disk path"):
+        fetch(path, store, 2)
+    flip_byte(store, 3)
+    with pytest.raises(TileCorruptError, match=r"tile 3 of .*CRC-32.*\(read by the disk path"):
+        fetch(path, store, 3)
+    assert disk_path(store, crc_every_read=None).crc_every_read  # host memory: CRC each read
 
 
 @pytest.mark.gpu

@@ -585,6 +585,65 @@ def test_symmetric_store_is_its_own_transpose(tmp_path: Path) -> None:
     assert TileStore.open(tmp_path / "s").symmetric is True
 
 
+def symmetric_csr(seed: int, n: int = 40, density: float = 0.15) -> sp.csr_array:
+    """``H + H^T`` for a random ``H`` with a dense hub row (so tiles split it), plus the diagonal."""
+    half = random_csr(np.random.default_rng(seed), (n, n), density, hubs=(3,))
+    return sp.csr_array(half + half.T + eye(n))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    tile_bytes=st.sampled_from([768, 1024, 4096]),
+    change=st.sampled_from(["value", "drop", "move", "none"]),
+)
+def test_symmetric_flag_is_checked(seed: int, tile_bytes: int, change: str) -> None:
+    """build_store(symmetric=True) accepts exactly the matrices scipy finds equal to their
+    transpose, whatever the tiling (hub rows split over tiles included), and leaves nothing on
+    disk when it refuses one."""
+    a = symmetric_csr(seed).tocoo()
+    rng = np.random.default_rng(seed)
+    off_diagonal = np.flatnonzero(a.row != a.col)
+    k = int(rng.choice(off_diagonal)) if change == "value" else int(rng.integers(a.nnz))
+    row, col, data = a.row.copy(), a.col.copy(), a.data.copy()
+    if change == "value":
+        data[k] = np.nextafter(data[k], np.float32(np.inf))  # one ulp: still a change
+    elif change == "drop":
+        row, col, data = np.delete(row, k), np.delete(col, k), np.delete(data, k)
+    elif change == "move":
+        col[k] = (col[k] + 1) % a.shape[1]
+    b = sp.csr_array(sp.coo_array((data, (row, col)), shape=a.shape))
+    b.sum_duplicates()
+    expected_symmetric = (b != b.T).nnz == 0
+    options = {"tile_bytes": tile_bytes, "alignment": 256, "progress": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s"
+        if expected_symmetric:
+            store = build_store(b, path, symmetric=True, **options)
+            assert store.symmetric is True
+            assert_round_trip(store, b)
+        else:
+            with pytest.raises(ValueError, match="symmetric=True, but matrix is not symmetric"):
+                build_store(b, path, symmetric=True, **options)
+            assert list(Path(tmp).iterdir()) == []
+    # The untouched matrix is symmetric; an off-diagonal value change never is.
+    assert change != "none" or expected_symmetric
+    assert change != "value" or not expected_symmetric
+
+
+def test_symmetric_check_ignores_explicit_zeros_and_signed_zero(tmp_path: Path) -> None:
+    """Values are compared as numbers: an explicit zero is no entry, and -0.0 equals 0.0."""
+    rows, cols = np.array([0, 1, 2, 0, 1]), np.array([1, 0, 0, 0, 1])
+    data = np.array([2.0, 2.0, 0.0, 0.0, -0.0], dtype=np.float32)
+    a = sp.csr_array((data, (rows, cols)), shape=(3, 3))
+    assert build_store(a, tmp_path / "s", symmetric=True, progress=False).symmetric is True
+
+
+def test_symmetric_flag_on_a_non_square_matrix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"matrix has shape \(3, 4\): it is not square"):
+        build_store(sp.csr_array((3, 4), dtype=np.float32), tmp_path / "s", symmetric=True)
+
+
 def test_transpose_never_overwrites_other_stores(tmp_path: Path) -> None:
     a = eye(4)
     store = build_store(a, tmp_path / "s", progress=False)
