@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from aires.checks import parse_size
 from aires.scheduler.placement import format_bytes
+from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from bench.provenance import versions
 
 __all__ = ["main", "parse_args", "floor_seconds"]
@@ -180,7 +181,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
         },
     }
     if device.type == "cuda":
-        result["peak_allocated"] = torch.cuda.max_memory_allocated(device)
+        result["peak_allocated"] = max_memory_allocated(device)
         result["peak_reserved"] = torch.cuda.max_memory_reserved(device)
     model.close()
     return result
@@ -269,9 +270,9 @@ def _incore(spec: dict[str, Any], device: torch.device) -> tuple[float, int, lis
     for _ in range(spec["warmup"]):
         step()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory_stats(device)
     times = [_timed(device, step) for _ in range(spec["epochs"])]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    peak = max_memory_allocated(device) if device.type == "cuda" else 0
     return statistics.median(times), peak, losses
 
 

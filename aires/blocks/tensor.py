@@ -3,17 +3,20 @@ or in a file on NVMe.
 
 A panel holds all ``N`` rows of ``w`` columns, row-major, so rows ``[r0, r1)`` of a panel are one
 contiguous range in every tier: a row block is read or written with one copy (or one ``pread``
-/ ``pwrite``) per panel, and a whole panel with one. Device panels are views of an arena the
-caller owns; host panels are page-locked (on a GPU) so copies are DMA and asynchronous; NVMe
-panels live in one file per tensor, each panel at a 4 KiB-aligned offset.
+/ ``pwrite``) per panel, and a whole panel with one. Host panels are page-locked (on a
+GPU) so copies are DMA and asynchronous; NVMe panels start at 4 KiB-aligned offsets.
 
-Every copy that crosses a path is counted in a :class:`~aires.blocks.Traffic`.
+Panels are views of three :class:`Arenas` (a device buffer, a pinned buffer, a file), at
+offsets planned so that tensors alive at the same time never overlap: tensors that live one
+after the other share bytes on every tier. Every copy that crosses a path is counted in a
+:class:`~aires.blocks.Traffic`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +24,63 @@ import torch
 
 from aires.blocks.traffic import Traffic
 
-__all__ = ["PanelTensor", "TIERS"]
+__all__ = ["Arenas", "PanelTensor", "TIERS"]
 
 TIERS = ("gpu", "host", "disk")
 _ALIGN = 4096
+
+
+@dataclass
+class Arenas:
+    """The memory tensors' panels are carved from: one device buffer, one pinned host buffer
+    and one file on NVMe, each shared (at planned offsets) by tensors that do not live at
+    once."""
+
+    device: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    path: Path | None = None
+    fd: int | None = None
+
+    @classmethod
+    def allocate(cls, device: torch.device, device_bytes: int, host_bytes: int,
+                 disk_bytes: int, directory: Path | None) -> Arenas:
+        arenas = cls()
+        if device_bytes:
+            arenas.device = torch.empty(device_bytes, dtype=torch.uint8, device=device)
+        if host_bytes:
+            arenas.host = torch.empty(host_bytes, dtype=torch.uint8,
+                                      pin_memory=device.type == "cuda")
+        if disk_bytes:
+            if directory is None:
+                raise ValueError("NVMe panels need a directory")
+            arenas.path = Path(directory) / f"aires-panels-{os.getpid()}-{id(arenas)}.bin"
+            arenas.fd = os.open(arenas.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(arenas.fd, disk_bytes)
+        return arenas
+
+    def close(self) -> None:
+        """Release the buffers and remove the file."""
+        self.device = self.host = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 class PanelTensor:
     """Column panels of one tensor, each on its tier.
 
     Args:
-        name: for messages and file names.
+        name: for messages.
         rows, cols: the shape.
         panels: ``(c0, c1)`` column range of each panel.
         tiers: each panel's tier (``"gpu"``, ``"host"``, ``"disk"``).
+        offsets: each panel's byte offset in its tier's arena.
         dtype: element type.
         device: the compute device (``"gpu"`` panels live there; on the CPU, in host memory).
-        arena: the device byte buffer that ``"gpu"`` panels are views of.
-        offsets: each ``"gpu"`` panel's byte offset in ``arena``.
-        directory: where the file of ``"disk"`` panels is created (removed by :meth:`close`).
+        arenas: the device buffer, pinned buffer and file the panels are views of.
         traffic: counts the bytes moved.
     """
 
@@ -50,16 +91,15 @@ class PanelTensor:
         cols: int,
         panels: Sequence[tuple[int, int]],
         tiers: Sequence[str],
+        offsets: Sequence[int],
         dtype: torch.dtype,
         device: torch.device,
-        *,
-        arena: torch.Tensor | None,
-        offsets: Sequence[int],
-        directory: Path | None,
+        arenas: Arenas,
         traffic: Traffic,
     ) -> None:
-        if len(panels) != len(tiers):
-            raise ValueError(f"{name}: {len(panels)} panels but {len(tiers)} tiers")
+        if not len(panels) == len(tiers) == len(offsets):
+            raise ValueError(f"{name}: {len(panels)} panels, {len(tiers)} tiers, "
+                             f"{len(offsets)} offsets")
         self.name, self.rows, self.cols = name, rows, cols
         self.panels = list(panels)
         self.tiers = list(tiers)
@@ -71,31 +111,22 @@ class PanelTensor:
         self._gpu: dict[int, torch.Tensor] = {}
         self._host: dict[int, torch.Tensor] = {}
         self._disk: dict[int, int] = {}  # panel -> byte offset in the file
-        self._fd: int | None = None
-        self.path: Path | None = None
-        end = 0
+        self._fd = arenas.fd
+        self.path = arenas.path
         for p, ((c0, c1), tier) in enumerate(zip(self.panels, self.tiers, strict=True)):
             nbytes = rows * (c1 - c0) * self.item
-            if tier == "gpu":
+            if tier in ("gpu", "host"):
+                arena = arenas.device if tier == "gpu" else arenas.host
                 if arena is None:
-                    raise ValueError(f"{name}: a device panel needs an arena")
-                view = arena[offsets[p] : offsets[p] + nbytes]
-                self._gpu[p] = view.view(dtype).view(rows, c1 - c0)
-            elif tier == "host":
-                self._host[p] = torch.empty(
-                    (rows, c1 - c0), dtype=dtype, pin_memory=self._cuda
-                )
+                    raise ValueError(f"{name}: a {tier} panel needs a {tier} arena")
+                view = arena[offsets[p] : offsets[p] + nbytes].view(dtype).view(rows, c1 - c0)
+                (self._gpu if tier == "gpu" else self._host)[p] = view
             elif tier == "disk":
-                self._disk[p] = end
-                end += -(-nbytes // _ALIGN) * _ALIGN
+                if self._fd is None:
+                    raise ValueError(f"{name}: an NVMe panel needs a file")
+                self._disk[p] = offsets[p]
             else:
                 raise ValueError(f"{name}: tier must be one of {TIERS}, got {tier!r}")
-        if self._disk:
-            if directory is None:
-                raise ValueError(f"{name}: NVMe panels need a directory")
-            self.path = Path(directory) / f"{name}.panels"
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(self._fd, end)
 
     # ----------------------------------------------------------------- shape
 
@@ -228,14 +259,10 @@ class PanelTensor:
         return out
 
     def close(self) -> None:
-        """Release host panels and remove the NVMe file."""
+        """Drop the views of the arenas (which their owner releases)."""
         self._gpu.clear()
         self._host.clear()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        self._fd = None
 
     def __repr__(self) -> str:
         return f"PanelTensor({self.name!r}, ({self.rows}, {self.cols}), tiers={self.tiers})"

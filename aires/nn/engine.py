@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from aires.blocks import PanelTensor, Traffic
+from aires.blocks.tensor import Arenas
 from aires.blocks.sparse import SparseRows
 from aires.nn.plan import Plan
 from aires.scheduler import Scheduler
@@ -84,11 +85,8 @@ class Engine:
         self.dtype = dtype
         self.cuda = device.type == "cuda"
         self.traffic = Traffic()
-        self.arena = (
-            torch.empty(plan.arena_bytes, dtype=torch.uint8, device=device)
-            if plan.arena_bytes
-            else None
-        )
+        self.arenas = Arenas.allocate(device, plan.arena_bytes, plan.host_arena_bytes,
+                                      plan.disk_bytes, directory)
         self.tensors: dict[str, PanelTensor | SparseRows] = {
             name: PanelTensor(
                 name,
@@ -96,12 +94,11 @@ class Engine:
                 t.cols,
                 plan.panels(t.cols),
                 t.tiers,
+                t.offsets,
                 dtype,
                 device,
-                arena=self.arena,
-                offsets=t.offsets,
-                directory=directory,
-                traffic=self.traffic,
+                self.arenas,
+                self.traffic,
             )
             for name, t in plan.tensors.items()
         }
@@ -182,7 +179,7 @@ class Engine:
         if src.tiers[p] == "gpu":
             return src.device_panel(p)
         offset = self.plan.panel_offsets[src.name]
-        x = self.arena[offset : offset + src.panel_bytes(p)].view(self.dtype).view(src.rows, -1)
+        x = self.arenas.device[offset : offset + src.panel_bytes(p)].view(self.dtype).view(src.rows, -1)
         bounce = self._staging
         src.read_panel(p, x, bounce)
         return x
@@ -334,7 +331,7 @@ class Engine:
         for t in self.tensors.values():
             t.close()
         self.scheduler.close()
-        self.arena = None
+        self.arenas.close()
         self._staging = None
 
 

@@ -42,6 +42,7 @@ from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, build_program
 from aires.scheduler import spmm_reserve
 from aires.scheduler.placement import default_gpu_budget, default_host_budget
+from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.tiling import TileStore
 
 __all__ = ["GCN", "EpochStats", "dropout_mask"]
@@ -412,7 +413,7 @@ class GCN(nn.Module):
         state.marks = []
         if state.cuda:
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            reset_peak_memory_stats(self.device)
         state.mark("start")
         return time.perf_counter()
 
@@ -425,7 +426,7 @@ class GCN(nn.Module):
             seconds=time.perf_counter() - start,
             predicted=state.plan.predicted.as_dict(),
             measured=state.engine.traffic.as_dict(),
-            peak_allocated=torch.cuda.max_memory_allocated(self.device) if state.cuda else 0,
+            peak_allocated=max_memory_allocated(self.device) if state.cuda else 0,
             peak_device_used=state.peak_used,
             passes=passes,
             io_mode=state.engine.scheduler.io_mode,

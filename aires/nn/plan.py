@@ -92,7 +92,7 @@ class TensorPlan:
         name: the program's name of the tensor (``x``, ``s0``, ``ds1``, ...).
         cols: columns.
         tiers: per panel, ``"gpu"``, ``"host"`` or ``"disk"``.
-        offsets: per panel, its byte offset in the device arena (``-1`` unless on the device).
+        offsets: per panel, its byte offset in its tier's arena.
         reads, writes: whole-tensor reads and writes per epoch.
         first, last: the steps of the epoch it lives between (``x``: all of them).
     """
@@ -118,6 +118,8 @@ class Plan:
         block_rows: rows per block of a row-local stage.
         tensors: by name.
         arena_bytes: device bytes of the arena (device panels and the aggregation's input panel).
+        host_arena_bytes: pinned bytes of the host panels' arena.
+        disk_bytes: bytes of the NVMe panels' file.
         panel_offsets: arena offset of the input-panel buffer of each aggregation source not
             held on the device (the buffer lives during that aggregation only).
         adjacency_gpu: device budget handed to the adjacency's scheduler.
@@ -138,6 +140,8 @@ class Plan:
     block_rows: int
     tensors: dict[str, TensorPlan]
     arena_bytes: int
+    host_arena_bytes: int
+    disk_bytes: int
     panel_offsets: dict[str, int]
     adjacency_gpu: int
     adjacency_host: int
@@ -404,24 +408,34 @@ def _plan(
     )
     resident = placement.resident_bytes
 
-    # Pinned memory: what is not on the device, by accesses per byte; the adjacency's
-    # non-resident tiles are worth ``passes`` each.
+    # Pinned memory: what is not on the device, by accesses per byte (the adjacency's
+    # non-resident tiles are worth ``passes`` each), in a host arena shared over lifetimes
+    # like the device's; whatever is left goes to NVMe, in one file shared the same way.
     host_items = [i for i in items if (i.name, i.panel) not in on_gpu]
-    host_left = host_budget
-    on_host: set[tuple[str, int]] = set()
     adjacency_rest = adjacency_total - resident
     staging = panel_bytes if cuda else 0  # an NVMe-bound aggregation output is staged here
+    host_room = host_budget - staging
+    on_host: list[_Item] = []
     adjacency_host = 0
-    queue: list[tuple[int, int, object]] = [(i.saves, i.nbytes, i) for i in host_items]
-    queue.append((passes, adjacency_rest, "adjacency"))
-    queue.sort(key=lambda e: (-e[0], e[1]))
-    for _, nbytes, what in queue:
+
+    def host_peak(chosen: list[_Item]) -> int:
+        return _first_fit([(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen])[1]
+
+    queue: list[tuple[int, object]] = [(i.saves, i) for i in host_items]
+    queue.append((passes, "adjacency"))
+    queue.sort(key=lambda e: -e[0])
+    for _, what in queue:
         if what == "adjacency":
-            adjacency_host = min(adjacency_rest, max(host_left - staging, 0))
-            host_left -= adjacency_host
-        elif nbytes <= host_left - staging:
-            on_host.add((what.name, what.panel))
-            host_left -= nbytes
+            adjacency_host = min(adjacency_rest, max(host_room - host_peak(on_host), 0))
+        elif host_peak(on_host + [what]) + adjacency_host <= host_room:
+            on_host.append(what)
+    host_offsets, host_arena = _first_fit(
+        [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in on_host]
+    )
+    on_disk = [i for i in host_items if (i.name, i.panel) not in host_offsets]
+    disk_offsets, disk_arena = _first_fit(
+        [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in on_disk]
+    )
     adjacency_disk = adjacency_rest - adjacency_host
     # The scheduler places whole tiles: round to what it will hold.
     if adjacency_rest:
@@ -447,10 +461,10 @@ def _plan(
         tiers, offs = [], []
         for p, c0 in enumerate(range(0, cols, w)):
             key = (name, p)
-            tier = "gpu" if key in on_gpu else "host" if key in on_host else "disk"
+            tier = "gpu" if key in on_gpu else "host" if key in host_offsets else "disk"
             any_disk |= tier == "disk"
             tiers.append(tier)
-            offs.append(offsets.get(key, -1))
+            offs.append({"gpu": offsets, "host": host_offsets, "disk": disk_offsets}[tier][key])
             nbytes = rows * (min(c0 + w, cols) - c0) * item
             r, wr = reads.get(name, 0), writes.get(name, 0)
             if tier != "gpu":
@@ -466,9 +480,7 @@ def _plan(
     if not cuda:
         # On the CPU the "device" is host memory: nothing crosses a bus, only the disk.
         traffic.h2d = traffic.d2h = 0
-    pinned = sum(rows * (min(c0 + w, widths[n]) - c0) * item
-                 for n, p in on_host for c0 in [p * w]) + adjacency_host
-    pinned += staging if any_disk else 0
+    pinned = host_arena + adjacency_host + (staging if any_disk else 0)
     breakdown = {
         "parameters": fixed_params,
         "adjacency": adjacency_min + resident,
@@ -483,6 +495,8 @@ def _plan(
         block_rows=block_rows,
         tensors=tensors,
         arena_bytes=arena_bytes,
+        host_arena_bytes=host_arena,
+        disk_bytes=disk_arena,
         panel_offsets={src: off for (kind, src), off in offsets.items() if kind == "<panel>"},
         adjacency_gpu=adjacency_gpu,
         adjacency_host=adjacency_host,

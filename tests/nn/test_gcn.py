@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch_geometric.nn import GCNConv
 
 from aires.nn import GCN, dropout_mask
+from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.data._splitmix import stream_key
 from aires.tiling import TileStore
 
@@ -272,9 +273,9 @@ def test_measured_peak_is_within_the_process_budget(room: int) -> None:
     held = torch.cuda.memory_allocated()
     budget = minimum_gpu_bytes(x, ei, **TIERED_CUDA) + held + room
     model = GCN(12, 16, 5, num_layers=3, device="cuda", gpu_budget=budget, **TIERED_CUDA)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory_stats()
     train(model, x, ei, y, mask, epochs=2)
-    assert torch.cuda.max_memory_allocated() <= budget
+    assert max_memory_allocated() <= budget
     assert 0 < model.stats.peak_allocated <= budget
     model.close()
 
