@@ -479,7 +479,14 @@ def _build(
     progress: bool,
     symmetric: bool | None,
     extra: dict[str, Any],
+    threads: int = _BUILD_THREADS,
 ) -> TileStore:
+    """Plan, write and install the store of ``src``.
+
+    ``src.indices`` and ``src.data`` need only support slicing: :mod:`aires.data.prepare`
+    passes views that compute the normalised adjacency tile by tile, with ``threads`` workers,
+    as CPU work scales with cores where plain packing is held to disk speed.
+    """
     _check_destination(path, overwrite)
     try:
         plan = plan_tiles(
@@ -499,7 +506,7 @@ def _build(
     _check_space(path.parent, plan.total_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
-        checksums = _write_tiles(src, plan, tmp / DATA_NAME, progress, path.name)
+        checksums = _write_tiles(src, plan, tmp / DATA_NAME, progress, path.name, threads)
         columns = (plan.row_start, plan.row_stop, plan.tile_nnz, plan.offset, plan.nbytes)
         columns += (checksums, plan.partial)
         manifest = Manifest(
@@ -529,7 +536,7 @@ def _build(
 
 
 def _write_tiles(
-    src: _Source, plan: TilePlan, data_path: Path, progress: bool, name: str
+    src: _Source, plan: TilePlan, data_path: Path, progress: bool, name: str, threads: int
 ) -> np.ndarray:
     """Write every tile of ``plan`` to a new ``data_path`` and fsync it; return the CRC-32s.
 
@@ -566,7 +573,7 @@ def _write_tiles(
                 f"sizing {data_path} to {plan.total_bytes} bytes failed: {error.strerror} "
                 "(disk full, or a file size limit such as ulimit -f?)",
             ) from error
-        workers = min(_BUILD_THREADS, os.cpu_count() or 1)
+        workers = min(threads, os.cpu_count() or 1)
         bar = tqdm(
             total=plan.total_bytes,
             unit="B",
