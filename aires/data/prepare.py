@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ def prepare(
         chunk_size: entries of the adjacency handled at once by the degree pass (>= 1; does not
             change any byte of the result).
         threads: workers normalising and packing tiles (default: every core).
-        device: where the generator and the degree pass run (default CUDA when present).
+        device: where the generator runs (default CUDA when present).
 
     Returns:
         The opened :class:`Prepared`.
@@ -384,34 +384,29 @@ def _build_prepared(
         _memory_need(n),
     )
 
-    degree = _degrees(csr, chunk, device, progress)
+    degree = _degrees(csr, chunk, threads, progress)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(degree, out=indptr[1:])
     # The very operation gcn_norm applies to its float32 degrees, on the CPU like in-core runs.
-    dinv = torch.from_numpy(degree.astype(np.float32)).pow(-0.5)
+    dinv = torch.from_numpy(degree.astype(np.float32)).pow(-0.5).numpy()
     del degree
     lap("degrees")
     ceiling = _write_rate(tmp, _tile_bytes_estimate(n, int(indptr[-1])))
     lap("write_ceiling")
     rows = _NormalisedRows(csr, indptr, dinv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tile workers are the parallelism; no nested thread pools
-    try:
-        store = _build(
-            _Source(indptr, rows.indices, rows.data, (n, n)),
-            tmp / "adjacency",
-            tile_bytes=tile_bytes,
-            alignment=4096,
-            index_dtype=None,
-            value_dtype=np.float32,
-            overwrite=False,
-            progress=progress,
-            symmetric=True,
-            extra={"normalisation": "gcn_norm", "prepared_key": key},
-            threads=threads,
-        )
-    finally:
-        torch.set_num_threads(previous)
+    store = _build(
+        _Source(indptr, rows.indices, rows.data, (n, n)),
+        tmp / "adjacency",
+        tile_bytes=tile_bytes,
+        alignment=4096,
+        index_dtype=None,
+        value_dtype=np.float32,
+        overwrite=False,
+        progress=progress,
+        symmetric=True,
+        extra={"normalisation": "gcn_norm", "prepared_key": key},
+        threads=threads,
+    )
     adjacency_bytes = store.data_path.stat().st_size
     store.close()
     lap("tiles")
@@ -563,38 +558,42 @@ def _row_chunks(csr: _RawCSR, chunk: int) -> Iterator[tuple[int, int, np.ndarray
             r = stop
 
 
-def _degrees(csr: _RawCSR, chunk: int, device: torch.device, progress: bool) -> np.ndarray:
+def _degrees(csr: _RawCSR, chunk: int, threads: int, progress: bool) -> np.ndarray:
     """Rows of ``A + I`` after replacing self loops: ``len(row) - loops + 1``; also checks that
     every row's columns are sorted and in range (the tiles are trusted afterwards)."""
     n = csr.num_nodes
     degree = np.empty(n, dtype=np.int64)
-    loops_total = 0
 
     def one(r0: int, r1: int, ptr: np.ndarray) -> int:
-        cols = torch.from_numpy(csr.indices(int(ptr[0]), int(ptr[-1]))).to(device)
-        lengths = torch.from_numpy(np.diff(ptr)).to(device)
-        rows = torch.repeat_interleave(torch.arange(r0, r1, device=device), lengths)
-        if cols.numel():
-            lo, hi = int(cols.min()), int(cols.max())
-            if lo < 0 or hi >= n:
-                raise ValueError(f"adjacency: column index {lo if lo < 0 else hi} is out of "
-                                 f"range [0, {n}) in rows {r0}..{r1 - 1}")
-            unsorted = (cols[1:] < cols[:-1]) & (rows[1:] == rows[:-1])
-            if bool(unsorted.any()):
-                row = int(rows[1:][unsorted][0])
-                raise ValueError(f"adjacency: row {row} has unsorted column indices")
-        loops = torch.bincount(rows[cols == rows] - r0, minlength=r1 - r0)
-        degree[r0:r1] = (lengths - loops + 1).cpu().numpy()
-        return int(loops.sum())
+        cols = csr.indices(int(ptr[0]), int(ptr[-1]))
+        lengths = np.diff(ptr)
+        degree[r0:r1] = lengths + 1
+        if not cols.size:
+            return 0
+        lo, hi = int(cols.min()), int(cols.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"adjacency: column index {lo if lo < 0 else hi} is out of range "
+                             f"[0, {n}) in rows {r0}..{r1 - 1}")
+        rows = np.repeat(np.arange(r0, r1), lengths)
+        unsorted = np.flatnonzero((cols[1:] < cols[:-1]) & (rows[1:] == rows[:-1]))
+        if unsorted.size:
+            raise ValueError(f"adjacency: row {int(rows[unsorted[0]])} has unsorted column indices")
+        loop = cols == rows
+        if not loop.any():
+            return 0
+        degree[r0:r1] -= np.bincount(rows[loop] - r0, minlength=r1 - r0)
+        return int(loop.sum())
 
     bar = tqdm(total=csr.nnz, desc="degrees", unit="entry", unit_scale=True,
                disable=not progress)
-    workers = 1 if device.type == "cuda" else 2  # reading and counting overlap
-    with bar, ThreadPoolExecutor(workers) as pool:
-        pending = []
+    loops_total = 0
+    # numpy releases the GIL in these kernels and the reads, so chunks run side by side; at most
+    # 2 * threads chunks are in memory.
+    with bar, ThreadPoolExecutor(threads) as pool:
+        pending: list[tuple[Future[int], int]] = []
         for r0, r1, ptr in _row_chunks(csr, chunk):
             pending.append((pool.submit(one, r0, r1, ptr), int(ptr[-1] - ptr[0])))
-            if len(pending) > workers:
+            if len(pending) >= 2 * threads:
                 future, size = pending.pop(0)
                 loops_total += future.result()
                 bar.update(size)
@@ -612,7 +611,7 @@ class _NormalisedRows:
     it computed last, as the tiler asks for a tile's indices, then its values.
     """
 
-    def __init__(self, csr: _RawCSR, indptr: np.ndarray, dinv: torch.Tensor) -> None:
+    def __init__(self, csr: _RawCSR, indptr: np.ndarray, dinv: np.ndarray) -> None:
         self._csr = csr
         self._indptr = indptr
         self._dinv = dinv
@@ -636,23 +635,20 @@ class _NormalisedRows:
     def _rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[r0, r1)`` of ``Â``: loops dropped, one diagonal entry put in column order."""
         ptr = self._csr.indptr(r0, r1 + 1)
-        cols = torch.from_numpy(self._csr.indices(int(ptr[0]), int(ptr[-1])))
-        rows = torch.repeat_interleave(torch.arange(r0, r1), torch.from_numpy(np.diff(ptr)))
-        keep = cols != rows
-        cols, rows = cols[keep], rows[keep]
-        # Each kept entry moves past the diagonals of the rows before it, and of its own row
-        # when it lies right of the diagonal (columns are sorted within a row).
-        position = torch.arange(cols.numel()) + (rows - r0) + (cols > rows)
-        total = int(self._indptr[r1] - self._indptr[r0])
-        out = torch.empty(total, dtype=torch.int64)
-        diagonal = torch.ones(total, dtype=torch.bool)
-        out[position] = cols
-        diagonal[position] = False
-        out[diagonal] = torch.arange(r0, r1)
-        lengths = torch.from_numpy(np.diff(self._indptr[r0 : r1 + 1]))
-        out_rows = torch.repeat_interleave(torch.arange(r0, r1), lengths)
-        values = self._dinv[out_rows] * self._dinv[out]
-        return out.numpy(), values.numpy()
+        cols = self._csr.indices(int(ptr[0]), int(ptr[-1]))
+        rows = np.repeat(np.arange(r0, r1), np.diff(ptr))
+        loop = cols == rows
+        if loop.any():
+            cols, rows = cols[~loop], rows[~loop]
+        # Rows ascend and columns ascend within a row, so ``row * N + col`` is sorted: each
+        # diagonal's place is one binary search per row, not a pass over the entries.
+        n = self._csr.num_nodes
+        diagonal = np.arange(r0, r1)
+        at = np.searchsorted(rows * n + cols, diagonal * (n + 1))
+        out = np.insert(cols, at, diagonal)
+        lengths = np.diff(self._indptr[r0 : r1 + 1])
+        values = np.repeat(self._dinv[r0:r1], lengths) * self._dinv[out]
+        return out, values
 
 
 class _Column:
@@ -709,7 +705,7 @@ def _write_features(
 
     step = max(1, _DEFAULT_CHUNK // f)
     for r0 in tqdm(range(0, n, step), desc="features", disable=not progress):
-        block = torch.from_numpy(np.ascontiguousarray(rows(r0, r0 + step), dtype=np.float32))
+        block = torch.from_numpy(np.array(rows(r0, r0 + step), dtype=np.float32))
         if feature_dtype == "bf16":
             out[r0 : r0 + step] = block.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
         else:
