@@ -56,7 +56,13 @@ from tqdm.auto import tqdm
 from aires.checks import parse_size
 from aires.data.edgelist import convert_edge_list
 from aires.data.generator import GENERATOR_VERSION, PRESETS, synthetic
-from aires.data.storage import FORMAT_VERSION, MANIFEST, open_aligned_npy, open_graph
+from aires.data.storage import (
+    FORMAT_VERSION,
+    MANIFEST,
+    open_aligned_npy,
+    open_graph,
+    release_pages,
+)
 from aires.tiling import TileStore
 from aires.tiling.plan import DEFAULT_TILE_BYTES
 from aires.tiling.store import _build, _fsync_dir, _remove_stale, _Source
@@ -696,7 +702,9 @@ def _write_features(
         source = np.load(dense, mmap_mode="r")
 
         def rows(r0: int, r1: int) -> np.ndarray:
-            return np.asarray(source[r0:r1])
+            block = np.array(source[r0:r1], dtype=np.float32)
+            release_pages(source)
+            return block
     else:
         graph = open_graph(graph_dir)
 
@@ -710,19 +718,8 @@ def _write_features(
             out[r0 : r0 + step] = block.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
         else:
             out[r0 : r0 + step] = block.numpy()
-        out.flush()
-        _release(out)
-    del out
-
-
-def _release(array: np.memmap) -> None:
-    """Drop a written memmap's pages from this process (they stay in the page cache), so RSS
-    does not grow with the file."""
-    mm = getattr(array, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
-        import mmap
-
-        mm.madvise(mmap.MADV_DONTNEED)
+        release_pages(out)
+    out.flush()  # msync: on disk before the directory is renamed into place, as GraphWriter does
 
 
 def _write_labels(graph_dir: Path, tmp: Path, n: int, *, adopt: bool) -> None:

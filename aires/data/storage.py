@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -50,6 +51,7 @@ __all__ = [
     "open_graph",
     "is_graph_dir",
     "open_aligned_npy",
+    "release_pages",
 ]
 
 FORMAT = "aires-graph"
@@ -98,6 +100,20 @@ def open_aligned_npy(
     if nbytes == 0:  # mmap cannot map zero bytes; an empty array needs no file view
         return np.lib.format.open_memmap(path, mode="r+")
     return np.memmap(path, dtype=dtype, mode="r+", offset=ALIGNMENT, shape=shape)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Unmap the pages of a written memmap from this process; they stay in the page cache.
+
+    Pages written through a shared file mapping count in the process's resident set until the
+    mapping goes away, so a producer filling a multi-GB memmap would show that much RSS though
+    the kernel may write back and reclaim the pages at will. ``MADV_DONTNEED`` on a shared
+    mapping drops only this process's references (dirty pages are still written back), which
+    keeps the peak RSS of a large preparation near its chunk buffers. No-op for other arrays.
+    """
+    mm = getattr(array, "_mmap", None)
+    if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def is_graph_dir(path: str | os.PathLike[str]) -> bool:
@@ -176,6 +192,7 @@ class GraphWriter:
         step = max(1, _COPY_ELEMENTS // max(1, math.prod(values.shape[1:])))
         for start in range(0, len(values), step):
             out[start : start + step] = values[start : start + step]
+            release_pages(out)
 
     def commit(
         self,

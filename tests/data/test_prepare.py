@@ -3,6 +3,7 @@ killed runs, refusals."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -246,3 +247,20 @@ def test_unsorted_rows_are_refused(tmp_path: Path) -> None:
     indices.flush()
     with pytest.raises(ValueError, match="row 0 has unsorted column indices"):
         prepare(tmp_path / "graph", root=tmp_path / "prep", progress=False)
+
+
+def test_cli_prepares_then_reuses_and_writes_the_report(tmp_path: Path) -> None:
+    from aires.data.cli import main
+
+    args = ["prepare", "--preset", "tiny", "--scale", "0.5", "--root", str(tmp_path / "r"),
+            "--tile-bytes", "8KiB", "--quiet"]
+    assert main([*args, "--json", str(tmp_path / "first.json")]) == 0
+    assert main([*args, "--json", str(tmp_path / "second.json")]) == 0
+    first = json.loads((tmp_path / "first.json").read_text())
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert not first["reused"] and second["reused"]
+    assert first["path"] == second["path"]
+    assert set(first["timings"]) >= {"source", "degrees", "write_ceiling", "tiles", "features"}
+    assert first["bytes"]["total_on_disk"] >= first["bytes"]["adjacency"]
+    assert first["write_ceiling"]["bytes_per_second"] > 0 and first["peak_rss_bytes"] > 0
+    assert first["feature_dtype"] == "float32" and first["tiles"] > 1
