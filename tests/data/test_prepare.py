@@ -87,9 +87,14 @@ def test_synthetic_graph_gives_gcn_norm_bit_for_bit(tmp_path: Path, chunk_size: 
     assert prepared.peak_rss_bytes > 0
 
 
-def test_hub_row_and_self_loops_against_scipy(tmp_path: Path) -> None:
-    """A row of 2500 entries split over 4 KiB tiles, degree chunks of one row, self loops
-    replaced by one of weight 1; checked against gcn_norm and, to float precision, scipy."""
+@pytest.mark.parametrize("piece", [1, 1 << 21])
+def test_hub_row_and_self_loops_against_scipy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    """A row of 2500 entries split over 4 KiB tiles, degree chunks and normalisation pieces of
+    one row, self loops replaced by one of weight 1; checked against gcn_norm and, to float
+    precision, scipy."""
+    monkeypatch.setattr(prepare_module, "_PIECE", piece)
     graph = hub_graph(loops=40)
     save_graph(graph, tmp_path / "graph")
     prepared = prepare(tmp_path / "graph", root=tmp_path / "prep", tile_bytes=4096,
