@@ -76,7 +76,7 @@ FEATURE_DTYPES = {"float32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": n
 MANIFEST_NAME = "prepared.json"
 _FORMAT = "aires-prepared"
 _SPLITS = ("train_idx", "val_idx", "test_idx")
-_DEFAULT_CHUNK = 1 << 24  # entries per step of a pass: 128 MiB of int64 column indices
+_DEFAULT_CHUNK = 1 << 20  # entries per step of the degree pass: 8 MiB of int64 column indices
 # Entries normalised at once: temporaries of at most 16 MiB stay under glibc's mmap threshold,
 # so freed ones are reused instead of being page-faulted in afresh (minor faults dominated).
 _PIECE = 1 << 21
