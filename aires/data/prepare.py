@@ -171,7 +171,10 @@ def prepare(
             an adjacency whose rows are not sorted or hold out-of-range columns.
         NotImplementedError: a source graph not marked symmetric.
         OSError: not enough free disk or host memory (the message names both numbers and the
-            path), or a failed write; nothing half-written is left under ``root``'s final name.
+            path), or a failed write; nothing half-written is left under the final name. A
+            synthetic source is checked before anything is written; an OGB directory or an
+            edge list, whose converted size is unknown up front, after its conversion and
+            before the tiles.
     """
     clock = time.perf_counter()
     if feature_dtype not in FEATURE_DTYPES:
@@ -209,7 +212,14 @@ def prepare(
             kind, source, params, key, tmp, path, feature_dtype, tile_bytes, progress,
             chunk_size, threads or os.cpu_count() or 1, dev,
         )
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / MANIFEST_NAME).is_file():
+                raise
+            # Another process finished the same preparation first: same key, same bytes.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _open(path, reused=True, timings=report["timings"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -437,6 +447,7 @@ def _build_prepared(
         "num_nodes": n,
         "num_features": f,
         "num_classes": int(meta["num_classes"]),
+        "edges": csr.nnz,
         "nnz": int(indptr[-1]),
         "feature_dtype": feature_dtype,
         "device": str(device),
@@ -514,8 +525,8 @@ class _RawCSR:
     """The adjacency of an on-disk graph, read by ``pread`` (not mapped: RSS stays small)."""
 
     def __init__(self, graph_dir: Path) -> None:
-        self._ptr = np.load(graph_dir / "adj_indptr.npy", mmap_mode="r")
-        self._idx = np.load(graph_dir / "adj_indices.npy", mmap_mode="r")
+        self._ptr = np.load(graph_dir / "adj_indptr.npy", mmap_mode="r", allow_pickle=False)
+        self._idx = np.load(graph_dir / "adj_indices.npy", mmap_mode="r", allow_pickle=False)
         self.num_nodes = len(self._ptr) - 1
         self.nnz = len(self._idx)
         #: Stored entries of ``Â``; set by the degree pass.
@@ -725,12 +736,12 @@ def _write_features(
     out_file = tmp / "features.npy"
     dense = graph_dir / "x.npy"
     if adopt and feature_dtype == "float32" and dense.is_file():
-        if np.load(dense, mmap_mode="r").offset % 4096 == 0:
+        if np.load(dense, mmap_mode="r", allow_pickle=False).offset % 4096 == 0:
             os.rename(dense, out_file)
             return
     out = open_aligned_npy(out_file, FEATURE_DTYPES[feature_dtype], (n, f))
     if dense.is_file():
-        source = np.load(dense, mmap_mode="r")
+        source = np.load(dense, mmap_mode="r", allow_pickle=False)
 
         def rows(r0: int, r1: int) -> np.ndarray:
             block = np.array(source[r0:r1], dtype=np.float32)
@@ -783,7 +794,7 @@ def _open(path: Path, *, reused: bool, timings: dict[str, float]) -> Prepared:
     offset = 0
     if f:
         features_path = path / "features.npy"
-        features = np.load(features_path, mmap_mode="r")
+        features = np.load(features_path, mmap_mode="r", allow_pickle=False)
         expected = FEATURE_DTYPES[manifest["feature_dtype"]]
         if features.shape != (n, f) or features.dtype != expected:
             raise ValueError(
@@ -793,7 +804,7 @@ def _open(path: Path, *, reused: bool, timings: dict[str, float]) -> Prepared:
         offset = int(features.offset)
 
     def load(name: str) -> np.ndarray:
-        return np.load(path / f"{name}.npy", mmap_mode="r")
+        return np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
 
     return Prepared(
         path=path,

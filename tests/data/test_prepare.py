@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +246,7 @@ def test_directed_graph_is_refused(tmp_path: Path) -> None:
 
 def test_unsorted_rows_are_refused(tmp_path: Path) -> None:
     save_graph(hub_graph(n=200, hub_degree=5), tmp_path / "graph")
-    indices = np.load(tmp_path / "graph" / "adj_indices.npy", mmap_mode="r+")
+    indices = np.load(tmp_path / "graph" / "adj_indices.npy", mmap_mode="r+", allow_pickle=False)
     indices[:2] = indices[1::-1]
     indices.flush()
     with pytest.raises(ValueError, match="row 0 has unsorted column indices"):
