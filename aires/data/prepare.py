@@ -67,7 +67,14 @@ from aires.tiling import TileStore
 from aires.tiling.plan import DEFAULT_TILE_BYTES
 from aires.tiling.store import _build, _fsync_dir, _remove_stale, _Source
 
-__all__ = ["FEATURE_DTYPES", "PREPARE_VERSION", "Prepared", "Synthetic", "prepare"]
+__all__ = [
+    "FEATURE_DTYPES",
+    "PREPARE_VERSION",
+    "Prepared",
+    "Synthetic",
+    "open_prepared",
+    "prepare",
+]
 
 #: Bumped whenever the same source and settings would give different bytes.
 PREPARE_VERSION = 1
@@ -228,6 +235,20 @@ def prepare(
     prepared = _open(path, reused=False, timings=report["timings"])
     prepared.report.update(report)
     return prepared
+
+
+def open_prepared(path: str | os.PathLike[str]) -> Prepared:
+    """Open the prepared directory ``path`` (as :func:`prepare` returns it when reused).
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``prepared.json`` (absent, or never completed).
+        ValueError: an unknown format version, or a feature file unlike its manifest.
+    """
+    clock = time.perf_counter()
+    path = Path(path)
+    if not (path / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a prepared graph: {MANIFEST_NAME} is missing")
+    return _open(path, reused=True, timings={"open": round(time.perf_counter() - clock, 3)})
 
 
 def _default_device() -> torch.device:
