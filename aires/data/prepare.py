@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -344,8 +343,16 @@ def _disk_free(path: Path) -> int:
 
 
 def _memory_free() -> int:
-    """Host memory available to a new allocation without swapping."""
-    return int(psutil.virtual_memory().available)
+    """Host memory available without swapping: Linux's ``MemAvailable`` (free memory plus the
+    page cache it can drop), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _check_resources(path: Path, disk: int, memory: int) -> None:
