@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from aires.checks import parse_size
 from aires.data.edgelist import convert_edge_list
 from aires.data.generator import GENERATOR_VERSION, PRESETS, synthetic
+from aires.data.ogb import load_ogb
 from aires.data.storage import (
     FORMAT_VERSION,
     MANIFEST,
@@ -399,21 +400,7 @@ def _build_prepared(
         clock = now
 
     raw = tmp / "raw"  # a conversion's graph, deleted once adopted
-    if kind == "synthetic":
-        assert isinstance(source, Synthetic)
-        synthetic(source.preset, scale=source.scale, seed=source.seed, out=raw,
-                  device=device, progress=progress)
-        graph_dir = raw
-    elif kind == "ogb":
-        from aires.data.ogb import load_ogb
-
-        load_ogb(Path(params["path"]), out=raw, progress=progress)
-        graph_dir = raw
-    elif kind == "edgelist":
-        convert_edge_list(Path(params["path"]), raw, progress=progress)
-        graph_dir = raw
-    else:
-        graph_dir = Path(params["path"])
+    graph_dir = _source_graph(kind, source, params, raw, device, progress)
     lap("source")
     meta = json.loads((graph_dir / MANIFEST).read_bytes())
     if meta.get("symmetric") is not True:
@@ -516,6 +503,27 @@ def _build_prepared(
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
     return report
+
+
+def _source_graph(
+    kind: str,
+    source: Synthetic | str | os.PathLike[str],
+    params: dict[str, Any],
+    raw: Path,
+    device: torch.device,
+    progress: bool,
+) -> Path:
+    """The on-disk graph to prepare: generated or converted into ``raw``, or a saved one."""
+    if isinstance(source, Synthetic):
+        synthetic(source.preset, scale=source.scale, seed=source.seed, out=raw,
+                  device=device, progress=progress)
+    elif kind == "ogb":
+        load_ogb(Path(params["path"]), out=raw, progress=progress)
+    elif kind == "edgelist":
+        convert_edge_list(Path(params["path"]), raw, progress=progress)
+    else:
+        return Path(params["path"])
+    return raw
 
 
 def peak_rss() -> int:
