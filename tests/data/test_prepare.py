@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from aires.data import Graph, load_ogb, save_graph, synthetic
+from aires.data import _normalise as normalise_module
 from aires.data import prepare as prepare_module
 from aires.data.prepare import Synthetic, prepare
 from aires.gcn_conv import gcn_norm
@@ -93,7 +94,7 @@ def test_hub_row_and_self_loops_against_scipy(
     """A row of 2500 entries split over 4 KiB tiles, degree chunks and normalisation pieces of
     one row, self loops replaced by one of weight 1; checked against gcn_norm and, to float
     precision, scipy."""
-    monkeypatch.setattr(prepare_module, "_PIECE", piece)
+    monkeypatch.setattr(normalise_module, "_PIECE", piece)
     graph = hub_graph(loops=40)
     save_graph(graph, tmp_path / "graph")
     prepared = prepare(tmp_path / "graph", root=tmp_path / "prep", tile_bytes=4096,
