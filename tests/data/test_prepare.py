@@ -269,3 +269,15 @@ def test_cli_prepares_then_reuses_and_writes_the_report(tmp_path: Path) -> None:
     assert first["bytes"]["total_on_disk"] >= first["bytes"]["adjacency"]
     assert first["write_ceiling"]["bytes_per_second"] > 0 and first["peak_rss_bytes"] > 0
     assert first["feature_dtype"] == "float32" and first["tiles"] > 1
+
+
+def test_edge_list_source(tmp_path: Path) -> None:
+    """An edge list has no features or labels: the features are None, every label is -1."""
+    from aires.data import convert_edge_list
+
+    edges = REPO / "datasets" / "fixtures" / "karate.txt"
+    prepared = prepare(edges, root=tmp_path / "prep", progress=False)
+    graph = convert_edge_list(edges, tmp_path / "ref")
+    assert_bitwise(prepared.adjacency.to_scipy(), reference(graph.adj))
+    assert prepared.features is None and prepared.num_features == 0
+    np.testing.assert_array_equal(prepared.labels, np.full(34, -1))
