@@ -427,7 +427,8 @@ def _digest(adj: Any, edge_weight: Tensor | None, params: tuple) -> str:
     """Content hash of the adjacency, the weights and the parameters (one pass over the bytes)."""
     digest = hashlib.blake2b(repr(params).encode(), digest_size=16)
     kind = "sparse_tensor" if _is_sparse_tensor(adj) else str(adj.layout)
-    digest.update(f"{kind}{tuple(adj.size())}".encode())
+    shape = adj.sizes() if _is_sparse_tensor(adj) else adj.size()  # SparseTensor.size needs dim
+    digest.update(f"{kind}{tuple(shape)}".encode())
     for tensor in _components(adj) + ([] if edge_weight is None else [edge_weight]):
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         digest.update(f"|{flat.dtype}:{flat.numel()}|".encode())
