@@ -208,12 +208,12 @@ def prepare(
     _remove_stale(path)
     if kind == "synthetic":
         _check_resources(path, _synthetic_need(params), _memory_need(
-            _synthetic_nodes(params), threads or os.cpu_count() or 1, tile_bytes))
+            _synthetic_nodes(params), threads or _cores(), tile_bytes))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=root))
     try:
         report = _build_prepared(
             kind, source, params, key, tmp, path, feature_dtype, tile_bytes, progress,
-            chunk_size, threads or os.cpu_count() or 1, dev,
+            chunk_size, threads or _cores(), dev,
         )
         try:
             os.rename(tmp, path)
@@ -245,6 +245,11 @@ def open_prepared(path: str | os.PathLike[str]) -> Prepared:
     if not (path / MANIFEST_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a prepared graph: {MANIFEST_NAME} is missing")
     return _open(path, reused=True, timings={"open": round(time.perf_counter() - clock, 3)})
+
+
+def _cores() -> int:
+    """CPUs this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _default_device() -> torch.device:
