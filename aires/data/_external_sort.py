@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aires.data.storage import release_pages
+
 __all__ = ["BucketFiles", "CSRBuilder"]
 
 
@@ -152,4 +154,6 @@ class CSRBuilder:
             data[offset : offset + n] = 1.0
             offset += n
             buckets.remove(b)
+            for array in (indptr, indices, data):
+                release_pages(array)
         return nnz

@@ -38,7 +38,13 @@ from aires.data._external_sort import CSRBuilder
 from aires.data._rmat import GRAPH500, RmatSampler
 from aires.data._splitmix import stream_key, uniform
 from aires.data.graph import Graph
-from aires.data.storage import FORMAT_VERSION, GraphWriter, is_graph_dir, open_graph
+from aires.data.storage import (
+    FORMAT_VERSION,
+    GraphWriter,
+    is_graph_dir,
+    open_graph,
+    release_pages,
+)
 
 __all__ = ["Preset", "PRESETS", "GENERATOR_VERSION", "default_cache_dir", "synthetic"]
 
@@ -377,6 +383,7 @@ def _write_dense_features(
     for start in _chunks(n, step, "features", progress):
         stop = min(n, start + step)
         x[start:stop] = rows(start, stop, np.asarray(y[start:stop])).cpu().numpy()
+        release_pages(x)
 
 
 def _write_sparse_features(

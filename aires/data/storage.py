@@ -8,10 +8,15 @@
       adj_indptr.npy     int64 (N + 1,)       adjacency in CSR, sorted columns, values 1.0
       adj_indices.npy    int64 (nnz,)
       adj_data.npy       float32 (nnz,)
-      x.npy              float32 (N, F)       dense features, or sparse features in CSR:
+      x.npy              float32 (N, F)       dense features (data at byte 4096), or sparse in CSR:
       x_indptr.npy, x_indices.npy (int64), x_data.npy (float32)
       y.npy              int64 (N,)           -1 where unlabelled
       train_idx.npy, val_idx.npy, test_idx.npy   int64
+
+Dense features are an ``.npy`` whose header is padded so the data starts at byte
+:data:`ALIGNMENT` (4 KiB): any row block is one aligned byte range, readable by O_DIRECT, KvikIO
+and GPUDirect Storage without a bounce copy, and a prepared graph (:mod:`aires.data.prepare`)
+adopts the file as it is instead of copying it.
 
 Arrays are opened with ``np.load(mmap_mode=..., allow_pickle=False)``, so a graph larger than
 RAM opens at once and is paged in as it is read. A directory is written under a temporary name
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -35,11 +42,23 @@ import torch
 
 from aires.data.graph import SPLITS, Graph, _to_torch
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "GraphWriter", "save_graph", "open_graph", "is_graph_dir"]
+__all__ = [
+    "ALIGNMENT",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "GraphWriter",
+    "save_graph",
+    "open_graph",
+    "is_graph_dir",
+    "open_aligned_npy",
+    "release_pages",
+]
 
 FORMAT = "aires-graph"
 FORMAT_VERSION = 1
 MANIFEST = "graph.json"
+#: Byte offset of the data in a dense feature ``.npy`` (the page and GDS alignment).
+ALIGNMENT = 4096
 
 _DTYPES = {
     "adj_indptr": np.int64,
@@ -56,6 +75,45 @@ _DTYPES = {
 }
 _REQUIRED = ("adj_indptr", "adj_indices", "adj_data", "train_idx", "val_idx", "test_idx")
 _COPY_ELEMENTS = 1 << 23  # entries copied at once (64 MiB of int64)
+
+
+def open_aligned_npy(
+    path: str | os.PathLike[str], dtype: np.dtype | type | str, shape: tuple[int, ...]
+) -> np.memmap:
+    """Create ``path`` as an ``.npy`` of ``shape`` whose data starts at byte :data:`ALIGNMENT`.
+
+    A plain ``.npy`` header is 64 or 128 bytes, so row blocks of its data are not page aligned;
+    padding the header (format 1.0 allows up to 65535 bytes of it) fixes that while ``np.load``
+    still reads the file. Returns the data as a writable memmap (zero-filled, sparse on disk).
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    magic = np.lib.format.magic(1, 0)
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": shape})
+    length = ALIGNMENT - len(magic) - 2
+    header = (text + " " * (length - len(text) - 1) + "\n").encode("latin1")
+    nbytes = math.prod(shape) * dtype.itemsize
+    with open(path, "wb") as f:
+        f.write(magic + struct.pack("<H", length) + header)
+        f.truncate(ALIGNMENT + nbytes)
+    if nbytes == 0:  # mmap cannot map zero bytes; an empty array needs no file view
+        return np.lib.format.open_memmap(path, mode="r+")
+    return np.memmap(path, dtype=dtype, mode="r+", offset=ALIGNMENT, shape=shape)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Unmap the pages of a written memmap from this process; they stay in the page cache.
+
+    Pages written through a shared file mapping count in the process's resident set until the
+    mapping goes away, so a producer filling a multi-GB memmap would show that much RSS though
+    the kernel may write back and reclaim the pages at will. ``MADV_DONTNEED`` on a shared
+    mapping drops only this process's references (dirty pages are still written back), which
+    keeps the peak RSS of a large preparation near its chunk buffers. No-op for other arrays.
+    """
+    mm = getattr(array, "_mmap", None)
+    if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def is_graph_dir(path: str | os.PathLike[str]) -> bool:
@@ -108,12 +166,12 @@ class GraphWriter:
         """A new writable memmap for array ``name`` (dtype fixed by the format)."""
         if name not in _DTYPES:
             raise ValueError(f"unknown array name {name!r}; expected one of {', '.join(_DTYPES)}")
-        out = np.lib.format.open_memmap(
-            self.tmp / f"{name}.npy",
-            mode="w+",
-            dtype=_DTYPES[name],
-            shape=tuple(int(s) for s in shape),
-        )
+        file = self.tmp / f"{name}.npy"
+        shape = tuple(int(s) for s in shape)
+        if name == "x":
+            out = open_aligned_npy(file, _DTYPES[name], shape)
+        else:
+            out = np.lib.format.open_memmap(file, mode="w+", dtype=_DTYPES[name], shape=shape)
         self._arrays[name] = out
         return out
 
@@ -134,6 +192,7 @@ class GraphWriter:
         step = max(1, _COPY_ELEMENTS // max(1, math.prod(values.shape[1:])))
         for start in range(0, len(values), step):
             out[start : start + step] = values[start : start + step]
+            release_pages(out)
 
     def commit(
         self,

@@ -494,7 +494,14 @@ def _build(
     progress: bool,
     symmetric: bool | None,
     extra: dict[str, Any],
+    threads: int = _BUILD_THREADS,
 ) -> TileStore:
+    """Plan, write and install the store of ``src``.
+
+    ``src.indices`` and ``src.data`` need only support slicing: :mod:`aires.data.prepare`
+    passes views that compute the normalised adjacency tile by tile, with ``threads`` workers,
+    as CPU work scales with cores where plain packing is held to disk speed.
+    """
     _check_destination(path, overwrite)
     try:
         plan = plan_tiles(
@@ -515,7 +522,7 @@ def _build(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         checksums, entries = _write_tiles(
-            src, plan, tmp / DATA_NAME, progress, path.name, hash_entries=bool(symmetric)
+            src, plan, tmp / DATA_NAME, progress, path.name, threads, hash_entries=bool(symmetric)
         )
         if symmetric and entries[0] != entries[1]:
             raise ValueError(
@@ -557,10 +564,11 @@ def _write_tiles(
     data_path: Path,
     progress: bool,
     name: str,
+    threads: int,
     *,
     hash_entries: bool = False,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Write every tile of ``plan`` to a new ``data_path`` and fsync it.
+    """Write every tile of ``plan`` to a new ``data_path`` with ``threads`` workers, fsync it.
 
     Tiles go to their planned offsets with ``os.pwrite``, so worker threads need no ordering;
     at most ``2 * workers`` tiles are queued and each worker reuses one scratch buffer.
@@ -602,7 +610,7 @@ def _write_tiles(
                 f"sizing {data_path} to {plan.total_bytes} bytes failed: {error.strerror} "
                 "(disk full, or a file size limit such as ulimit -f?)",
             ) from error
-        workers = min(_BUILD_THREADS, os.cpu_count() or 1)
+        workers = min(threads, os.cpu_count() or 1)
         bar = tqdm(
             total=plan.total_bytes,
             unit="B",

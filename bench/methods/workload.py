@@ -1,10 +1,13 @@
 """The training problem every method solves, prepared once and shared through files.
 
-The parent process loads the graph with :mod:`aires.data` (the loader AIRES itself uses),
-normalises the adjacency once, ``Â = D^-1/2 (A + I) D^-1/2`` with remaining self loops of
-weight 1 (PyG's ``gcn_norm``), and writes ``Â`` (CSR), the dense features, the labels and the
-training rows as ``.npy`` files. Every method's subprocess memory-maps the same files, so all
-methods train on bit-identical inputs and none pays for loading or normalising.
+A synthetic preset's workload is its prepared graph (:func:`aires.data.prepare.prepare`): one
+tile store of ``Â`` and one aligned feature file, which the workload directory only points to,
+so no second copy of the adjacency or the features is written; each method's subprocess reads
+``Â`` from those tiles. For other datasets the parent process loads the graph with
+:mod:`aires.data` (the loader AIRES itself uses), normalises the adjacency once,
+``Â = D^-1/2 (A + I) D^-1/2`` with remaining self loops of weight 1 (PyG's ``gcn_norm``), and
+writes ``Â`` (CSR), the dense features, the labels and the training rows as ``.npy`` files.
+Either way every method trains on bit-identical inputs and none pays for loading or normalising.
 """
 
 from __future__ import annotations
@@ -173,19 +176,50 @@ def prepare_workload(
     if scale is None and is_preset(dataset):
         scale = 1.0
     target = cache_dir / workload_key(dataset, scale=scale, seed=seed)
-    if (target / "meta.json").is_file():
-        meta = json.loads((target / "meta.json").read_text())
-        if meta.get("format") == _FORMAT:
-            return target
-    graph = load_graph(dataset, root=root, scale=scale, seed=seed, cache_dir=cache_dir)
+    if _complete(target):
+        return target
     tmp = cache_dir / f".{target.name}.tmp-{os.getpid()}"
     try:
-        write_workload(graph, tmp)
+        if is_preset(dataset):
+            _point_to_prepared(dataset, scale, seed, cache_dir, tmp)
+        else:
+            graph = load_graph(dataset, root=root, scale=scale, seed=seed, cache_dir=cache_dir)
+            write_workload(graph, tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _complete(target: Path) -> bool:
+    """Whether ``target`` holds a workload of this format (and its prepared graph, if any)."""
+    if not (target / "meta.json").is_file():
+        return False
+    meta = json.loads((target / "meta.json").read_text())
+    if meta.get("format") != _FORMAT:
+        return False
+    return "prepared" not in meta or (Path(meta["prepared"]) / "prepared.json").is_file()
+
+
+def _point_to_prepared(dataset: str, scale: float, seed: int, cache_dir: Path, out: Path) -> None:
+    """Prepare the preset under ``cache_dir / "prepared"`` and write a ``meta.json`` naming it."""
+    from aires.data.prepare import Synthetic, prepare
+
+    prepared = prepare(Synthetic(dataset, scale, seed), root=cache_dir / "prepared",
+                       progress=False)
+    prepared.adjacency.close()
+    out.mkdir(parents=True)
+    meta = {
+        "format": _FORMAT,
+        "name": prepared.name,
+        "num_classes": prepared.num_classes,
+        "edges": int(prepared.report["edges"]),
+        "prepared": str(prepared.path),
+        "provenance": {"source": "synthetic",
+                       "params": {"preset": dataset, "scale": scale, "seed": seed}},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def write_workload(graph: Any, directory: str | Path) -> Path:
@@ -226,6 +260,8 @@ def load_workload(path: str | Path) -> Workload:
     if not meta_file.is_file():
         raise ValueError(f"workload: {str(path)!r} holds no prepared workload (no meta.json)")
     meta = json.loads(meta_file.read_text())
+    if "prepared" in meta:
+        return _from_prepared(path, meta)
 
     def load(name: str) -> np.ndarray:
         return np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
@@ -239,6 +275,29 @@ def load_workload(path: str | Path) -> Workload:
         x=load("x"),
         y=load("y"),
         train_idx=load("train_idx"),
+        num_classes=meta["num_classes"],
+        edges=meta["edges"],
+        provenance=meta["provenance"],
+    )
+
+
+def _from_prepared(path: Path, meta: dict[str, Any]) -> Workload:
+    """A workload over a prepared graph: ``Â`` read from its tiles into memory (the methods
+    copy it whole to where they compute anyway), the rest memory-mapped."""
+    from aires.data.prepare import open_prepared
+
+    prepared = open_prepared(meta["prepared"])
+    with prepared.adjacency as store:
+        adj = store.to_scipy()
+    return Workload(
+        path=path,
+        name=meta["name"],
+        adj_indptr=adj.indptr,
+        adj_indices=adj.indices,
+        adj_data=adj.data,
+        x=prepared.features,
+        y=prepared.labels,
+        train_idx=prepared.train_idx,
         num_classes=meta["num_classes"],
         edges=meta["edges"],
         provenance=meta["provenance"],

@@ -93,3 +93,28 @@ def test_workload_key_separates_scale_and_seed() -> None:
     keys = {workload_key("products", scale=s, seed=k) for s in (0.1, 1.0) for k in (0, 1)}
     assert len(keys) == 4
     assert workload_key("ogbn/products", scale=None, seed=0) == "ogbn_products-seed0"
+
+
+def test_preset_workload_is_its_prepared_graph(tmp_path: Path) -> None:
+    """No second copy: the workload directory only names the prepared graph, whose Â is
+    gcn_norm's bit for bit; a second call reuses both."""
+    from aires.data import synthetic
+    from tests.data.test_prepare import assert_bitwise, reference
+
+    from bench.methods.workload import prepare_workload
+
+    path = prepare_workload("tiny", tmp_path, scale=0.5, seed=1)
+    assert [p.name for p in path.iterdir()] == ["meta.json"]
+    workload = load_workload(path)
+    graph = synthetic("tiny", scale=0.5, seed=1, cache_dir=tmp_path / "ref", progress=False)
+    assert_bitwise(workload.scipy_adjacency(), reference(graph.adj))
+    np.testing.assert_array_equal(workload.x, graph.x.numpy())
+    np.testing.assert_array_equal(workload.y, graph.y.numpy())
+    np.testing.assert_array_equal(workload.train_idx, graph.train_idx.numpy())
+    assert workload.describe() == {
+        "name": graph.name, "nodes": graph.num_nodes, "edges": graph.adj.nnz, "features": 16,
+    }
+    assert not (tmp_path / "graphs").exists()
+    prepared = list((tmp_path / "prepared").iterdir())
+    assert prepare_workload("tiny", tmp_path, scale=0.5, seed=1) == path
+    assert list((tmp_path / "prepared").iterdir()) == prepared

@@ -179,3 +179,14 @@ def test_malformed_manifest_is_a_value_error(
     (path / "graph.json").write_bytes(raw)
     with pytest.raises(ValueError, match=message):
         open_graph(path)
+
+
+def test_dense_features_start_page_aligned(tmp_path: Path) -> None:
+    """x.npy's data begins at byte 4096 (the header is padded), and np.load still reads it."""
+    graph = _graph(np.random.default_rng(5), sparse=False)
+    save_graph(graph, tmp_path / "g")
+    x = np.load(tmp_path / "g" / "x.npy", mmap_mode="r", allow_pickle=False)
+    assert x.offset == 4096
+    np.testing.assert_array_equal(x, graph.x.numpy())
+    raw = np.fromfile(tmp_path / "g" / "x.npy", dtype=np.float32, offset=4096)
+    np.testing.assert_array_equal(raw.reshape(x.shape), graph.x.numpy())
