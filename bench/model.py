@@ -94,14 +94,21 @@ def floor_seconds(measured: dict[str, int], ceilings: dict[str, float], incore: 
 
 
 def _inputs(spec: dict[str, Any]) -> tuple[Any, Any, torch.Tensor, torch.Tensor, int]:
-    from bench.methods.workload import load_workload
+    """Features, the tile store of ``Â``, labels, training rows and classes of the workload."""
     from aires.tiling import TileStore
 
-    w = load_workload(spec["workload"])
+    if spec.get("prepared"):
+        from aires.data.prepare import open_prepared
+
+        p = open_prepared(spec["prepared"])
+        y, train, x, classes = p.labels, p.train_idx, p.features, p.num_classes
+    else:
+        from bench.methods.workload import load_workload
+
+        w = load_workload(spec["workload"])
+        y, train, x, classes = w.y, w.train_idx, w.x, w.num_classes
     store = TileStore.open(spec["store"])
-    y = torch.from_numpy(np.asarray(w.y))
-    train = torch.from_numpy(np.asarray(w.train_idx))
-    return w.x, store, y, train, w.num_classes
+    return x, store, torch.from_numpy(np.array(y)), torch.from_numpy(np.array(train)), classes
 
 
 def _device(name: str) -> torch.device:
@@ -297,8 +304,13 @@ def _child(kind: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
-    from bench.methods.workload import load_workload
+def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workload (prepared once, in a child process) and the facts the JSON records.
+
+    A synthetic preset's workload is a prepared graph: its tile store is the one copy of ``Â``
+    every process reads, and its feature file is read in place. Other datasets get a tile
+    store of the workload's normalised ``Â`` beside it, built once.
+    """
     from aires.tiling import TileStore, build_store
 
     t0 = time.perf_counter()
@@ -311,14 +323,31 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
         subprocess.run([sys.executable, "-m", "bench.methods.workload", str(spec), str(out)],
                        check=True)
         path = Path(json.loads(out.read_text())["path"])
-    w = load_workload(path)
-    store_path = path / f"tiles-{parse_size(args.tile_bytes, 'tile_bytes')}"
-    if not store_path.is_dir():
-        build_store(w.scipy_adjacency(), store_path, tile_bytes=args.tile_bytes, symmetric=True)
-    store = TileStore.open(store_path)
-    facts = {**w.describe(), "nnz": w.nnz, "adjacency_bytes": sum(int(t.nbytes) for t in store.tiles),
-             "features_bytes": int(w.x.nbytes), "prepare_s": time.perf_counter() - t0}
-    return path, store_path, facts
+    meta = json.loads((path / "meta.json").read_text())
+    found: dict[str, Any] = {"workload": str(path)}
+    if "prepared" in meta:
+        from aires.data.prepare import open_prepared
+
+        p = open_prepared(meta["prepared"])
+        found.update(prepared=str(p.path), store=str(p.adjacency.path))
+        nodes, features_bytes, preparation = p.num_nodes, int(p.features.nbytes), p.report
+    else:
+        from bench.methods.workload import load_workload
+
+        w = load_workload(path)
+        store_path = path / f"tiles-{parse_size(args.tile_bytes, 'tile_bytes')}"
+        if not store_path.is_dir():
+            build_store(w.scipy_adjacency(), store_path, tile_bytes=args.tile_bytes,
+                        symmetric=True)
+        found["store"] = str(store_path)
+        nodes, features_bytes, preparation = w.num_nodes, int(w.x.nbytes), None
+    store = TileStore.open(found["store"])
+    facts = {"name": meta["name"], "nodes": nodes, "nnz": int(store.nnz),
+             "adjacency_bytes": sum(int(t.nbytes) for t in store.tiles),
+             "features_bytes": features_bytes, "prepare_s": time.perf_counter() - t0,
+             "preparation": preparation}
+    store.close()
+    return found, facts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,10 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (Path(args.child).parent / "result.json").write_text(json.dumps(result))
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    workload, store, dataset = _prepare(args)
+    found, dataset = _prepare(args)
     host = None if args.host_budget is None else parse_size(args.host_budget, "host_budget",
                                                               allow_zero=True)
-    spec = {"workload": str(workload), "store": str(store), "device": device, "hidden": args.hidden,
+    spec = {**found, "device": device, "hidden": args.hidden,
             "layers": args.layers, "epochs": args.epochs, "warmup": args.warmup,
             "host_budget": host, "incore": not args.no_incore, "profile": args.profile}
     print(f"{dataset['name']}: {dataset['nodes']:,} nodes, {dataset['nnz']:,} nonzeros, "
