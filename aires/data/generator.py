@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from aires.data._external_sort import CSRBuilder
 from aires.data._rmat import GRAPH500, RmatSampler
 from aires.data._splitmix import stream_key, uniform
 from aires.data.graph import Graph
 from aires.data.storage import FORMAT_VERSION, GraphWriter, is_graph_dir, open_graph
+from aires.progress import progress_bar
 
 __all__ = ["Preset", "PRESETS", "GENERATOR_VERSION", "default_cache_dir", "synthetic"]
 
@@ -314,7 +314,7 @@ def _generate(
 
 
 def _chunks(total: int, size: int, desc: str, progress: bool) -> Iterator[int]:
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, disable=not progress, leave=False)
     for start in range(0, total, size):
         yield start
         bar.update(min(size, total - start))
