@@ -43,7 +43,7 @@ import torch
 from aires.checks import check_positive_int, parse_size
 from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_method
 from bench.methods.config import BUDGET_SCOPES
-from bench.methods.workload import load_workload
+from bench.methods.workload import Workload, load_workload
 from bench.report import format_bytes, format_table, plot, validate
 
 __all__ = [
@@ -262,7 +262,7 @@ def banner(args: argparse.Namespace, facts: dict[str, Any], dataset: dict[str, A
     ])
 
 
-def demo_budget(workload: Any) -> int:
+def demo_budget(workload: Workload) -> int:
     """The demo's budget: :data:`DEMO_BUDGET_SHARE` of the bytes in-core PyG holds for the
     graph (adjacency and features), so in-core cannot run and AIRES must stream."""
     return int((workload.adjacency_bytes + workload.x.nbytes) * DEMO_BUDGET_SHARE)

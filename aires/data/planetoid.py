@@ -1,10 +1,10 @@
 """Planetoid citation graphs (Cora, CiteSeer) from pickle-free ``.npz`` files.
 
 Both ship inside the package (``aires/data/files/``, with their provenance and licence in the
-README there), so they load from a fresh install with no download. The format: ``adj_indptr``, ``adj_indices``
-(symmetric CSR, int64), ``x_indptr``, ``x_indices``, ``x_data``, ``x_shape`` (sparse float32
-bag-of-words), ``y``, ``label_present``, ``train_idx``, ``val_idx``, ``test_idx``. Node and edge
-counts match PyTorch Geometric's ``Planetoid`` datasets.
+README there), so they load from a fresh install with no download. The format: ``adj_indptr``,
+``adj_indices`` (symmetric CSR, int64), ``x_indptr``, ``x_indices``, ``x_data``, ``x_shape``
+(sparse float32 bag-of-words), ``y``, ``label_present``, ``train_idx``, ``val_idx``,
+``test_idx``. Node and edge counts match PyTorch Geometric's ``Planetoid`` datasets.
 """
 
 from __future__ import annotations
