@@ -426,8 +426,11 @@ def _identity(adj: Any, edge_weight: Tensor | None, params: tuple) -> tuple:
 def _digest(adj: Any, edge_weight: Tensor | None, params: tuple) -> str:
     """Content hash of the adjacency, the weights and the parameters (one pass over the bytes)."""
     digest = hashlib.blake2b(repr(params).encode(), digest_size=16)
-    kind = "sparse_tensor" if _is_sparse_tensor(adj) else str(adj.layout)
-    digest.update(f"{kind}{tuple(adj.size())}".encode())
+    sparse_tensor = _is_sparse_tensor(adj)
+    kind = "sparse_tensor" if sparse_tensor else str(adj.layout)
+    # torch_sparse's SparseTensor.size() needs a dim; sizes() is its whole shape.
+    shape = tuple(adj.sizes() if sparse_tensor else adj.size())
+    digest.update(f"{kind}{shape}".encode())
     for tensor in _components(adj) + ([] if edge_weight is None else [edge_weight]):
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         digest.update(f"|{flat.dtype}:{flat.numel()}|".encode())
