@@ -87,8 +87,10 @@ def _add_train(subparsers: Any) -> None:
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument(
         "--normalize-features",
-        action="store_true",
-        help="row-normalise the features first (Kipf & Welling, for bag-of-words)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="row-normalise the features first (Kipf & Welling, for bag-of-words); default: "
+        "when no feature is negative (Cora, CiteSeer), not for signed features (OGB)",
     )
     parser.add_argument(
         "--gpu-budget",

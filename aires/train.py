@@ -18,11 +18,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from aires.checks import check_positive_int, parse_size
 from aires.data import Graph, evaluate
 from aires.gcn_conv import AiresGCNConv
+from aires.progress import progress_bar
 
 __all__ = ["GCN", "EpochLog", "TrainResult", "adjacency_t", "row_normalize", "train"]
 
@@ -197,7 +197,7 @@ def train(
     host_budget: int | str | None = None,
     tile_bytes: int | str | None = None,
     store_dir: str | None = None,
-    normalize_features: bool = False,
+    normalize_features: bool | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -225,7 +225,9 @@ def train(
         tile_bytes: tile capacity; None: the tiler's default.
         store_dir: where tile stores are kept (reused across runs); None: temporary.
         normalize_features: row-normalise the features first (:func:`row_normalize`), as
-            Kipf & Welling do for bag-of-words features.
+            Kipf & Welling do for bag-of-words features. None: when every feature is
+            non-negative (counts or indicators such as Planetoid's bag-of-words, where the
+            recipe applies), not for signed features (OGB's embeddings).
         device: where the model runs; None: CUDA if available, else CPU.
         seed: seed of the initialisation and dropout.
         progress: show a tqdm bar.
@@ -258,6 +260,8 @@ def train(
     torch.manual_seed(seed)
 
     x = graph.x_torch()
+    if normalize_features is None:
+        normalize_features = _non_negative(x)
     x = (row_normalize(x) if normalize_features else x).to(device)
     y = graph.y.to(device)
     train_idx = graph.train_idx.to(device)
@@ -283,7 +287,7 @@ def train(
     )
 
     history: list[EpochLog] = []
-    bar = tqdm(
+    bar = progress_bar(
         range(1, epochs + 1),
         desc=f"train {graph.name}",
         disable=not progress,
@@ -314,6 +318,7 @@ def train(
             train=f"{log.train_accuracy:.3f}",
             val=f"{log.val_accuracy:.3f}",
             step=f"{seconds * 1e3:.1f}ms",
+            refresh=False,  # the bar redraws on its own interval (aires.progress)
         )
     logits = _predict(model, x, adj_t)
     steady = [log.seconds for log in history[1:]] or [history[0].seconds]
@@ -326,6 +331,12 @@ def train(
         setup_seconds=history[0].seconds,
         device=str(device),
     )
+
+
+def _non_negative(x: Tensor) -> bool:
+    """Whether every stored feature is >= 0 (sparse: its stored values)."""
+    values = x if x.layout == torch.strided else x.values()
+    return bool((values >= 0).all())
 
 
 def _check_trainable(graph: Graph) -> None:

@@ -1,7 +1,11 @@
 """``aires-bench``: full-graph GCN training epochs with AIRES and the baselines, at one GPU budget.
 
-With no arguments it runs a small embedded default (a tiny synthetic graph, AIRES and the naive
-baseline) in seconds on a CPU-only machine and prints the table. On a GPU, for example::
+With no arguments it runs a small embedded demo in seconds on a CPU-only machine: AIRES, in-core
+PyG and the naive baseline on a small synthetic graph, then the budget case that AIRES exists
+for: a budget of half what in-core PyG holds (:data:`DEMO_BUDGET_SHARE`), at which in-core cannot
+run and AIRES trains, streaming the tiles that do not fit. On the CPU the "device" is host memory
+and the budget bounds what a method holds there for the graph (``--budget-scope data``). On a
+GPU, for example::
 
     aires-bench --dataset products --scale 1 --methods aires,uvm,feature-cache,naive,incore \\
         --gpu-budget 8GiB --epochs 3 --layers 2 --hidden 256 \\
@@ -39,20 +43,27 @@ import torch
 from aires.checks import check_positive_int, parse_size
 from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_method
 from bench.methods.config import BUDGET_SCOPES
-from bench.methods.workload import load_workload
+from bench.methods.workload import Workload, load_workload
 from bench.report import format_bytes, format_table, plot, validate
 
 __all__ = [
-    "DEFAULT", "MIN_METHOD_SECONDS", "banner", "document", "main", "parse_args", "run_method",
+    "DEFAULT", "DEMO_BUDGET_SHARE", "MIN_METHOD_SECONDS", "banner", "demo_budget", "document",
+    "main", "parse_args", "run_method",
 ]
 
-#: The embedded default run: small enough for a CPU in seconds, no data files needed.
+#: The embedded default run: small enough for a CPU in seconds, no data files needed. Tiles of
+#: 128 KiB cut the 1 MB adjacency into 8, so that half of it is a budget AIRES can stream under.
 DEFAULT: dict[str, Any] = {
     "dataset": "products",
     "scale": 0.001,
-    "methods": "aires,naive",
+    "methods": "aires,incore,naive",
     "hidden": 64,
+    "tile_bytes": "128KiB",
 }
+#: The demo's budget case: this share of what in-core PyG holds (adjacency and features).
+DEMO_BUDGET_SHARE = 0.5
+#: The methods the demo runs at that budget: the one that cannot, and the one that can.
+DEMO_BUDGET_METHODS = ("incore", "aires")
 ALL_METHODS = "aires,uvm,feature-cache,naive,incore"
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -76,16 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run AIRES without each of its parts: "
                         + ", ".join(f"aires-{a}" for a in ABLATIONS))
     parser.add_argument("--gpu-budget", help="GPU bytes per method, e.g. 8GiB (default: none)")
-    parser.add_argument("--budget-scope", choices=BUDGET_SCOPES, default="process",
-                        help="process: the whole process is capped at the budget (default); "
-                        "data: the budget bounds the graph data a method keeps on the GPU")
+    parser.add_argument("--budget-scope", choices=BUDGET_SCOPES,
+                        help="process: the whole process is capped at the budget (default on a "
+                        "GPU); data: the budget bounds the graph data a method keeps on the "
+                        "device (default, and the only scope, on a CPU)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (default 1)")
     parser.add_argument("--layers", type=int, default=2, help="GCN layers (default 2)")
     parser.add_argument("--hidden", type=int, help="hidden channels (default 256; demo 64)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
-    parser.add_argument("--tile-bytes", default="64MiB",
-                        help="AIRES tile / baseline chunk size (default 64MiB)")
+    parser.add_argument("--tile-bytes",
+                        help="AIRES tile / baseline chunk size (default 64MiB; demo "
+                        f"{DEFAULT['tile_bytes']})")
     parser.add_argument("--aires-order", choices=("auto", "transform_first"), default="auto",
                         help="AIRES product order: its cost model per layer (default, as "
                         "AiresGCNConv), or PyG's A(XW) like the baselines")
@@ -100,9 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds for the whole run, preparation included: methods that "
                         "would start after it are recorded as not run (default: none)")
     parser.add_argument("--copy-bytes", default="1GiB", help="size of the h2d ceiling copies")
-    parser.add_argument("--disk-bytes", help="size of the disk ceiling file (GPU 1GiB, CPU 64MiB)")
+    parser.add_argument("--disk-bytes", help="size of the disk ceiling file (GPU 1GiB, CPU 16MiB)")
     args = parser.parse_args(argv)
-    demo = args.dataset is None
+    demo = args.demo = args.dataset is None
     if demo:
         args.dataset = DEFAULT["dataset"]
         args.scale = DEFAULT["scale"] if args.scale is None else args.scale
@@ -123,11 +136,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--scale must be positive, got {args.scale}")
     if args.gpu_budget is not None:
         args.gpu_budget = parse_size(args.gpu_budget, "--gpu-budget")
-    args.tile_bytes = parse_size(args.tile_bytes, "--tile-bytes")
+    args.tile_bytes = parse_size(
+        args.tile_bytes or (DEFAULT["tile_bytes"] if demo else "64MiB"), "--tile-bytes"
+    )
     args.copy_bytes = parse_size(args.copy_bytes, "--copy-bytes")
     gpu = torch.cuda.is_available()
-    args.disk_bytes = parse_size(args.disk_bytes or ("1GiB" if gpu else "64MiB"), "--disk-bytes")
+    args.disk_bytes = parse_size(args.disk_bytes or ("1GiB" if gpu else "16MiB"), "--disk-bytes")
     args.device = "cuda" if gpu else "cpu"
+    if args.budget_scope is None:
+        args.budget_scope = "process" if gpu else "data"
+    elif args.budget_scope == "process" and not gpu and args.gpu_budget is not None:
+        raise ValueError("--budget-scope process caps the CUDA allocator and needs a GPU; on "
+                         "a CPU use --budget-scope data")
     return args
 
 
@@ -177,21 +197,26 @@ def _seconds_left(timeout: float | None, deadline: float | None) -> float | None
 
 def run_method(
     args: argparse.Namespace, name: str, workload: Path, scratch: Path,
-    timeout: float | None = None,
+    timeout: float | None = None, gpu_budget: int | None = None,
 ) -> MethodResult:
     """Run one method in a subprocess; a crash or timeout becomes an ``error`` result.
 
     Args:
         timeout: seconds before the method is stopped (default ``args.timeout``).
+        gpu_budget: the budget of this run, with scope ``data`` (default ``args.gpu_budget``,
+            with ``args.budget_scope``).
     """
+    label = name if gpu_budget is None else f"{name}@budget"
     config = MethodConfig(
-        method=name, workload=str(workload), gpu_budget=args.gpu_budget,
-        budget_scope=args.budget_scope, epochs=args.epochs, warmup=args.warmup,
+        method=name, workload=str(workload),
+        gpu_budget=args.gpu_budget if gpu_budget is None else gpu_budget,
+        budget_scope=args.budget_scope if gpu_budget is None else "data",
+        epochs=args.epochs, warmup=args.warmup,
         layers=args.layers, hidden=args.hidden, lr=args.lr, tile_bytes=args.tile_bytes,
         seed=args.seed, device=args.device, order=args.aires_order,
         store_dir=str(Path(args.cache_dir) / "stores"),
     )
-    config_path, out = scratch / f"{name}.config.json", scratch / f"{name}.result.json"
+    config_path, out = scratch / f"{label}.config.json", scratch / f"{label}.result.json"
     config.dump(config_path)
     start = time.monotonic()
     entry, tail = _run_child("bench.methods.run", config_path, out,
@@ -199,6 +224,8 @@ def run_method(
     result = (MethodResult(status="error", error=tail) if entry is None
               else MethodResult.from_json(entry))
     result.extra["wall_s"] = round(time.monotonic() - start, 2)
+    if gpu_budget is not None:
+        result.extra["budget_bytes"] = gpu_budget
     return result
 
 
@@ -233,6 +260,12 @@ def banner(args: argparse.Namespace, facts: dict[str, Any], dataset: dict[str, A
         f"{number(ceilings['disk_read_GBps'], 'GB/s')} ({'cold' if cold else 'page cache'}), "
         f"in-core SpMM F={args.hidden}: {number(ceilings['incore_spmm_ms'], 'ms')}",
     ])
+
+
+def demo_budget(workload: Workload) -> int:
+    """The demo's budget: :data:`DEMO_BUDGET_SHARE` of the bytes in-core PyG holds for the
+    graph (adjacency and features), so in-core cannot run and AIRES must stream."""
+    return int((workload.adjacency_bytes + workload.x.nbytes) * DEMO_BUDGET_SHARE)
 
 
 #: A method is not started with fewer seconds than this left of ``--time-limit``.
@@ -278,18 +311,25 @@ def main(argv: list[str] | None = None) -> int:
         print(banner(args, facts, dataset, ceilings, measured["disk_cold"]), flush=True)
         print(f"workload {workload_dir} ready in {prepare_s:.1f} s; ceilings in "
               f"{time.monotonic() - started - prepare_s:.1f} s", flush=True)
+        runs: list[tuple[str, int | None]] = [(name, None) for name in args.methods]
+        if args.demo:
+            budget = demo_budget(load_workload(workload_dir))
+            runs += [(name, budget) for name in DEMO_BUDGET_METHODS]
+            print(f"budget case: {format_bytes(budget)}, {DEMO_BUDGET_SHARE:.0%} of what "
+                  "in-core holds (adjacency and features)", flush=True)
         results: dict[str, MethodResult] = {}
-        for name in args.methods:
-            print(f"  running {name} ...", end=" ", flush=True)
+        for name, budget in runs:
+            label = name if budget is None else f"{name}@budget"
+            print(f"  running {label} ...", end=" ", flush=True)
             timeout = _seconds_left(args.timeout, deadline)
             if timeout is not None and timeout < MIN_METHOD_SECONDS:
-                results[name] = MethodResult(
+                results[label] = MethodResult(
                     status="error",
                     error=f"not run: --time-limit of {args.time_limit:g} s reached",
                 )
             else:
-                results[name] = run_method(args, name, workload_dir, scratch, timeout)
-            print(f"{results[name].status} ({results[name].extra.get('wall_s', 0):.1f} s)",
+                results[label] = run_method(args, name, workload_dir, scratch, timeout, budget)
+            print(f"{results[label].status} ({results[label].extra.get('wall_s', 0):.1f} s)",
                   flush=True)
             doc = document(args, argv, facts, dataset, ceilings, results)
             # After every method, so a run stopped from outside keeps what it measured.

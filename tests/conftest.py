@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import aires.gcn_conv as gcn_conv_module
-
-PLANETOID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "planetoid"
+from aires.data import default_planetoid_root
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,9 +30,8 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def planetoid_dir() -> Path:
-    if not PLANETOID.is_dir():
-        pytest.skip(f"real Planetoid data not found at {PLANETOID}")
-    return PLANETOID
+    """The Cora and CiteSeer files shipped inside the package."""
+    return default_planetoid_root()
 
 
 @pytest.fixture(autouse=True)

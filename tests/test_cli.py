@@ -69,17 +69,15 @@ def test_train_synthetic_prefix_and_scale(
     assert code == 0 and "tiny-x0.5" in capsys.readouterr().out
 
 
-def test_train_cora(planetoid_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_cora(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped Cora, with no --root and nothing outside the package."""
     code = main(
         [
             "train",
             "--dataset",
             "cora",
-            "--root",
-            str(planetoid_dir),
             "--epochs",
             "2",
-            "--normalize-features",
             "--device",
             "cpu",
             "--quiet",

@@ -3,6 +3,7 @@ accuracy with every product out of core."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +39,57 @@ def out_of_core(nodes: int, widest: int) -> dict[str, Any]:
     }
 
 
-def test_cora_reaches_kipf_welling_accuracy_out_of_core(
+def test_cora_out_of_core_trains_like_kipf_welling(
     planetoid_dir: Path, builds: list[Any]
 ) -> None:
-    """Row-normalised features, 2 layers, 16 hidden, dropout 0.5, weight decay 5e-4 on the first
-    layer, Adam 0.01, 200 epochs: at least 80% test accuracy (published: 81.5%; 81.7% on average
-    over seeds 0-4 here), with every product streamed from the host and disk tiers."""
+    """Kipf & Welling's recipe (the defaults) with every product streamed from the host and
+    disk tiers of 4 KiB tiles: at least 80% test accuracy (published: 81.5%)."""
     graph = load_planetoid(planetoid_dir / "cora.npz")
     result = train(
-        graph,
-        epochs=200,
-        normalize_features=True,
-        device="cpu",
-        progress=False,
-        seed=0,
-        **out_of_core(graph.num_nodes, 16),
+        graph, device="cpu", progress=False, seed=0, **out_of_core(graph.num_nodes, 16)
     )
     assert result.test_accuracy >= 0.80, result.test_accuracy
     assert len(builds) == 1  # both layers, all epochs: one tiled graph
     assert len(builds[0]) >= 20 and builds[0].symmetric is True
+
+
+@pytest.mark.parametrize(("name", "published", "floor"), [("cora", 0.815, 0.80),
+                                                          ("citeseer", 0.703, 0.69)])
+def test_default_recipe_reaches_kipf_welling_accuracy(
+    name: str, published: float, floor: float
+) -> None:
+    """``train(graph)`` with nothing but the graph is Kipf & Welling's recipe (row-normalised
+    bag-of-words, 16 hidden, dropout 0.5, lr 0.01, weight decay 5e-4 on the first layer, 200
+    epochs, the standard split): its test accuracy over seeds 0-2 averages within 1.5 points
+    of the published one (Cora 0.817, CiteSeer 0.709 here on the CPU)."""
+    graph = load_planetoid(name)
+    accuracies = [
+        train(graph, device="cpu", progress=False, seed=seed).test_accuracy for seed in range(3)
+    ]
+    assert float(np.mean(accuracies)) >= floor, (accuracies, published)
+
+
+def test_features_are_row_normalised_when_none_is_negative(tiny: Graph) -> None:
+    """The default normalises Cora's bag-of-words and leaves signed features alone."""
+    cora = load_planetoid("cora")
+    signed = tiny.x_torch()
+    assert bool((signed.to_dense() < 0).any())  # the synthetic features are signed
+    for graph, expected in ((cora, True), (tiny, False)):
+        runs = [
+            train(graph, epochs=2, device="cpu", progress=False, normalize_features=flag)
+            for flag in (None, expected)
+        ]
+        assert [log.loss for log in runs[0].history] == [log.loss for log in runs[1].history]
+
+
+def test_progress_in_a_log_is_a_few_lines_not_one_per_epoch(
+    tiny: Graph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Captured stderr is not a terminal: 30 epochs redraw the bar a few times, not 30."""
+    train(tiny, epochs=30, hidden=8, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "30/30" in err  # the summary on close
+    assert err.count("\r") < 10, err.count("\r")
 
 
 @pytest.mark.gpu
@@ -227,3 +260,65 @@ def test_unlabelled_graph_is_rejected(tiny: Graph) -> None:
     )
     with pytest.raises(ValueError, match="features and labels"):
         train(bare, progress=False)
+
+
+def _min_epochs(steps: dict[str, Any], epochs: int) -> dict[str, float]:
+    """Fastest training step of each model over ``epochs``, the models taking turns, so that a
+    busy machine slows both alike; the minimum is the step without interference."""
+    for step in steps.values():
+        step()  # tiles the graph, warms the allocator
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(epochs):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("graph_name", ["cora", "demo"])
+def test_cpu_epoch_is_within_1_5x_of_in_core_pyg(
+    graph_name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """On the CPU, AIRES's training step (2-layer GCN, every product through the scheduler) is
+    at most 1.5x PyG's in-core ``GCNConv`` on ``adj_t`` in the same run: the scheduler's own
+    work (placement, per-tile set-up, stats) must stay below the arithmetic. Measured
+    2026-11-30: 0.7-0.9x on Cora, 0.2-0.6x on the demo graph (the cost model skips a product)."""
+    gcn_conv = pytest.importorskip("torch_geometric.nn", reason="needs torch-geometric")
+    from aires.gcn_conv import gcn_norm
+
+    if graph_name == "cora":
+        graph, hidden = load_planetoid("cora"), 16
+        x = row_normalize(graph.x_torch()).to_dense()
+    else:  # aires-bench's demo graph and width
+        cache = tmp_path_factory.mktemp("demo")
+        graph = synthetic("products", scale=0.001, cache_dir=cache, progress=False)
+        x, hidden = graph.x_torch(), 64
+    adj_t = adjacency_t(graph)
+    a_hat = gcn_norm(adj_t.to_sparse_coo().coalesce())[0].to_sparse_csr()
+    torch.manual_seed(0)
+    convs = torch.nn.ModuleList(
+        gcn_conv.GCNConv(i, o, normalize=False)
+        for i, o in ((x.shape[1], hidden), (hidden, graph.num_classes))
+    )
+    aires = GCN(x.shape[1], hidden, graph.num_classes, dropout=0.0)
+    y, rows = graph.y[graph.train_idx], graph.train_idx
+
+    def stepper(model: torch.nn.Module, forward: Any) -> Any:
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(forward()[rows], y).backward()
+            optimizer.step()
+
+        return step
+
+    def in_core() -> torch.Tensor:
+        return convs[1](convs[0](x, a_hat).relu(), a_hat)
+
+    best = _min_epochs(
+        {"incore": stepper(convs, in_core), "aires": stepper(aires, lambda: aires(x, adj_t))},
+        epochs=15,
+    )
+    assert best["aires"] <= 1.5 * best["incore"], best

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from aires.progress import progress_bar
 
 from aires.data.storage import release_pages
 
@@ -134,7 +135,9 @@ class CSRBuilder:
         """
         buckets = self._buckets
         nnz = 0
-        for b in tqdm(range(buckets.count), desc="sort rows", disable=not progress, leave=False):
+        for b in progress_bar(
+            range(buckets.count), desc="sort rows", disable=not progress, leave=False
+        ):
             keys = torch.from_numpy(buckets.read(b)[:, 0]).to(self.device)
             keys = torch.unique_consecutive(torch.sort(keys).values)
             buckets.replace(b, keys.cpu().numpy()[:, None])
@@ -142,7 +145,9 @@ class CSRBuilder:
         indptr, indices, data = allocate(nnz)
         indptr[0] = 0
         offset = 0
-        for b in tqdm(range(buckets.count), desc="write CSR", disable=not progress, leave=False):
+        for b in progress_bar(
+            range(buckets.count), desc="write CSR", disable=not progress, leave=False
+        ):
             keys = torch.from_numpy(buckets.read(b)[:, 0]).to(self.device)
             row_start = -(-b * self.num_rows // buckets.count)
             row_stop = -(-(b + 1) * self.num_rows // buckets.count)

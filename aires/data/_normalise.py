@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from aires.progress import progress_bar
 
 __all__ = ["NormalisedRows", "RawCSR", "degrees"]
 
@@ -118,7 +118,7 @@ def degrees(
         has_loop[rows[loop]] = True
         return int(loop.sum())
 
-    bar = tqdm(total=csr.nnz, desc="degrees", unit="entry", unit_scale=True,
+    bar = progress_bar(total=csr.nnz, desc="degrees", unit="entry", unit_scale=True,
                disable=not progress)
     loops_total = 0
     # numpy releases the GIL in these kernels and the reads, so chunks run side by side; at most

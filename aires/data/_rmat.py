@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from aires.data._external_sort import BucketFiles
 from aires.data._splitmix import hash64, stream_key
+from aires.progress import progress_bar
 
 __all__ = ["GRAPH500", "RmatSampler"]
 
@@ -156,7 +156,7 @@ class RmatSampler:
         target = math.ceil(num_edges / accepted * 1.15) + 1024
         buckets = BucketFiles(workdir, max(1, math.ceil(target / chunk_size)), 2, prefix="pairs")
         generated = distinct = rounds = 0
-        bar = tqdm(
+        bar = progress_bar(
             total=num_edges, desc="sample edges", unit="edge", disable=not progress, leave=False
         )
         while True:

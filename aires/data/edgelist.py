@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from aires.checks import check_positive_int
 from aires.data._external_sort import CSRBuilder
 from aires.data.graph import Graph
 from aires.data.storage import GraphWriter, open_graph
+from aires.progress import progress_bar
 
 __all__ = ["convert_edge_list"]
 
@@ -85,7 +85,7 @@ def convert_edge_list(
             chunk_size=chunk_size,
             device=device,
         )
-        bar = tqdm(total=count, desc="read edges", disable=not progress, leave=False)
+        bar = progress_bar(total=count, desc="read edges", disable=not progress, leave=False)
         for src, dst in _blocks(source):
             rows, cols = torch.from_numpy(src), torch.from_numpy(dst)
             builder.add(rows, cols)

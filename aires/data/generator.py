@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from aires.data._external_sort import CSRBuilder
 from aires.data._rmat import GRAPH500, RmatSampler
@@ -45,6 +44,7 @@ from aires.data.storage import (
     open_graph,
     release_pages,
 )
+from aires.progress import progress_bar
 
 __all__ = ["Preset", "PRESETS", "GENERATOR_VERSION", "default_cache_dir", "synthetic"]
 
@@ -320,7 +320,7 @@ def _generate(
 
 
 def _chunks(total: int, size: int, desc: str, progress: bool) -> Iterator[int]:
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, disable=not progress, leave=False)
     for start in range(0, total, size):
         yield start
         bar.update(min(size, total - start))

@@ -1,14 +1,16 @@
 """Planetoid citation graphs (Cora, CiteSeer) from pickle-free ``.npz`` files.
 
-The format (``../shared/datasets/planetoid/README.md``): ``adj_indptr``, ``adj_indices``
-(symmetric CSR, int64), ``x_indptr``, ``x_indices``, ``x_data``, ``x_shape`` (sparse float32
-bag-of-words), ``y``, ``label_present``, ``train_idx``, ``val_idx``, ``test_idx``. Node and edge
-counts match PyTorch Geometric's ``Planetoid`` datasets.
+Both ship inside the package (``aires/data/files/``, with their provenance and licence in the
+README there), so they load from a fresh install with no download. The format: ``adj_indptr``,
+``adj_indices`` (symmetric CSR, int64), ``x_indptr``, ``x_indices``, ``x_data``, ``x_shape``
+(sparse float32 bag-of-words), ``y``, ``label_present``, ``train_idx``, ``val_idx``,
+``test_idx``. Node and edge counts match PyTorch Geometric's ``Planetoid`` datasets.
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +40,8 @@ _KEYS = (
 
 
 def default_planetoid_root() -> Path:
-    """``$AIRES_PLANETOID_ROOT`` if set, else ``../shared/datasets/planetoid`` beside the repo."""
-    env = os.environ.get("AIRES_PLANETOID_ROOT")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "planetoid"
+    """The folder of the copies shipped with the package (``aires/data/files``)."""
+    return Path(str(resources.files("aires.data") / "files"))
 
 
 def load_planetoid(
@@ -53,7 +52,8 @@ def load_planetoid(
     Args:
         name_or_path: ``"cora"`` or ``"citeseer"`` (case-insensitive), looked up as
             ``root/NAME.npz``; or the path of an ``.npz`` file.
-        root: directory holding the files (default :func:`default_planetoid_root`).
+        root: directory holding the files (default :func:`default_planetoid_root`, the
+            copies shipped with the package).
 
     Returns:
         The graph: symmetric adjacency (no self loops), sparse CSR features, labels with ``-1``
@@ -67,16 +67,15 @@ def load_planetoid(
     if text.lower() in PLANETOID_NAMES:
         base = Path(root).expanduser() if root is not None else default_planetoid_root()
         path = base / f"{text.lower()}.npz"
-        where = "" if root is not None else " (set AIRES_PLANETOID_ROOT or pass root)"
     elif text.endswith(".npz") or Path(text).is_file():
-        path, where = Path(text).expanduser(), ""
+        path = Path(text).expanduser()
     else:
         raise ValueError(
             f"name_or_path: {text!r} is neither a Planetoid name ({', '.join(PLANETOID_NAMES)}) "
             "nor an .npz file"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"Planetoid file {path} not found{where}")
+        raise FileNotFoundError(f"Planetoid file {path} not found")
     with np.load(path, allow_pickle=False) as npz:
         missing = [k for k in _KEYS if k not in npz.files]
         if missing:

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from aires.progress import progress_bar
 
 from aires.checks import parse_size
 from aires.data._normalise import NormalisedRows, RawCSR, degrees
@@ -587,7 +587,7 @@ def _write_features(
             return graph.x[r0:r1].toarray()
 
     step = max(1, _DEFAULT_CHUNK // f)
-    for r0 in tqdm(range(0, n, step), desc="features", disable=not progress):
+    for r0 in progress_bar(range(0, n, step), desc="features", disable=not progress):
         block = torch.from_numpy(np.array(rows(r0, r0 + step), dtype=np.float32))
         if feature_dtype == "bf16":
             out[r0 : r0 + step] = block.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")

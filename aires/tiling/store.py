@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 import torch
-from tqdm.auto import tqdm
 
 from aires.checks import check_positive_int
+from aires.progress import progress_bar
 from aires.tiling._layout import pack_tile, tile_views
 from aires.tiling._manifest import DATA_NAME, MANIFEST_NAME, Manifest, load_manifest
 from aires.tiling.plan import DEFAULT_ALIGNMENT, DEFAULT_TILE_BYTES, TilePlan, plan_tiles
@@ -297,7 +297,8 @@ class TileStore:
         buf = np.empty(self.max_tile_nbytes, dtype=np.uint8)
         reader = self._posix_reader()
         bad: list[tuple[TileInfo, int]] = []
-        for info in tqdm(self._manifest.tiles, desc="verifying", unit="tile", disable=not progress):
+        tiles = self._manifest.tiles
+        for info in progress_bar(tiles, desc="verifying", unit="tile", disable=not progress):
             crc = reader.read(info.offset, info.nbytes, buf, checksum=True)
             if crc != info.checksum:
                 bad.append((info, crc))
@@ -315,7 +316,8 @@ class TileStore:
         row_nnz = np.zeros(n_rows, dtype=np.int64)
         buf = np.empty(self.max_tile_nbytes, dtype=np.uint8)
         pos = 0
-        for info in tqdm(self._manifest.tiles, desc="reading", unit="tile", disable=not progress):
+        tiles = self._manifest.tiles
+        for info in progress_bar(tiles, desc="reading", unit="tile", disable=not progress):
             self.read_bytes(info.index, buf)
             indptr, idx, val = self.tile_arrays(info.index, buf)
             indices[pos : pos + info.nnz] = idx
@@ -611,7 +613,7 @@ def _write_tiles(
                 "(disk full, or a file size limit such as ulimit -f?)",
             ) from error
         workers = min(threads, os.cpu_count() or 1)
-        bar = tqdm(
+        bar = progress_bar(
             total=plan.total_bytes,
             unit="B",
             unit_scale=True,

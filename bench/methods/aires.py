@@ -26,10 +26,11 @@ Ablations (``aires-<variant>``):
 A variant whose option the installed scheduler does not have reports ``error`` saying so.
 
 Budget: with ``budget_scope="data"`` the budget bounds the graph data the scheduler keeps on
-the GPU (resident tiles and slots); like every method, AIRES keeps its activations on the GPU on
-top of it, and the output of each product is one of them, so the scheduler is given the budget
-plus its output reserve for the widest product training runs (:func:`product_widths`). The
-features stay on the GPU as AIRES's first activation (also on top, and in the peak). With
+the GPU (resident tiles and slots; on a CPU, in the memory it computes from); like every
+method, AIRES keeps its activations on the GPU on top of it, and the output of each product is
+one of them, so the scheduler is given the budget plus its output reserve for the widest
+product training runs (:func:`product_widths`). The features stay on the GPU as AIRES's first
+activation (also on top, and in the peak). With
 ``"process"`` one untimed pass at a quarter of the budget measures what training needs beside
 the scheduler, and the scheduler gets the rest (less a margin).
 
@@ -168,11 +169,12 @@ def _scheduler_budget(
         reserve: ``reserve()`` returns the scheduler's output reserve for the widest product
             (``budget_scope="data"``).
     """
-    if device.type != "cuda" or config.gpu_budget is None:
+    if config.gpu_budget is None:
         return None
     budget = config.gpu_budget
     if config.budget_scope == "data":
         return budget + reserve()
+    # "process": CUDA only (MethodConfig refuses it on a CPU).
     for share in (4, 2, 1):
         try:
             peak, scheduler_peak = probe(budget // share)

@@ -21,12 +21,13 @@ class MethodConfig:
         method: registry name of the method (``"aires"``, ``"naive"``, ...), or an AIRES ablation
             variant (``"aires-sync"``, ...).
         workload: directory written by :func:`bench.methods.workload.prepare_workload`.
-        gpu_budget: GPU bytes the method may use; ``None`` for no limit (and on a CPU).
+        gpu_budget: GPU bytes the method may use; ``None`` for no limit. On a CPU the "device"
+            is host memory and the budget bounds what a method holds there (scope ``"data"``).
         budget_scope: ``"process"``: the whole process (graph data, activations, workspaces) is
             capped at ``gpu_budget`` with ``torch.cuda.set_per_process_memory_fraction``, so a
-            method that needs more reports ``oom``. ``"data"``: the budget bounds only the graph
-            data (adjacency and features) a method keeps on the GPU; activations come on top and
-            show in the peak.
+            method that needs more reports ``oom`` (CUDA only: a CPU has no such cap).
+            ``"data"``: the budget bounds only the graph data (adjacency and features) a method
+            keeps on the device; activations come on top and show in the peak.
         epochs: timed epochs (each: forward, backward, optimizer step over the whole graph).
         warmup: untimed epochs before them (CUDA context, cuSPARSE handles, allocator warm-up).
         layers: GCN layers (``>= 1``).
@@ -62,6 +63,11 @@ class MethodConfig:
             raise ValueError(f"device: cannot use {self.device!r} ({error})") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if device.type == "cpu" and self.gpu_budget is not None and self.budget_scope == "process":
+            raise ValueError(
+                "budget_scope='process' caps the CUDA allocator; with device='cpu' the budget "
+                "needs budget_scope='data'"
+            )
 
     def torch_device(self) -> torch.device:
         """The compute device, with its index on CUDA (``cuda`` becomes the current device).

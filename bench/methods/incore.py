@@ -4,8 +4,8 @@ The fastest way to train when the graph fits, and what a PyG user writes: ``Â``
 sparse CSR tensor (normalised once, so ``normalize=False``), features, activations and weights on
 the device. With ``budget_scope="process"`` the runner caps the process at the budget
 (``torch.cuda.set_per_process_memory_fraction``) and an allocation beyond it is an ``oom``;
-with ``"data"`` the method reports ``oom`` when ``Â`` and ``X`` alone exceed the budget.
-On a CPU it trains on the CPU, without a budget.
+with ``"data"`` the method reports ``oom`` when ``Â`` and ``X`` alone exceed the budget, on
+a CPU as on a GPU (on a CPU the budget is the host memory the method may hold for them).
 """
 
 from __future__ import annotations
@@ -29,20 +29,21 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         OverBudgetError: ``budget_scope="data"`` and ``Â`` plus ``X`` exceed the budget.
         ImportError: PyTorch Geometric is not installed.
     """
+    device = config.torch_device()
+    data_bytes = workload.adjacency_bytes + workload.x.nbytes
+    budget = config.gpu_budget
+    # Checked before PyG is imported: a method that cannot fit says so in a moment.
+    if budget is not None and config.budget_scope == "data" and data_bytes > budget:
+        raise OverBudgetError(
+            f"in-core graph data ({data_bytes} bytes: adjacency and features) exceeds the "
+            f"budget of {budget} bytes"
+        )
     try:
         from torch_geometric.nn import GCNConv
     except ImportError as error:
         raise ImportError(
             "the incore baseline needs PyTorch Geometric (pip install aires[pyg])"
         ) from error
-    device = config.torch_device()
-    data_bytes = workload.adjacency_bytes + workload.x.nbytes
-    budget = config.gpu_budget if device.type == "cuda" else None
-    if budget is not None and config.budget_scope == "data" and data_bytes > budget:
-        raise OverBudgetError(
-            f"in-core graph data ({data_bytes} bytes: adjacency and features) exceeds the GPU "
-            f"budget of {budget} bytes"
-        )
     index = np.int32 if max(workload.nnz, workload.num_nodes) < 2**31 else np.int64
     adj_t = csr_tensor(
         *(

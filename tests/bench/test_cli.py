@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import cli
-from bench.cli import DEFAULT, main, parse_args
-from bench.methods import ABLATIONS
-from bench.report import validate
+from bench.cli import DEFAULT, demo_budget, main, parse_args
+from bench.methods import ABLATIONS, MethodConfig
+from bench.methods.workload import load_workload
+from bench.report import LEGEND, format_bytes, validate
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +23,31 @@ def temp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cli")
 
 
-def test_no_arguments_runs_the_embedded_default(
+def test_no_arguments_runs_the_demo_and_its_budget_case(
     temp_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """AIRES, in-core and naive on one graph, then a budget below what in-core holds: in-core
+    cannot run there, AIRES trains and streams the tiles that do not fit."""
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "aires-bench  device:" in out and "disk path:" in out and "GPU budget:" in out
-    table = out[out.index("method  "):]
-    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
-    assert rows == {"aires": "ok", "naive": "ok"}
-    assert (temp_root / "aires-bench").is_dir()
+    assert LEGEND in out
+    table = out[out.index("method  "):].splitlines()
+    rows = {line.split()[0]: line.split() for line in table[2:7]}
+    assert {name: row[1] for name, row in rows.items()} == {
+        "aires": "ok", "incore": "ok", "naive": "ok", "incore@budget": "oom", "aires@budget": "ok",
+    }
+    workload = load_workload(next((temp_root / "aires-bench").glob("products-*")))
+    budget = demo_budget(workload)
+    assert budget < workload.adjacency_bytes + workload.x.nbytes  # below what in-core holds
+    assert "OverBudgetError: in-core graph data" in table[5]
+    # Columns are separated by two spaces or more; a cell sits under its header.
+    columns = list(re.finditer(r"\S+(?: \S+)*", table[0]))
+    starts = [c.start() for c in columns] + [None]
+    row = {c.group(): table[6][a:b].strip() for c, a, b in zip(columns, starts, starts[1:])}
+    assert row["budget"] == format_bytes(budget)
+    assert row["H2D/epoch"] != "0 B"  # AIRES streamed the tiles the budget leaves out
 
 
 def test_results_json_plot_and_failed_method(temp_root: Path, tmp_path: Path) -> None:
@@ -70,7 +87,10 @@ def test_arguments_are_parsed_and_checked() -> None:
     assert args.methods[:5] == ["aires", "uvm", "feature-cache", "naive", "incore"]
     assert args.methods[5:] == [f"aires-{a}" for a in ABLATIONS]
     demo = parse_args([])
-    assert (demo.dataset, demo.scale, demo.methods) == ("products", 0.001, ["aires", "naive"])
+    assert (demo.dataset, demo.scale, demo.methods) == (
+        "products", 0.001, ["aires", "incore", "naive"]
+    )
+    assert demo.budget_scope == "data"  # the CPU's only scope
 
 
 @pytest.mark.parametrize(
@@ -89,3 +109,12 @@ def test_bad_arguments_exit_with_a_message(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the process scope is valid on a GPU")
+def test_a_process_budget_on_a_cpu_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """A CPU has no allocator cap: a process-wide budget there would be silently ignored."""
+    assert main(["--gpu-budget", "1GiB", "--budget-scope", "process"]) == 2
+    assert "--budget-scope process" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="budget_scope='process'"):
+        MethodConfig(method="aires", workload="w", gpu_budget=1 << 30, device="cpu")

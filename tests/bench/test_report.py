@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import format_bytes, format_table, main, plot, speedups, validate
+from bench.report import LEGEND, format_bytes, format_table, main, plot, speedups, validate
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ def test_speedups_are_median_ratios(doc: dict[str, Any]) -> None:
 
 def test_table_shows_every_method(doc: dict[str, Any]) -> None:
     table = format_table(doc)
-    lines = table.splitlines()
+    legend, *lines = table.splitlines()
+    assert legend == LEGEND and "AIRES speed-up" in legend
     assert lines[0].split()[:2] == ["method", "status"]
     assert len(lines) == 2 + 3
     assert "3.00x" in table and "overlap 0.91" in table and "OutOfMemoryError" in table

@@ -51,16 +51,16 @@ def test_unlabelled_citeseer_nodes_are_minus_one_and_in_no_split(planetoid_dir: 
         assert not bool(torch.isin(graph.split_index(split), unlabelled).any())
 
 
-def test_by_path_by_default_root_and_by_env(
-    planetoid_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_by_path_by_default_root_and_by_root(planetoid_dir: Path, tmp_path: Path) -> None:
+    import aires
+
+    # The default root is the package's own copy: no environment, nothing outside the package.
+    assert planetoid_dir.is_relative_to(Path(aires.__file__).parent)
     by_path = load_planetoid(planetoid_dir / "cora.npz")
-    monkeypatch.delenv("AIRES_PLANETOID_ROOT", raising=False)
-    by_name = load_planetoid("Cora")  # default root: ../shared/datasets/planetoid beside the repo
+    by_name = load_planetoid("Cora")
     assert np.array_equal(by_path.adj.indices, by_name.adj.indices)
-    monkeypatch.setenv("AIRES_PLANETOID_ROOT", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="AIRES_PLANETOID_ROOT"):
-        load_planetoid("cora")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "cora.npz")):
+        load_planetoid("cora", tmp_path)
 
 
 def test_bad_inputs(tmp_path: Path) -> None:
