@@ -1,9 +1,11 @@
-"""Full-graph GCN training on :class:`~aires.gcn_conv.AiresGCNConv` layers.
+"""Full-graph GCN training: Kipf & Welling's recipe on the whole-model out-of-core GCN.
 
 The model and recipe of Kipf & Welling (2017): ``layers`` graph convolutions with ReLU and
 dropout between them (and on the input features), cross-entropy on the training nodes, Adam with
-weight decay on the first layer only. Every aggregation is the out-of-core tiled product, so the
-adjacency never has to fit on the GPU; the layers share one tiled copy of the graph.
+weight decay on the first layer only. :func:`train` runs it on :class:`aires.nn.GCN`, whose
+features, activations and gradients stream under ``gpu_budget`` as its adjacency does.
+:class:`GCN` here is the same model built from drop-in :class:`~aires.gcn_conv.AiresGCNConv`
+layers, where only the adjacency is out of core (what a PyG user gets by swapping the class).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from aires.checks import check_positive_int, parse_size
 from aires.data import Graph, evaluate
 from aires.gcn_conv import AiresGCNConv
+from aires.nn import GCN as WholeModelGCN
 from aires.progress import progress_bar
 
 __all__ = ["GCN", "EpochLog", "TrainResult", "adjacency_t", "row_normalize", "train"]
@@ -262,21 +265,22 @@ def train(
     x = graph.x_torch()
     if normalize_features is None:
         normalize_features = _non_negative(x)
-    x = (row_normalize(x) if normalize_features else x).to(device)
-    y = graph.y.to(device)
-    train_idx = graph.train_idx.to(device)
+    x = row_normalize(x) if normalize_features else x
+    y = graph.y
     adj_t = adjacency_t(graph)
-    model = GCN(
+    model = WholeModelGCN(
         graph.num_features,
         hidden,
         graph.num_classes,
-        layers,
-        dropout,
+        num_layers=layers,
+        dropout=dropout,
         gpu_budget=gpu_budget,
         host_budget=host_budget,
+        device=device,
         tile_bytes=tile_bytes,
         store_dir=store_dir,
-    ).to(device)
+        seed=seed,
+    )
     first, rest = model.convs[0], model.convs[1:]
     optimizer = torch.optim.Adam(
         [
@@ -298,8 +302,7 @@ def train(
         start = time.perf_counter()
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x, adj_t)
-        loss = F.cross_entropy(logits[train_idx], y[train_idx])
+        loss = model.loss(x, adj_t, y, graph.train_idx)
         loss.backward()
         optimizer.step()
         _sync(device)
@@ -358,6 +361,6 @@ def _check_trainable(graph: Graph) -> None:
 
 
 @torch.no_grad()
-def _predict(model: GCN, x: Tensor, adj_t: Tensor) -> Tensor:
+def _predict(model: nn.Module, x: Tensor, adj_t: Tensor) -> Tensor:
     model.eval()
     return model(x, adj_t)

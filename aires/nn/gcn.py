@@ -521,7 +521,8 @@ class _State:
             gpu_budget=gpu,
             host_budget=host,
             param_bytes=params,
-            max_width=max(model.dims),
+            # A sparse x never sits in a dense block: the widest dense tensor is a layer's.
+            max_width=max(model.dims[1:] if sparse else model.dims),
             cuda=cuda,
             nnz=int(store.nnz),
             direct_disk=not cuda or store.io_mode != "posix",
