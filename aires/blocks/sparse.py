@@ -61,10 +61,7 @@ class SparseRows:
         lo, hi = int(self.crow[r0]), int(self.crow[r1])
         crow = self.crow[r0 : r1 + 1] - lo
         col, val = self.col[lo:hi], self.val[lo:hi]
-        if self._cuda:
-            self.traffic.add(
-                "h2d", sum(t.numel() * t.element_size() for t in (crow, col, val))
-            )
+        self.traffic.add("h2d", sum(t.numel() * t.element_size() for t in (crow, col, val)))
         dev = self.device
         return torch.sparse_csr_tensor(
             crow.to(dev, non_blocking=True),

@@ -172,11 +172,7 @@ class PanelTensor:
             src = bounce[:nbytes].view(self.dtype).view(r1 - r0, self.width(p))
             self._pread(p, r0, src)
             self.traffic.add("disk_read", nbytes)
-            if not self._cuda:
-                dst.copy_(src)
-                return
-        if self._cuda:
-            self.traffic.add("h2d", nbytes)
+        self.traffic.add("h2d", nbytes)
         dst.copy_(src, non_blocking=True)
 
     def read_panel(self, p: int, dst: torch.Tensor, bounce: torch.Tensor | None) -> None:
@@ -215,8 +211,7 @@ class PanelTensor:
             self._gpu[p][r0:r1].copy_(src)
             return
         nbytes = self.panel_bytes(p, r1 - r0)
-        if self._cuda:
-            self.traffic.add("d2h", nbytes)
+        self.traffic.add("d2h", nbytes)
         if tier == "host":
             self._host[p][r0:r1].copy_(src, non_blocking=True)
             return

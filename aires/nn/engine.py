@@ -151,15 +151,14 @@ class Engine:
                 staged = self._staging[: dst.panel_bytes(p)].view(self.dtype).view(dst.rows, -1)
                 self.scheduler.spmm(x, out="host", into=staged)
                 dst.flush(p, 0, dst.rows, self._staging)
-            if tier != "gpu" and self.cuda:
+            if tier != "gpu":
                 self.traffic.add("d2h", dst.panel_bytes(p))
 
     def _spgemm(self, src: SparseRows, target: str) -> None:
         """``target = Â · src`` for sparse ``src`` (cuSPARSE SpGEMM per tile), a host CSR."""
         result = self.scheduler.spgemm(src.whole(), out="host")
         out = SparseRows(target, result, self.device, self.traffic)
-        if self.cuda:
-            self.traffic.add("d2h", out.nbytes)
+        self.traffic.add("d2h", out.nbytes)
         self.tensors[target] = out
 
     def adjacency_calls(self) -> int:
@@ -168,8 +167,7 @@ class Engine:
         self.scheduler.stats  # reduces every pending call into the history
         calls = self.scheduler.history
         for stats in calls:
-            if self.cuda:
-                self.traffic.add("h2d", stats.bytes_h2d + stats.bytes_disk)
+            self.traffic.add("h2d", stats.bytes_h2d + stats.bytes_disk)
             self.traffic.add("disk_read", stats.bytes_disk)
         self.scheduler.history = []
         return len(calls)
@@ -316,6 +314,7 @@ class Engine:
         for p, (c0, c1) in enumerate(t.panels):
             piece = block[:, c0:c1].contiguous()
             if t.tiers[p] == "disk":
+                t.traffic.add("d2h", t.panel_bytes(p, piece.shape[0]))
                 t.flush(p, r0, piece.shape[0], piece.view(torch.uint8).view(-1))
             else:
                 t.write(p, r0, piece, None)

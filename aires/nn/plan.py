@@ -477,9 +477,6 @@ def _plan(
                                    writes.get(name, 0), *span[name])
     traffic.h2d += passes * (adjacency_host + adjacency_disk)
     traffic.disk_read += passes * adjacency_disk
-    if not cuda:
-        # On the CPU the "device" is host memory: nothing crosses a bus, only the disk.
-        traffic.h2d = traffic.d2h = 0
     pinned = host_arena + adjacency_host + (staging if any_disk else 0)
     breakdown = {
         "parameters": fixed_params,

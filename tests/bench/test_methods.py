@@ -258,18 +258,3 @@ def test_uvm_memory_stays_on_the_host() -> None:
     tensor = managed_tensor(array, torch.device("cuda"))  # advice verified inside
     assert tensor.is_cuda
     assert float(tensor.sum()) == float(array.astype(np.float64).sum())
-
-
-def test_on_the_cpu_a_data_budget_stops_incore_and_aires_streams_under_it(
-    workload_dir: Path,
-) -> None:
-    """The demo's budget case, in process: half of what in-core holds for the graph."""
-    workload = load_workload(workload_dir)
-    budget = (workload.adjacency_bytes + workload.x.nbytes) // 2
-    incore = run_method(_config(workload_dir, "incore", gpu_budget=budget, budget_scope="data"))
-    assert incore.status == "oom" and f"budget of {budget} bytes" in str(incore.error)
-    aires = run_method(_config(workload_dir, "aires", gpu_budget=budget, budget_scope="data"))
-    assert aires.status == "ok", aires.error
-    assert aires.bytes_h2d + aires.bytes_disk > 0  # the tiles the budget leaves out, streamed
-    # Its products stayed within the budget plus the output reserve it is given on top.
-    assert aires.extra["run_stats"]["peak_gpu_bytes"] <= aires.extra["gpu_budget_scheduler"]
