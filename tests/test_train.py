@@ -36,7 +36,7 @@ def out_of_core(graph: Graph, hidden: int = 16, device: str = "cpu") -> dict[str
     with pytest.raises(ValueError, match="below the minimum working set") as error:
         train(graph, epochs=1, hidden=hidden, device=device, progress=False, tile_bytes=TILE,
               gpu_budget=1, host_budget=4 * TILE)
-    minimum = int(re.search(r"working set of this model and graph: (\d+) B", str(error.value))[1])
+    minimum = int(re.search(r"minimum working set of (\d+) bytes", str(error.value))[1])
     held = torch.cuda.memory_allocated() if device == "cuda" else 0
     return {"tile_bytes": TILE, "gpu_budget": minimum + held + graph.num_nodes * hidden * 4,
             "host_budget": 4 * TILE}

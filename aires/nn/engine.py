@@ -20,7 +20,6 @@ builds a graph for one block at a time and back-propagates it at once.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,8 +127,6 @@ class Engine:
             self._copy = torch.cuda.Stream(device)
             self._back = torch.cuda.Stream(device)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="aires-panel-writer")
-        self._buffers: list[_Buffers] | None = None
-        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- aggregation
 

@@ -271,8 +271,8 @@ def plan_epoch(
                 best = plan
     if best is None:
         raise ValueError(
-            f"gpu_budget {gpu_budget} B ({format_bytes(gpu_budget)}) is below the minimum "
-            f"working set of this model and graph: {minimum} B ({format_bytes(minimum)})"
+            f"gpu_budget={gpu_budget} bytes ({format_bytes(gpu_budget)}) is below the minimum "
+            f"working set of {minimum} bytes ({format_bytes(minimum)}) for this model and graph"
         )
     return best
 
