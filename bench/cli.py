@@ -44,6 +44,7 @@ from aires.checks import check_positive_int, parse_size
 from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_method
 from bench.methods.config import BUDGET_SCOPES
 from bench.methods.workload import Workload, load_workload
+from bench.provenance import git_commit
 from bench.report import format_bytes, format_table, plot, validate
 
 __all__ = [
@@ -229,18 +230,6 @@ def run_method(
     return result
 
 
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if dirty else head
-
-
 def banner(args: argparse.Namespace, facts: dict[str, Any], dataset: dict[str, Any],
            ceilings: dict[str, Any], cold: bool) -> str:
     """What ran where: device, driver, torch, disk mode, budgets, graph, ceilings."""
@@ -367,7 +356,7 @@ def document(
     doc = {
         "device": facts["device"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": shlex.join(["aires-bench", *argv]),
         "dataset": dataset,
         "gpu_budget_bytes": args.gpu_budget,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from aires.checks import parse_size
 from aires.scheduler.placement import format_bytes
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
-from bench.provenance import versions
+from bench.provenance import git_commit, versions
 
 __all__ = ["main", "parse_args", "floor_seconds"]
 
@@ -387,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "versions": versions(),
+        "git_commit": git_commit(),
         "dataset": dataset,
         "model": {"hidden": args.hidden, "layers": args.layers},
         "ceilings": ceilings,

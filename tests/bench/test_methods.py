@@ -191,19 +191,6 @@ def test_aires_fits_its_budget(workload_dir: Path, scope: str) -> None:
 
 
 @pytest.mark.gpu
-def test_aires_data_budget_bounds_tiles_not_activations(workload_dir: Path) -> None:
-    # The scheduler's output is an activation, on top of the budget as every method's are.
-    # Ten 4 KiB tiles; 32 KiB hold five slots and three resident tiles.
-    budget = 32 << 10
-    result = run_method(_gpu(workload_dir, "aires", tile_bytes=4096, gpu_budget=budget,
-                             budget_scope="data"))
-    assert result.status == "ok", result.error
-    assert result.extra["gpu_budget_scheduler"] > budget
-    assert result.extra["run_stats"]["bytes_resident"] <= budget
-    assert result.extra["run_stats"]["tiles_resident"] < result.extra["run_stats"]["n_tiles"]
-
-
-@pytest.mark.gpu
 def test_aires_disk_only_reads_from_disk(workload_dir: Path) -> None:
     # Ten 4 KiB tiles, a budget for the five slots and three resident tiles: the other seven
     # are read from disk on every product, none from pinned host memory.
