@@ -7,13 +7,14 @@ wrong result deep inside a kernel.
 
 from __future__ import annotations
 
+import os
 import re
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-__all__ = ["parse_size", "check_csr", "check_positive_int"]
+__all__ = ["parse_size", "check_csr", "check_positive_int", "memory_available"]
 
 _UNITS = {
     "": 1,
@@ -146,3 +147,16 @@ def check_csr(
                 raise ValueError(
                     f"{name}: value {values[bad[0]]} at position {start + int(bad[0])} is not finite"
                 )
+
+
+def memory_available() -> int:
+    """Host memory available without swapping, in bytes: Linux's ``MemAvailable`` (free memory
+    plus the page cache it can drop), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
 from aires.progress import progress_bar
 
 __all__ = ["NormalisedRows", "RawCSR", "degrees"]

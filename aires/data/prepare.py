@@ -48,9 +48,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from aires.progress import progress_bar
 
-from aires.checks import parse_size
+from aires.checks import memory_available, parse_size
 from aires.data._normalise import NormalisedRows, RawCSR, degrees
 from aires.data.edgelist import convert_edge_list
 from aires.data.generator import GENERATOR_VERSION, PRESETS, synthetic
@@ -62,6 +61,7 @@ from aires.data.storage import (
     open_graph,
     release_pages,
 )
+from aires.progress import progress_bar
 from aires.tiling import TileStore
 from aires.tiling.plan import DEFAULT_TILE_BYTES
 from aires.tiling.store import _build, _fsync_dir, _remove_stale, _Source
@@ -344,19 +344,6 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _memory_free() -> int:
-    """Host memory available without swapping: Linux's ``MemAvailable`` (free memory plus the
-    page cache it can drop), else the free pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _check_resources(path: Path, disk: int, memory: int) -> None:
     """Refuse before writing when the disk or host memory cannot hold the preparation."""
     free = _disk_free(path.parent)
@@ -365,7 +352,7 @@ def _check_resources(path: Path, disk: int, memory: int) -> None:
             f"preparing {path} needs {disk / 1e9:.2f} GB of disk, but {path.parent} has "
             f"{free / 1e9:.2f} GB free ({disk} > {free} bytes)"
         )
-    available = _memory_free()
+    available = memory_available()
     if memory > available:
         raise OSError(
             f"preparing {path} needs {memory / 1e9:.2f} GB of host memory, but "

@@ -30,6 +30,7 @@ bytes it measured (:class:`~aires.blocks.Traffic`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -255,15 +256,14 @@ def plan_epoch(
     widths = sorted({math.ceil(widest / k) for k in range(1, widest + 1)}, reverse=True)
     if panel_cols is not None:
         widths = [min(panel_cols, widest)]
+    problem = _Problem(program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget,
+                       host_budget, param_bytes, max_width, cuda, direct_disk)
     best: Plan | None = None
     minimum = None
     for w in widths:
         for share in ADJACENCY_SHARES:
             try:
-                plan = _plan(
-                    program, steps, w, share, rows, item, tile_nbytes, adjacency_reserve,
-                    gpu_budget, host_budget, param_bytes, max_width, cuda, direct_disk,
-                )
+                plan = _plan(problem, w, share)
             except _TooSmall as small:
                 minimum = small.need if minimum is None else min(minimum, small.need)
                 continue
@@ -289,22 +289,30 @@ class _TooSmall(Exception):
         self.need = need
 
 
-def _plan(
-    program: Program,
-    steps: list[tuple[str, list[tuple[str, str]]]],
-    w: int,
-    adjacency_share: float,
-    rows: int,
-    item: int,
-    tile_nbytes: list[int],
-    adjacency_reserve: Callable[[int], int],
-    gpu_budget: int,
-    host_budget: int,
-    param_bytes: int,
-    max_width: int,
-    cuda: bool,
-    direct_disk: bool,
-) -> Plan:
+@dataclass(frozen=True)
+class _Problem:
+    """What every candidate plan is made for (:func:`plan_epoch`'s arguments)."""
+
+    program: Program
+    steps: list[tuple[str, list[tuple[str, str]]]]
+    rows: int
+    item: int
+    tile_nbytes: list[int]
+    adjacency_reserve: Callable[[int], int]
+    gpu_budget: int
+    host_budget: int
+    param_bytes: int
+    max_width: int
+    cuda: bool
+    direct_disk: bool
+
+
+def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
+    """The plan with panels of ``w`` columns, ``adjacency_share`` of the room first to ``Â``."""
+    (program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
+     param_bytes, max_width, cuda, direct_disk) = (
+        getattr(problem, f.name) for f in dataclasses.fields(problem)
+    )
     widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
     reads: dict[str, int] = {}
     writes: dict[str, int] = {}

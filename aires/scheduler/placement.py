@@ -10,13 +10,12 @@ from the tile file on each use.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from aires.checks import parse_size
+from aires.checks import memory_available, parse_size
 
 __all__ = ["Placement", "place", "default_gpu_budget", "default_host_budget", "format_bytes"]
 
@@ -237,18 +236,6 @@ def round_up(nbytes: int, granularity: int) -> int:
     return -(-nbytes // granularity) * granularity
 
 
-def _mem_available() -> int:
-    """Available RAM in bytes (Linux ``MemAvailable``; total physical memory elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def default_gpu_budget(device: torch.device) -> int:
     """The device budget when none is given.
 
@@ -259,9 +246,9 @@ def default_gpu_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(int(free - max(512 << 20, free // 10)), 1)
-    return max(_mem_available() // 4, 1)
+    return max(memory_available() // 4, 1)
 
 
 def default_host_budget() -> int:
     """The host budget when none is given: half of the available RAM."""
-    return max(_mem_available() // 2, 1)
+    return max(memory_available() // 2, 1)

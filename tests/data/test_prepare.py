@@ -193,7 +193,7 @@ def test_disk_refusal_names_both_numbers_and_the_path(
 
 
 def test_memory_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepare_module, "_memory_free", lambda: 1000)
+    monkeypatch.setattr(prepare_module, "memory_available", lambda: 1000)
     with pytest.raises(OSError, match=r"GB of host memory, but 0.00 GB are available "
                                       r"\(\d+ > 1000 bytes\)"):
         prepare(Synthetic("tiny", 1.0, 0), root=tmp_path, progress=False)
