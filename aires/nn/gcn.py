@@ -218,6 +218,7 @@ class GCN(nn.Module):
         state = self._prepare(x, adj)
         with torch.no_grad():
             start = self._begin(state)
+            state.epoch += 1  # overwrites what a pending loss's backward would read
             self._forward(state, training=self.training, step=self._step)
             last = state.program.stages[-1]
             out = torch.empty((state.rows, last.out_cols), dtype=state.dtype)
@@ -449,6 +450,8 @@ class _EpochLoss(torch.autograd.Function):
     ) -> Tensor:
         ctx.model, ctx.state = model, state
         start = model._begin(state)
+        state.epoch += 1
+        ctx.epoch = state.epoch
         leaves = [
             (w.detach().requires_grad_(True), b.detach().requires_grad_(True))
             for w, b in model._leaves()
@@ -463,6 +466,12 @@ class _EpochLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         model, state, leaves = ctx.model, ctx.state, ctx.leaves
+        if state.epoch != ctx.epoch or model._state is not state:
+            raise RuntimeError(
+                "this loss's saved tensors were overwritten by a later loss() or forward() of "
+                "the model (they live in its tiers, not in the autograd graph): call backward() "
+                "before the next loss() or forward()"
+            )
         with torch.no_grad():
             model._backward(state, leaves)
         model._end(state, ctx.start)
@@ -487,6 +496,7 @@ class _State:
     scratch: tempfile.TemporaryDirectory | None
     peak_used: int = 0
     marks: list[tuple[str, Any]] = field(default_factory=list)
+    epoch: int = 0  # forward passes run; a loss's backward must follow its own
 
     @classmethod
     def build(cls, model: GCN, x: Any, adj: Any, key: tuple[int, int]) -> _State:

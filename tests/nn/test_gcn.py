@@ -295,3 +295,15 @@ def test_bad_labels_are_refused_by_name(change, message) -> None:
     with pytest.raises(ValueError, match=message):
         model.loss(x, ei, y, mask)
     model.close()
+
+
+def test_a_stale_loss_cannot_be_back_propagated() -> None:
+    """The saved tensors live in the model's tiers: a second forward overwrites them, so the
+    first loss's backward is refused instead of giving gradients of the wrong epoch."""
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, device="cpu").double()
+    first = model.loss(x, ei, y, mask)
+    model.loss(x, ei, y, mask).backward()
+    with pytest.raises(RuntimeError, match="call backward\\(\\) before the next"):
+        first.backward()
+    model.close()
