@@ -39,6 +39,7 @@ from typing import Any
 from aires.blocks import Traffic
 from aires.nn.program import Aggregate, Program, Rows
 from aires.scheduler.placement import MIN_SLOTS, format_bytes, place
+from aires.scheduler.transfer import PAGE
 
 __all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MARGIN"]
 
@@ -54,6 +55,12 @@ ROWS_SHARE = 0.2
 TEMPS_PER_WIDTH = 5
 #: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
 ALIGN = 4096
+#: The fixed cost of one aggregation pass per nonzero, in columns of SpMM work. Measured on the
+#: H200 at 2 GiB on products (126M nonzeros): 4 passes of 50 columns took 172 ms an epoch and 8
+#: passes of 25 columns 216 ms with 0.4 GB less copied, about 12.7 ms a pass beyond its columns
+#: (``bench/results/model-products-h200.json`` and ``model-products-h200-after-merges.log``);
+#: in core the reading of the nonzeros alone is worth about 128 (``choose_order``).
+PASS_COLUMNS = 256
 #: Shares of the device room tried for the adjacency's resident tiles before tensors fill it.
 ADJACENCY_SHARES = (0.0, 0.5, 1.0)
 #: The fewest rows a row-local block may have (the minimum working set's share).
@@ -67,9 +74,10 @@ class Bandwidths:
     """Rates for ranking plans (priors: the H200's pinned copies and cold disk reads, and the
     H100's in-core SpMM, DESIGN.md).
 
-    ``spmm`` is in units of ``nnz * (w + 128)`` per second: a pass with ``w`` columns gathers
-    ``w`` values per nonzero and reads the nonzero itself, worth about 128 columns (the cost
-    model of :func:`aires.gcn_conv.choose_order`); 66.6M nonzeros at ``w = 128`` took 6.8 ms.
+    ``spmm`` is in units of ``nnz * (w + PASS_COLUMNS)`` per second: a pass with ``w`` columns
+    gathers ``w`` values per nonzero and pays a fixed cost per nonzero (reading it, the tile
+    calls, loading the input panel and draining the output), worth :data:`PASS_COLUMNS`
+    columns; 66.6M nonzeros at ``w = 128`` took 6.8 ms in core.
     """
 
     h2d: float = 50e9
@@ -280,7 +288,7 @@ def plan_epoch(
 def _seconds(plan: Plan, nnz: int, bandwidths: Bandwidths) -> float:
     """A plan's predicted epoch: its transfers plus its aggregation passes' compute (a narrow
     panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time)."""
-    compute = nnz * (plan.pass_columns + 128 * plan.passes) / bandwidths.spmm
+    compute = nnz * (plan.pass_columns + PASS_COLUMNS * plan.passes) / bandwidths.spmm
     return bandwidths.seconds(plan.predicted) + compute
 
 
@@ -413,6 +421,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         direct_disk=direct_disk,
         reserve_bytes=adjacency_reserve(w),
         dual=False,
+        pinned_page=PAGE if cuda else 1,
     )
     resident = placement.resident_bytes
 
@@ -456,9 +465,13 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
             direct_disk=direct_disk,
             reserve_bytes=adjacency_reserve(w),
             dual=False,
+            pinned_page=PAGE if cuda else 1,
         )
+        # With no tile left for the disk path the scheduler keeps no disk slot, and that room
+        # holds resident tiles: take its counts, not the ones assumed above.
+        resident = host_place.resident_bytes
         adjacency_host = host_place.host_bytes
-        adjacency_disk = adjacency_rest - adjacency_host
+        adjacency_disk = adjacency_total - resident - adjacency_host
 
     tensors: dict[str, TensorPlan] = {}
     traffic = Traffic()
