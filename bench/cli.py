@@ -45,11 +45,11 @@ from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_
 from bench.methods.config import BUDGET_SCOPES
 from bench.methods.workload import Workload, load_workload
 from bench.provenance import git_commit
-from bench.report import format_bytes, format_table, plot, validate
+from bench.report import format_bytes, format_table, plot, plot_sweep, validate
 
 __all__ = [
     "DEFAULT", "DEMO_BUDGET_SHARE", "MIN_METHOD_SECONDS", "banner", "demo_budget", "document",
-    "main", "parse_args", "run_method",
+    "main", "parse_args", "run_method", "sweep",
 ]
 
 #: The embedded default run: small enough for a CPU in seconds, no data files needed. Tiles of
@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run AIRES without each of its parts: "
                         + ", ".join(f"aires-{a}" for a in ABLATIONS))
     parser.add_argument("--gpu-budget", help="GPU bytes per method, e.g. 8GiB (default: none)")
+    parser.add_argument("--budgets", help="a sweep: every method at each of these budgets, e.g. "
+                        "16GiB,8GiB,4GiB,2GiB,1GiB; one JSON, and a plot of epoch time against "
+                        "budget, one line per method (instead of --gpu-budget)")
     parser.add_argument("--budget-scope", choices=BUDGET_SCOPES,
                         help="process: the whole process is capped at the budget (default on a "
                         "GPU); data: the budget bounds the graph data a method keeps on the "
@@ -137,6 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--scale must be positive, got {args.scale}")
     if args.gpu_budget is not None:
         args.gpu_budget = parse_size(args.gpu_budget, "--gpu-budget")
+    if args.budgets is not None:
+        if args.gpu_budget is not None:
+            raise ValueError("--budgets runs a sweep; --gpu-budget sets one budget: give one")
+        args.budgets = [parse_size(b.strip(), "--budgets") for b in args.budgets.split(",")
+                        if b.strip()]
+        if not args.budgets:
+            raise ValueError("--budgets: no budget given")
     args.tile_bytes = parse_size(
         args.tile_bytes or (DEFAULT["tile_bytes"] if demo else "64MiB"), "--tile-bytes"
     )
@@ -198,20 +208,23 @@ def _seconds_left(timeout: float | None, deadline: float | None) -> float | None
 
 def run_method(
     args: argparse.Namespace, name: str, workload: Path, scratch: Path,
-    timeout: float | None = None, gpu_budget: int | None = None,
+    timeout: float | None = None, gpu_budget: int | None = None, label: str | None = None,
+    budget_scope: str | None = None,
 ) -> MethodResult:
     """Run one method in a subprocess; a crash or timeout becomes an ``error`` result.
 
     Args:
         timeout: seconds before the method is stopped (default ``args.timeout``).
-        gpu_budget: the budget of this run, with scope ``data`` (default ``args.gpu_budget``,
-            with ``args.budget_scope``).
+        gpu_budget: the budget of this run (default ``args.gpu_budget``).
+        label: the run's name in the results (default: the method, or ``method@budget``).
+        budget_scope: the budget's scope (default ``args.budget_scope``; ``data`` for the
+            demo's budget case).
     """
-    label = name if gpu_budget is None else f"{name}@budget"
+    label = label or (name if gpu_budget is None else f"{name}@budget")
     config = MethodConfig(
         method=name, workload=str(workload),
         gpu_budget=args.gpu_budget if gpu_budget is None else gpu_budget,
-        budget_scope=args.budget_scope if gpu_budget is None else "data",
+        budget_scope=budget_scope or (args.budget_scope if gpu_budget is None else "data"),
         epochs=args.epochs, warmup=args.warmup,
         layers=args.layers, hidden=args.hidden, lr=args.lr, tile_bytes=args.tile_bytes,
         seed=args.seed, device=args.device, order=args.aires_order,
@@ -301,14 +314,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workload {workload_dir} ready in {prepare_s:.1f} s; ceilings in "
               f"{time.monotonic() - started - prepare_s:.1f} s", flush=True)
         runs: list[tuple[str, int | None]] = [(name, None) for name in args.methods]
-        if args.demo:
+        if args.budgets:
+            runs = [(name, budget) for budget in args.budgets for name in args.methods]
+        elif args.demo:
             budget = demo_budget(load_workload(workload_dir))
             runs += [(name, budget) for name in DEMO_BUDGET_METHODS]
             print(f"budget case: {format_bytes(budget)}, {DEMO_BUDGET_SHARE:.0%} of what "
                   "in-core holds (adjacency and features)", flush=True)
         results: dict[str, MethodResult] = {}
         for name, budget in runs:
-            label = name if budget is None else f"{name}@budget"
+            label = (name if budget is None else
+                     f"{name}@{format_bytes(budget)}" if args.budgets else f"{name}@budget")
             print(f"  running {label} ...", end=" ", flush=True)
             timeout = _seconds_left(args.timeout, deadline)
             if timeout is not None and timeout < MIN_METHOD_SECONDS:
@@ -317,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                     error=f"not run: --time-limit of {args.time_limit:g} s reached",
                 )
             else:
-                results[label] = run_method(args, name, workload_dir, scratch, timeout, budget)
+                results[label] = run_method(
+                    args, name, workload_dir, scratch, timeout, budget, label,
+                    args.budget_scope if args.budgets else None,
+                )
             print(f"{results[label].status} ({results[label].extra.get('wall_s', 0):.1f} s)",
                   flush=True)
             doc = document(args, argv, facts, dataset, ceilings, results)
@@ -328,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.plot:
                 Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    plot(doc, args.plot)
+                    (plot_sweep if args.budgets else plot)(doc, args.plot)
                 except ImportError as error:  # the JSON is the result; the plot can follow
                     print(f"\naires-bench: no plot: {error}; render it later with "
                           f"python -m bench.report {args.out or 'RESULT.json'} --plot "
@@ -364,8 +383,28 @@ def document(
         "ceilings": ceilings,
         "methods": {name: result.to_json() for name, result in results.items()},
     }
+    if args.budgets:
+        doc["budget_scope"] = args.budget_scope
+        doc["sweep"] = sweep(args.methods, args.budgets, doc["methods"])
     validate(doc)
     return doc
+
+
+def sweep(
+    methods: list[str], budgets: list[int], runs: dict[str, dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per method, its run at each budget: ``{budget_bytes, status, epoch_s, error}``."""
+    table: dict[str, list[dict[str, Any]]] = {}
+    for name in methods:
+        for budget in budgets:
+            run = runs.get(f"{name}@{format_bytes(budget)}")
+            if run is None:
+                continue
+            table.setdefault(name, []).append({
+                "budget_bytes": budget, "status": run["status"],
+                "epoch_s": run.get("epoch_s") or [], "error": run.get("error"),
+            })
+    return table
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,11 +34,13 @@ __all__ = [
     "DATASET_KEYS",
     "LEGEND",
     "METHOD_KEYS",
+    "SWEEP_KEYS",
     "TOP_KEYS",
     "format_bytes",
     "format_table",
     "main",
     "plot",
+    "plot_sweep",
     "speedups",
     "validate",
 ]
@@ -47,6 +49,8 @@ TOP_KEYS = frozenset(
     {"device", "date", "git_commit", "command", "dataset", "gpu_budget_bytes", "mode",
      "ceilings", "methods"}
 )
+#: A budget sweep (``--budgets``) adds these.
+SWEEP_KEYS = frozenset({"budget_scope", "sweep"})
 DATASET_KEYS = frozenset({"name", "nodes", "edges", "features"})
 CEILING_KEYS = frozenset({"h2d_GBps", "disk_read_GBps", "incore_spmm_ms"})
 METHOD_KEYS = frozenset(
@@ -80,7 +84,16 @@ def validate(doc: Any) -> None:
     Raises:
         ValueError: naming the first key that does not conform.
     """
-    _check_keys(doc, TOP_KEYS, "top level")
+    sweep = isinstance(doc, dict) and "sweep" in doc
+    _check_keys(doc, TOP_KEYS | SWEEP_KEYS if sweep else TOP_KEYS, "top level")
+    if sweep:
+        for name, runs in doc["sweep"].items():
+            for k, run in enumerate(runs):
+                where = f"sweep.{name}[{k}]"
+                _check(_is_int(run.get("budget_bytes")) and run["budget_bytes"] > 0, where,
+                       f"budget_bytes must be a positive int, got {run.get('budget_bytes')!r}")
+                _check(run.get("status") in STATUSES, where,
+                       f"status must be one of {STATUSES}, got {run.get('status')!r}")
     for key in ("device", "date", "command", "mode"):
         _check(isinstance(doc[key], str), key, f"must be a string, got {doc[key]!r}")
     _check(doc["git_commit"] is None or isinstance(doc["git_commit"], str), "git_commit",
@@ -273,3 +286,43 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
+    """Epoch time against budget, one line per method, ending where the method stops running
+    (its failed budgets marked ``x`` on the axis): at a GPU's memory, what runs and how fast.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the plot needs matplotlib (pip install aires[bench])") from error
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
+    for name, runs in doc["sweep"].items():
+        ok = [(r["budget_bytes"], float(np.median(r["epoch_s"]))) for r in runs
+              if r["status"] == "ok" and r["epoch_s"]]
+        failed = [r["budget_bytes"] for r in runs if r["status"] != "ok"]
+        line = ax.plot([b / 2**30 for b, _ in ok], [t for _, t in ok], marker="o", label=name)
+        if failed:
+            ax.plot([b / 2**30 for b in failed], [0.0] * len(failed), "x",
+                    color=line[0].get_color(), clip_on=False)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("GPU budget (GiB, whole process)" if doc.get("budget_scope") == "process"
+                  else "budget (GiB)")
+    ax.set_ylabel("epoch time (s), median")
+    dataset = doc["dataset"]
+    ax.set_title(f"{dataset['name']}: {dataset['nodes']:,} nodes; x: did not run at that budget",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

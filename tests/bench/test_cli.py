@@ -118,3 +118,29 @@ def test_a_process_budget_on_a_cpu_is_refused(capsys: pytest.CaptureFixture[str]
     assert "--budget-scope process" in capsys.readouterr().err
     with pytest.raises(ValueError, match="budget_scope='process'"):
         MethodConfig(method="aires", workload="w", gpu_budget=1 << 30, device="cpu")
+
+
+def test_a_budget_sweep_writes_one_json_and_a_plot_and_records_failures(
+    temp_root: Path, tmp_path: Path
+) -> None:
+    """Every method at every budget: one JSON with a sweep table per method, and a PNG; a
+    method that cannot run at a budget is recorded with its error and the sweep goes on."""
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["--dataset", "tiny", "--scale", "1", "--methods", "aires,incore",
+                 "--budgets", "4MiB,64KiB", "--epochs", "1", "--tile-bytes", "8KiB",
+                 "--cache-dir", str(temp_root), "--out", str(out), "--plot", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    validate(doc)
+    assert set(doc["sweep"]) == {"aires", "incore"}
+    for name in ("aires", "incore"):
+        runs = {r["budget_bytes"]: r for r in doc["sweep"][name]}
+        assert set(runs) == {4 << 20, 64 << 10}
+        assert runs[4 << 20]["status"] == "ok" and runs[4 << 20]["epoch_s"]
+        assert runs[64 << 10]["status"] == "oom" and runs[64 << 10]["error"]
+    assert "minimum working set" in doc["sweep"]["aires"][1]["error"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budgets_and_gpu_budget_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="--budgets runs a sweep; --gpu-budget sets one"):
+        parse_args(["--dataset", "tiny", "--budgets", "1GiB", "--gpu-budget", "1GiB"])
