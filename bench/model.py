@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.dataset, args.scale, args.hidden, args.epochs, args.warmup = "tiny", 1.0, 16, 2, 1
-        args.budgets, args.tile_bytes, args.device = "4MiB,512KiB", "16KiB", "cpu"
+        args.budgets, args.tile_bytes, args.device = "4MiB,1MiB", "16KiB", "cpu"
         args.host_budget = args.host_budget or "256KiB"
     return args
 
@@ -137,16 +137,22 @@ def _timed(device: torch.device, step: Any) -> float:
 def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     """One budget: train ``aires.nn.GCN`` for warm-up plus timed epochs in this process."""
     from aires.nn import GCN
+    from bench.methods.training import initial_parameters
 
     device = _device(spec["device"])
     budget = spec["budget"]
     _cap(device, budget)
     x, store, y, train, classes = _inputs(spec)
-    torch.manual_seed(0)
     model = GCN(
         x.shape[1], spec["hidden"], classes, num_layers=spec["layers"], device=device,
         gpu_budget=budget, host_budget=spec["host_budget"],
     )
+    # The weights every aires-bench method starts from, so the losses compare with in-core's.
+    dims = [x.shape[1]] + [spec["hidden"]] * (spec["layers"] - 1) + [classes]
+    with torch.no_grad():
+        for layer, (weight, bias) in zip(model.convs, initial_parameters(dims, 0)):
+            layer.lin.weight.copy_(weight.T)
+            layer.bias.copy_(bias)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     times, losses, stats = [], [], []
     t0 = time.perf_counter()
@@ -226,50 +232,23 @@ def run_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _incore(spec: dict[str, Any], device: torch.device) -> tuple[float, int, list[float]]:
-    from aires.nn import GCN
+    """The ``incore-tuned`` loop of ``aires-bench`` on this workload: epoch, peak, losses."""
+    from bench.methods.config import MethodConfig
+    from bench.methods.incore_tuned import incore_forward
+    from bench.methods.training import labels
     from bench.methods.workload import load_workload
 
-    w = load_workload(spec["workload"])
-    a = w.scipy_adjacency()
-    adj = torch.sparse_csr_tensor(
-        torch.from_numpy(np.asarray(a.indptr, dtype=np.int64)),
-        torch.from_numpy(np.asarray(a.indices, dtype=np.int64)),
-        torch.from_numpy(np.asarray(a.data, dtype=np.float32)),
-        a.shape,
-    ).to(device)
-    x = torch.from_numpy(np.asarray(w.x, dtype=np.float32)).to(device)
-    y = torch.from_numpy(np.asarray(w.y)).to(device)
-    train = torch.from_numpy(np.asarray(w.train_idx)).to(device)
-    dims = [x.shape[1]] + [spec["hidden"]] * (spec["layers"] - 1) + [w.num_classes]
-    torch.manual_seed(0)
-    ref = GCN(dims[0], spec["hidden"], dims[-1], num_layers=spec["layers"], device="cpu")
-    weights = [layer.lin.weight.detach().to(device).requires_grad_() for layer in ref.convs]
-    biases = [layer.bias.detach().to(device).requires_grad_() for layer in ref.convs]
-    orders = ref.orders(x.shape[0], a.nnz, None)
-
-    class Aggregate(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, h: torch.Tensor) -> torch.Tensor:
-            return adj @ h
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-            return adj @ g.contiguous()  # Â is symmetric
-
-    opt = torch.optim.Adam(weights + biases, lr=0.01)
+    workload = load_workload(spec["workload"])
+    config = MethodConfig(method="incore-tuned", workload=spec["workload"], gpu_budget=None,
+                          layers=spec["layers"], hidden=spec["hidden"], device=str(device))
+    forward, params = incore_forward(workload, config, device)
+    y_train, train_idx = labels(workload, device)
+    opt = torch.optim.Adam(params, lr=0.01)
     losses: list[float] = []
 
     def step() -> None:
         opt.zero_grad()
-        h = x
-        for layer, order in enumerate(orders):
-            if order == "aggregate_first":
-                h = Aggregate.apply(h) @ weights[layer].t() + biases[layer]
-            else:
-                h = Aggregate.apply(h @ weights[layer].t()) + biases[layer]
-            if layer < len(orders) - 1:
-                h = F.relu(h)
-        loss = F.cross_entropy(h[train], y[train])
+        loss = F.cross_entropy(forward()[train_idx], y_train)
         loss.backward()
         opt.step()
         losses.append(loss.item())

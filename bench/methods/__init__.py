@@ -27,6 +27,8 @@ METHODS: dict[str, str] = {
     "feature-cache": "bench.methods.feature_cache",
     "naive": "bench.methods.naive",
     "incore": "bench.methods.incore",
+    "incore-tuned": "bench.methods.incore_tuned",
+    "save-on-cpu": "bench.methods.incore_tuned",
 }
 
 # AIRES ablation variants, run as methods named "aires-<variant>" by ``--ablation``.

@@ -22,7 +22,8 @@ from bench.methods.workload import load_workload
 # Ablations whose scheduler option exists run; the others must say what is missing.
 AVAILABLE = [v for v in ABLATIONS if v == PYG_ORDER or not missing_options(VARIANTS[v][1])]
 MISSING = [v for v in ABLATIONS if v not in AVAILABLE]
-CPU_METHODS = ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore")
+CPU_METHODS = ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore",
+               "incore-tuned", "save-on-cpu")
 
 
 def _config(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
