@@ -79,7 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def floor_seconds(measured: dict[str, int], ceilings: dict[str, float], incore: float | None) -> float:
+def floor_seconds(
+    measured: dict[str, int], ceilings: dict[str, float], incore: float | None
+) -> float:
     """The larger of the transfer time at the measured bandwidths and the in-core epoch."""
     transfer = max(
         measured["h2d"] / ceilings["h2d"] if ceilings.get("h2d") else 0.0,
@@ -345,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "layers": args.layers, "epochs": args.epochs, "warmup": args.warmup,
             "host_budget": host, "incore": not args.no_incore, "profile": args.profile}
     print(f"{dataset['name']}: {dataset['nodes']:,} nodes, {dataset['nnz']:,} nonzeros, "
-          f"Â {format_bytes(dataset['adjacency_bytes'])}, X {format_bytes(dataset['features_bytes'])}"
+          f"Â {format_bytes(dataset['adjacency_bytes'])}, "
+          f"X {format_bytes(dataset['features_bytes'])}"
           f"; device {device}", flush=True)
     ceilings = _child("ceilings", spec, args.timeout)
     incore = ceilings.get("incore_epoch_s")

@@ -26,7 +26,9 @@ class SparseRows:
         traffic: counts the bytes copied to the device.
     """
 
-    def __init__(self, name: str, matrix: torch.Tensor, device: torch.device, traffic: Traffic) -> None:
+    def __init__(
+        self, name: str, matrix: torch.Tensor, device: torch.device, traffic: Traffic
+    ) -> None:
         if matrix.layout == torch.sparse_coo:
             matrix = matrix.coalesce().to_sparse_csr()
         if matrix.layout != torch.sparse_csr:

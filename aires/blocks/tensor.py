@@ -153,7 +153,9 @@ class PanelTensor:
 
     # ----------------------------------------------------------------- row blocks in
 
-    def read(self, p: int, r0: int, r1: int, dst: torch.Tensor, bounce: torch.Tensor | None) -> None:
+    def read(
+        self, p: int, r0: int, r1: int, dst: torch.Tensor, bounce: torch.Tensor | None
+    ) -> None:
         """Rows ``[r0, r1)`` of panel ``p`` into the device tensor ``dst`` on the current stream.
 
         ``"disk"`` panels are read with ``pread`` into ``bounce`` (pinned host bytes the caller

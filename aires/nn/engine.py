@@ -173,7 +173,8 @@ class Engine:
         if src.tiers[p] == "gpu":
             return src.device_panel(p)
         offset = self.plan.panel_offsets[src.name]
-        x = self.arenas.device[offset : offset + src.panel_bytes(p)].view(self.dtype).view(src.rows, -1)
+        panel = self.arenas.device[offset : offset + src.panel_bytes(p)]
+        x = panel.view(self.dtype).view(src.rows, -1)
         bounce = self._staging
         src.read_panel(p, x, bounce)
         return x
@@ -247,7 +248,9 @@ class Engine:
             s.loaded = torch.cuda.Event()
             s.loaded.record(self._copy)
 
-    def _assemble(self, i: int, t: PanelTensor | SparseRows, r0: int, r1: int, s: _Buffers) -> torch.Tensor:
+    def _assemble(
+        self, i: int, t: PanelTensor | SparseRows, r0: int, r1: int, s: _Buffers
+    ) -> torch.Tensor:
         """Source ``i``'s rows ``[r0, r1)`` on the device: arena views and loaded panels."""
         if isinstance(t, SparseRows):
             return t.block(r0, r1)

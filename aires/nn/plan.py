@@ -43,9 +43,9 @@ from aires.scheduler.transfer import PAGE
 
 __all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MARGIN"]
 
-#: Device bytes kept out of every plan on a GPU: the CUDA caching allocator rounds blocks up (to 2 MiB
-#: segments for large ones) and the row-local stages' autograd temporaries vary a little with
-#: the block, so a plan that used the budget to the byte would run out of memory.
+#: Device bytes kept out of every plan on a GPU: the CUDA caching allocator rounds blocks up
+#: (to 2 MiB segments for large ones) and the row-local stages' autograd temporaries vary a
+#: little with the block, so a plan that used the budget to the byte would run out of memory.
 MARGIN = 64 << 20
 #: Share of the device budget a row-local stage's working set may take (blocks of rows and
 #: their temporaries). Larger blocks mean fewer kernel launches per pass.

@@ -215,7 +215,8 @@ def test_logits_match_pyg() -> None:
 def test_budget_below_the_minimum_names_it() -> None:
     ei, x, y, mask = problem()
     model = GCN(12, 16, 5, device="cpu", gpu_budget=4096, tile_bytes="8KiB")
-    with pytest.raises(ValueError, match=r"gpu_budget=4096 bytes .* minimum working set of \d+ bytes"):
+    below = r"gpu_budget=4096 bytes .* minimum working set of \d+ bytes"
+    with pytest.raises(ValueError, match=below):
         model.loss(x, ei, y, mask)
 
 
@@ -243,8 +244,9 @@ def test_killed_run_leaves_the_store_reusable(tmp_path: Path) -> None:
         from tests.nn.test_gcn import problem
         from aires.nn import GCN
         ei, x, y, mask = problem()
-        model = GCN(12, 16, 5, device="cpu", tile_bytes="8KiB", gpu_budget={TIERED['gpu_budget']},
-                    host_budget=0, store_dir={str(store_dir)!r}, scratch_dir={str(scratch)!r}).double()
+        model = GCN(12, 16, 5, device="cpu", tile_bytes="8KiB",
+                    gpu_budget={TIERED['gpu_budget']}, host_budget=0,
+                    store_dir={str(store_dir)!r}, scratch_dir={str(scratch)!r}).double()
         print("ready", flush=True)
         while True:
             model.loss(x, ei, y, mask).backward()
