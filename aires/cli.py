@@ -57,13 +57,15 @@ def _add_train(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a GCN with out-of-core aggregation",
-        description="Full-graph GCN training (Kipf & Welling) on AiresGCNConv layers.",
+        description="Full-graph GCN training (Kipf & Welling) on aires.nn.GCN, the whole "
+        "model out of core under --gpu-budget.",
     )
     parser.add_argument(
         "--dataset",
         required=True,
         help="cora, citeseer, an OGB name (ogbn-arxiv, ogbn-products; with --root), a synthetic "
-        "preset (synthetic:products, tiny), or a saved graph directory",
+        "preset (synthetic:products, tiny), a saved graph directory, or a prepared graph "
+        "directory (aires data prepare: trained on its tiles and feature file in place)",
     )
     parser.add_argument(
         "--root", default=None, help="dataset root directory (Planetoid, OGB)"
@@ -96,14 +98,15 @@ def _add_train(subparsers: Any) -> None:
         "--gpu-budget",
         type=_size("--gpu-budget"),
         default=None,
-        help="device bytes each tiled product may use, e.g. 2GiB (default: the free "
-        "memory less a margin)",
+        help="device bytes the whole model may use, e.g. 2GiB (default: the free memory less a "
+        "margin); below its minimum working set, an error states the minimum",
     )
     parser.add_argument(
         "--host-budget",
         type=_size("--host-budget", allow_zero=True),
         default=None,
-        help="pinned host bytes for tiles, e.g. 8GiB (0: stream every tile from NVMe)",
+        help="pinned host bytes for tiles and tensors, e.g. 8GiB (0: what is not on the device "
+        "lives on NVMe)",
     )
     parser.add_argument(
         "--tile-bytes",
@@ -149,9 +152,13 @@ def _load(dataset: str, root: str | None, scale: float | None, seed: int) -> Any
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from aires.data.prepare import MANIFEST_NAME, open_prepared
     from aires.train import train
 
-    graph = _load(args.dataset, args.root, args.scale, args.seed)
+    if (Path(args.dataset) / MANIFEST_NAME).is_file():
+        graph = open_prepared(args.dataset)
+    else:
+        graph = _load(args.dataset, args.root, args.scale, args.seed)
     result = train(
         graph,
         layers=args.layers,

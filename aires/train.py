@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from aires.checks import check_positive_int, parse_size
 from aires.data import Graph, evaluate
+from aires.data.prepare import Prepared
 from aires.gcn_conv import AiresGCNConv
 from aires.nn import GCN as WholeModelGCN
 from aires.progress import progress_bar
@@ -145,7 +148,7 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        model: the trained :class:`GCN` (evaluation mode).
+        model: the trained :class:`aires.nn.GCN` (evaluation mode).
         history: one :class:`EpochLog` per epoch.
         test_accuracy: accuracy of the final model on the test split (by
             :func:`aires.data.evaluate`: OGB's ``Evaluator`` for OGB graphs).
@@ -156,7 +159,7 @@ class TrainResult:
         device: the device the model ran on.
     """
 
-    model: GCN
+    model: WholeModelGCN
     history: list[EpochLog] = field(repr=False)
     test_accuracy: float
     val_accuracy: float
@@ -188,7 +191,7 @@ def _sync(device: torch.device) -> None:
 
 
 def train(
-    graph: Graph,
+    graph: Graph | Prepared,
     *,
     layers: int = 2,
     hidden: int = 16,
@@ -213,7 +216,10 @@ def train(
     accuracy and the step time.
 
     Args:
-        graph: a labelled :class:`~aires.data.Graph` with features.
+        graph: a labelled :class:`~aires.data.Graph` with features, or a prepared graph
+            (:func:`aires.data.prepare.open_prepared`), trained on where it lies: its tile store
+            is the adjacency and its feature file is read in place (its features are not
+            normalised).
         layers: graph convolutions (2 in the paper).
         hidden: hidden width.
         epochs: training epochs.
@@ -242,7 +248,6 @@ def train(
         ValueError: a graph without nodes, features, labels or training nodes, or bad
             hyper-parameters.
     """
-    _check_trainable(graph)
     epochs = check_positive_int(epochs, "epochs")
     hidden = check_positive_int(hidden, "hidden")
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
@@ -261,17 +266,16 @@ def train(
         else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     torch.manual_seed(seed)
-
-    x = graph.x_torch()
-    if normalize_features is None:
-        normalize_features = _non_negative(x)
-    x = row_normalize(x) if normalize_features else x
-    y = graph.y
-    adj_t = adjacency_t(graph)
+    inputs = (
+        _prepared_inputs(graph, normalize_features)
+        if isinstance(graph, Prepared)
+        else _graph_inputs(graph, normalize_features)
+    )
+    x, adj_t, y, train_idx, score = inputs.x, inputs.adj, inputs.y, inputs.train_idx, inputs.score
     model = WholeModelGCN(
-        graph.num_features,
+        inputs.num_features,
         hidden,
-        graph.num_classes,
+        inputs.num_classes,
         num_layers=layers,
         dropout=dropout,
         gpu_budget=gpu_budget,
@@ -293,7 +297,7 @@ def train(
     history: list[EpochLog] = []
     bar = progress_bar(
         range(1, epochs + 1),
-        desc=f"train {graph.name}",
+        desc=f"train {inputs.name}",
         disable=not progress,
         unit="epoch",
     )
@@ -302,7 +306,7 @@ def train(
         start = time.perf_counter()
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(x, adj_t, y, graph.train_idx)
+        loss = model.loss(x, adj_t, y, train_idx)
         loss.backward()
         optimizer.step()
         _sync(device)
@@ -311,8 +315,8 @@ def train(
         log = EpochLog(
             epoch,
             loss.item(),
-            evaluate(graph, logits, "train"),
-            evaluate(graph, logits, "val"),
+            score(logits, "train"),
+            score(logits, "val"),
             seconds,
         )
         history.append(log)
@@ -328,12 +332,68 @@ def train(
     return TrainResult(
         model=model,
         history=history,
-        test_accuracy=evaluate(graph, logits, "test"),
-        val_accuracy=evaluate(graph, logits, "val"),
+        test_accuracy=score(logits, "test"),
+        val_accuracy=score(logits, "val"),
         epoch_seconds=statistics.median(steady),
         setup_seconds=history[0].seconds,
         device=str(device),
     )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What training reads from a graph or a prepared graph."""
+
+    name: str
+    x: Any
+    adj: Any
+    y: Tensor
+    train_idx: Tensor
+    num_features: int
+    num_classes: int
+    score: Callable[[Tensor, str], float]
+
+
+def _graph_inputs(graph: Graph, normalize_features: bool | None) -> _Inputs:
+    """An in-memory graph: its features (row-normalised by the recipe's rule) and ``adj_t``."""
+    _check_trainable(graph)
+    x = graph.x_torch()
+    if normalize_features is None:
+        normalize_features = _non_negative(x)
+    x = row_normalize(x) if normalize_features else x
+    return _Inputs(graph.name, x, adjacency_t(graph), graph.y, graph.train_idx,
+                   graph.num_features, graph.num_classes,
+                   lambda logits, split: evaluate(graph, logits, split))
+
+
+def _prepared_inputs(prepared: Prepared, normalize_features: bool | None) -> _Inputs:
+    """A prepared graph (``aires data prepare``): its tile store of ``Â`` and its feature file,
+    read where they are, with no second copy. Its features are used as prepared: reading all
+    of them to decide on, or to apply, a normalisation would cost a pass over the file."""
+    if normalize_features:
+        raise ValueError(
+            f"normalize_features=True: a prepared graph's features ({prepared.path}) are used as "
+            "prepared; normalise them before preparing"
+        )
+    if prepared.features is None or prepared.num_features == 0:
+        raise ValueError(f"prepared graph {prepared.path} has no features to train on")
+    labels = torch.from_numpy(np.array(prepared.labels, dtype=np.int64))
+    train_idx = torch.from_numpy(np.array(prepared.train_idx, dtype=np.int64))
+    if train_idx.numel() == 0:
+        raise ValueError(f"prepared graph {prepared.path} has no training rows")
+    splits = {"train": prepared.train_idx, "val": prepared.val_idx, "valid": prepared.val_idx,
+              "test": prepared.test_idx}
+
+    def score(logits: Tensor, split: str) -> float:
+        idx = torch.from_numpy(np.array(splits[split], dtype=np.int64))
+        truth = labels[idx]
+        keep = truth >= 0
+        if not bool(keep.any()):
+            return float("nan")
+        return float((logits[idx][keep].argmax(dim=1) == truth[keep]).double().mean())
+
+    return _Inputs(prepared.name, prepared.features, prepared.adjacency, labels, train_idx,
+                   prepared.num_features, prepared.num_classes, score)
 
 
 def _non_negative(x: Tensor) -> bool:

@@ -262,3 +262,22 @@ def test_unlabelled_graph_is_rejected(tiny: Graph) -> None:
     )
     with pytest.raises(ValueError, match="features and labels"):
         train(bare, progress=False)
+
+
+def test_a_prepared_graph_trains_in_place_like_the_graph_it_came_from(tmp_path: Path) -> None:
+    """``aires data prepare``'s output is trained on directly (its tiles are the adjacency, its
+    feature file is read in place): the same losses as the in-memory graph, whose adjacency
+    the model normalises itself."""
+    from aires.data.prepare import Synthetic, open_prepared, prepare
+
+    path = prepare(Synthetic("tiny", 1.0, 0), root=tmp_path, progress=False).path
+    graph = synthetic("tiny", scale=1.0, cache_dir=tmp_path / "graphs", progress=False)
+    kwargs = {"epochs": 3, "device": "cpu", "progress": False, "seed": 0, "dropout": 0.5}
+    prepared = train(open_prepared(path), **kwargs)
+    in_memory = train(graph, normalize_features=False, **kwargs)
+    assert [log.loss for log in prepared.history] == pytest.approx(
+        [log.loss for log in in_memory.history], rel=1e-5
+    )
+    assert prepared.test_accuracy == pytest.approx(in_memory.test_accuracy)
+    with pytest.raises(ValueError, match="used as prepared"):
+        train(open_prepared(path), normalize_features=True, **kwargs)
