@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["parse_size", "check_csr", "check_positive_int", "memory_available"]
+__all__ = ["parse_size", "format_bytes", "check_csr", "check_positive_int", "memory_available"]
 
 _UNITS = {
     "": 1,
@@ -160,3 +160,13 @@ def memory_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def format_bytes(nbytes: int | float) -> str:
+    """``nbytes`` in binary units with one decimal, e.g. ``"1.5 GiB"``."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

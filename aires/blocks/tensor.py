@@ -15,7 +15,7 @@ after the other share bytes on every tier. Every copy that crosses a path is cou
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +43,14 @@ class Arenas:
 
     @classmethod
     def allocate(cls, device: torch.device, device_bytes: int, host_bytes: int,
-                 disk_bytes: int, directory: Path | None) -> Arenas:
+                 disk_bytes: int, directory: Path | None,
+                 pin: Callable[[int], torch.Tensor]) -> Arenas:
+        """The three arenas; ``pin(nbytes)`` allocates the host one (page-locked on a GPU)."""
         arenas = cls()
         if device_bytes:
             arenas.device = torch.empty(device_bytes, dtype=torch.uint8, device=device)
         if host_bytes:
-            arenas.host = torch.empty(host_bytes, dtype=torch.uint8,
-                                      pin_memory=device.type == "cuda")
+            arenas.host = pin(host_bytes)
         if disk_bytes:
             if directory is None:
                 raise ValueError("NVMe panels need a directory")

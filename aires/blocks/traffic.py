@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from aires.scheduler.placement import format_bytes
+from aires.checks import format_bytes
 
 __all__ = ["Traffic", "PATHS"]
 

@@ -33,6 +33,7 @@ from aires.blocks.tensor import Arenas
 from aires.blocks.sparse import SparseRows
 from aires.nn.plan import Plan
 from aires.scheduler import Scheduler
+from aires.scheduler.transfer import pinned_empty
 
 __all__ = ["Engine"]
 
@@ -83,8 +84,11 @@ class Engine:
         self.dtype = dtype
         self.cuda = device.type == "cuda"
         self.traffic = Traffic()
+        # The host arena is locked page by page (not by PyTorch's caching host allocator, which
+        # rounds a block up to a power of two): the pinned bytes are those the budget counted.
         self.arenas = Arenas.allocate(device, plan.arena_bytes, plan.host_arena_bytes,
-                                      plan.disk_bytes, directory)
+                                      plan.disk_bytes, directory,
+                                      lambda n: pinned_empty(n, device))
         self.tensors: dict[str, PanelTensor | SparseRows] = {
             name: PanelTensor(
                 name,
@@ -106,9 +110,7 @@ class Engine:
         any_disk = any("disk" in t.tiers for t in plan.tensors.values())
         # NVMe-bound aggregation outputs land in pinned memory first, and NVMe-held
         # aggregation inputs are read through two halves of a bounce buffer.
-        self._staging = (
-            torch.empty(panel_bytes, dtype=torch.uint8, pin_memory=self.cuda) if any_disk else None
-        )
+        self._staging = pinned_empty(panel_bytes, device) if any_disk else None
         slot = max((int(t.nbytes) for t in store.tiles), default=0)
         direct = not self.cuda or store.io_mode != "posix"
         self.scheduler = Scheduler(

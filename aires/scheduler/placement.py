@@ -15,22 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from aires.checks import memory_available, parse_size
+from aires.checks import format_bytes, memory_available, parse_size
 
 __all__ = ["Placement", "place", "default_gpu_budget", "default_host_budget", "format_bytes"]
 
 #: The least number of device slots: one being filled, one being computed, one free.
 MIN_SLOTS = 3
-
-
-def format_bytes(nbytes: int | float) -> str:
-    """``nbytes`` in binary units with one decimal, e.g. ``"1.5 GiB"``."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
