@@ -63,6 +63,9 @@ ALIGN = 4096
 PASS_COLUMNS = 256
 #: Shares of the device room tried for the adjacency's resident tiles before tensors fill it.
 ADJACENCY_SHARES = (0.0, 0.5, 1.0)
+#: Candidates for the device arena tried with the arena packed anew when they do not fit
+#: beside what is placed (see ``fill_tensors``).
+MAX_REPACKS = 32
 #: The fewest rows a row-local block may have (the minimum working set's share).
 MIN_BLOCK_ROWS = 64
 #: Row-block buffers in flight (one being loaded, one computed and written back).
@@ -389,18 +392,37 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
                 out.append((k, src))
         return out
 
-    def arena(chosen: list[_Item]) -> tuple[dict[tuple[str, int], int], int]:
+    def arena_blocks(chosen: list[_Item]) -> list[tuple[int, int, int, tuple[str, Any]]]:
         on_gpu = {(i.name, i.panel) for i in chosen}
         blocks = [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen]
-        blocks += [(panel_bytes, k, k, ("<panel>", src)) for k, src in needs_panel(on_gpu)]
-        return _first_fit(blocks)
+        return blocks + [(panel_bytes, k, k, ("<panel>", src)) for k, src in needs_panel(on_gpu)]
+
+    def arena(chosen: list[_Item]) -> tuple[dict[tuple[str, Any], int], int]:
+        return _first_fit(arena_blocks(chosen))
 
     chosen: list[_Item] = []
 
     def fill_tensors(limit: int) -> None:
+        """Greedy, in ``items`` order. A candidate that fits beside what is placed (panels of
+        the sources not yet all on the device included) joins at its lowest free offset; one
+        that does not is tried once more with the arena packed anew, largest first and with
+        only the panels still needed (at most :data:`MAX_REPACKS` times: each costs a pass
+        over all placed blocks per block)."""
+        placed = _Arena()
+        for k, src in needs_panel(set()):
+            placed.add(*placed.offset(panel_bytes, k, k), k, k)
+        repacks = 0
         for cand in items:
-            if arena(chosen + [cand])[1] <= limit:
+            offset, size = placed.offset(cand.nbytes, cand.first, cand.last)
+            if max(placed.peak, offset + size) <= limit:
+                placed.add(offset, size, cand.first, cand.last)
                 chosen.append(cand)
+            elif repacks < MAX_REPACKS:
+                repacks += 1
+                offsets, peak = arena(chosen + [cand])
+                if peak <= limit:
+                    chosen.append(cand)
+                    placed = _Arena.of(arena_blocks(chosen), offsets)
 
     # The adjacency's share of the room is tried at several levels (the caller keeps the best
     # plan): its tiles save ``passes`` bytes each, a panel its accesses, but the panels' arena
@@ -432,23 +454,24 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     adjacency_rest = adjacency_total - resident
     staging = panel_bytes if cuda else 0  # an NVMe-bound aggregation output is staged here
     host_room = host_budget - staging
-    on_host: list[_Item] = []
     adjacency_host = 0
 
-    def host_peak(chosen: list[_Item]) -> int:
-        return _first_fit([(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen])[1]
-
+    # Items join the host arena one at a time, each at its lowest free offset: a greedy pass
+    # that costs one placement per item, not a re-packing of the arena per candidate.
+    host_arena_fit = _Arena()
+    host_offsets: dict[tuple[str, Any], int] = {}
     queue: list[tuple[int, object]] = [(i.saves, i) for i in host_items]
     queue.append((passes, "adjacency"))
     queue.sort(key=lambda e: -e[0])
     for _, what in queue:
         if what == "adjacency":
-            adjacency_host = min(adjacency_rest, max(host_room - host_peak(on_host), 0))
-        elif host_peak(on_host + [what]) + adjacency_host <= host_room:
-            on_host.append(what)
-    host_offsets, host_arena = _first_fit(
-        [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in on_host]
-    )
+            adjacency_host = min(adjacency_rest, max(host_room - host_arena_fit.peak, 0))
+            continue
+        offset, size = host_arena_fit.offset(what.nbytes, what.first, what.last)
+        if max(host_arena_fit.peak, offset + size) + adjacency_host <= host_room:
+            host_arena_fit.add(offset, size, what.first, what.last)
+            host_offsets[(what.name, what.panel)] = offset
+    host_arena = host_arena_fit.peak
     on_disk = [i for i in host_items if (i.name, i.panel) not in host_offsets]
     disk_offsets, disk_arena = _first_fit(
         [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in on_disk]
@@ -469,9 +492,11 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         )
         # With no tile left for the disk path the scheduler keeps no disk slot, and that room
         # holds resident tiles: take its counts, not the ones assumed above.
-        resident = host_place.resident_bytes
-        adjacency_host = host_place.host_bytes
-        adjacency_disk = adjacency_total - resident - adjacency_host
+        # Tile bytes per tier (the placement's host bytes are rounded to whole pages).
+        resident, adjacency_host, adjacency_disk = (
+            sum(tile_nbytes[t] for t in tiles)
+            for tiles in (host_place.resident, host_place.host, host_place.disk)
+        )
 
     tensors: dict[str, TensorPlan] = {}
     traffic = Traffic()
@@ -530,24 +555,51 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     )
 
 
-def _first_fit(
-    blocks: list[tuple[int, int, int, tuple[str, Any]]],
-) -> tuple[dict[tuple[str, Any], int], int]:
-    """Offsets for ``(bytes, first step, last step, key)`` blocks in one arena, blocks alive at
-    the same step never overlapping; largest first, each at the lowest offset that fits.
-    Returns the offsets and the arena's size."""
-    placed: list[tuple[int, int, int, int]] = []  # offset, bytes, first, last
-    offsets: dict[tuple[str, int], int] = {}
-    align = ALIGN
-    for nbytes, first, last, key in sorted(blocks, key=lambda b: -b[0]):
-        size = -(-nbytes // align) * align
-        busy = sorted((o, o + b) for o, b, f, l in placed if not (l < first or f > last))
+class _Arena:
+    """Blocks with lifetimes (first and last step) at byte offsets, none overlapping another
+    alive at the same step; each new one at the lowest offset free for its lifetime."""
+
+    def __init__(self) -> None:
+        self.placed: list[tuple[int, int, int, int]] = []  # offset, bytes, first, last
+        self.peak = 0
+
+    def offset(self, nbytes: int, first: int, last: int) -> tuple[int, int]:
+        """The lowest free offset for a block, and its size rounded to :data:`ALIGN`."""
+        size = -(-nbytes // ALIGN) * ALIGN
+        busy = sorted((o, o + b) for o, b, f, l in self.placed if not (l < first or f > last))
         offset = 0
         for lo, hi in busy:
             if offset + size <= lo:
                 break
             offset = max(offset, hi)
-        placed.append((offset, size, first, last))
+        return offset, size
+
+    def add(self, offset: int, size: int, first: int, last: int) -> None:
+        self.placed.append((offset, size, first, last))
+        self.peak = max(self.peak, offset + size)
+
+    @classmethod
+    def of(
+        cls,
+        blocks: list[tuple[int, int, int, tuple[str, Any]]],
+        offsets: dict[tuple[str, Any], int],
+    ) -> _Arena:
+        """An arena holding ``blocks`` at ``offsets`` (as :func:`_first_fit` placed them)."""
+        arena = cls()
+        for nbytes, first, last, key in blocks:
+            arena.add(offsets[key], -(-nbytes // ALIGN) * ALIGN, first, last)
+        return arena
+
+
+def _first_fit(
+    blocks: list[tuple[int, int, int, tuple[str, Any]]],
+) -> tuple[dict[tuple[str, Any], int], int]:
+    """Offsets for ``(bytes, first step, last step, key)`` blocks in one :class:`_Arena`,
+    largest first. Returns the offsets and the arena's size."""
+    arena = _Arena()
+    offsets: dict[tuple[str, Any], int] = {}
+    for nbytes, first, last, key in sorted(blocks, key=lambda b: -b[0]):
+        offset, size = arena.offset(nbytes, first, last)
+        arena.add(offset, size, first, last)
         offsets[key] = offset
-    peak = max((o + b for o, b, _, _ in placed), default=0)
-    return offsets, peak
+    return offsets, arena.peak
