@@ -208,11 +208,8 @@ def format_table(doc: dict[str, Any]) -> str:
     return "\n".join([LEGEND, *lines])
 
 
-def plot(doc: dict[str, Any], path: str | Path) -> Path:
-    """Bar chart of the median epoch time per method (min-max whiskers; OOM/error marked).
-
-    Returns:
-        The PNG written.
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -224,6 +221,20 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(doc: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of the median epoch time per method (min-max whiskers; OOM/error marked).
+
+    Returns:
+        The PNG written.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    plt = _pyplot()
 
     names = list(doc["methods"])
     medians = [_median(doc["methods"][n]) for n in names]
@@ -295,13 +306,7 @@ def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
     Raises:
         ImportError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("the plot needs matplotlib (pip install aires[bench])") from error
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
     for name, runs in doc["sweep"].items():

@@ -434,18 +434,23 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     adjacency_resident_room = max(room - arena_bytes, 0)
     on_gpu = {(i.name, i.panel) for i in chosen}
     adjacency_gpu = adjacency_min + adjacency_resident_room
-    placement = place(
-        tile_nbytes,
-        gpu_budget=adjacency_gpu,
-        host_budget=0 if direct_disk else slot,  # the disk path's bounce buffer
-        slots=MIN_SLOTS,
-        disk_workers=1,
-        direct_disk=direct_disk,
-        reserve_bytes=adjacency_reserve(w),
-        dual=False,
-        pinned_page=PAGE if cuda else 1,
-    )
-    resident = placement.resident_bytes
+
+    def placed(host: int) -> Any:
+        """The scheduler's placement of ``Â`` with ``host`` pinned bytes for its tiles (plus
+        the disk path's bounce buffer where reads are not direct)."""
+        return place(
+            tile_nbytes,
+            gpu_budget=adjacency_gpu,
+            host_budget=host + (0 if direct_disk else slot),
+            slots=MIN_SLOTS,
+            disk_workers=1,
+            direct_disk=direct_disk,
+            reserve_bytes=adjacency_reserve(w),
+            dual=False,
+            pinned_page=PAGE if cuda else 1,
+        )
+
+    resident = placed(0).resident_bytes
 
     # Pinned memory: what is not on the device, by accesses per byte (the adjacency's
     # non-resident tiles are worth ``passes`` each), in a host arena shared over lifetimes
@@ -479,17 +484,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     adjacency_disk = adjacency_rest - adjacency_host
     # The scheduler places whole tiles: round to what it will hold.
     if adjacency_rest:
-        host_place = place(
-            tile_nbytes,
-            gpu_budget=adjacency_gpu,
-            host_budget=adjacency_host + (0 if direct_disk else slot),
-            slots=MIN_SLOTS,
-            disk_workers=1,
-            direct_disk=direct_disk,
-            reserve_bytes=adjacency_reserve(w),
-            dual=False,
-            pinned_page=PAGE if cuda else 1,
-        )
+        host_place = placed(adjacency_host)
         # With no tile left for the disk path the scheduler keeps no disk slot, and that room
         # holds resident tiles: take its counts, not the ones assumed above.
         # Tile bytes per tier (the placement's host bytes are rounded to whole pages).

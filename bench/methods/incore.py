@@ -19,7 +19,22 @@ from bench.methods.result import MethodResult, OverBudgetError
 from bench.methods.training import layer_dims, stacked_forward, train
 from bench.methods.workload import Workload
 
-__all__ = ["run"]
+__all__ = ["check_data_budget", "run"]
+
+
+def check_data_budget(workload: Workload, config: MethodConfig) -> None:
+    """With ``budget_scope="data"``, an in-core method's ``Â`` and ``X`` must fit the budget.
+
+    Raises:
+        OverBudgetError: they do not, naming both numbers.
+    """
+    data_bytes = workload.adjacency_bytes + workload.x.nbytes
+    budget = config.gpu_budget
+    if budget is not None and config.budget_scope == "data" and data_bytes > budget:
+        raise OverBudgetError(
+            f"in-core graph data ({data_bytes} bytes: adjacency and features) exceeds the "
+            f"budget of {budget} bytes"
+        )
 
 
 def run(workload: Workload, config: MethodConfig) -> MethodResult:
@@ -30,14 +45,8 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         ImportError: PyTorch Geometric is not installed.
     """
     device = config.torch_device()
-    data_bytes = workload.adjacency_bytes + workload.x.nbytes
-    budget = config.gpu_budget
     # Checked before PyG is imported: a method that cannot fit says so in a moment.
-    if budget is not None and config.budget_scope == "data" and data_bytes > budget:
-        raise OverBudgetError(
-            f"in-core graph data ({data_bytes} bytes: adjacency and features) exceeds the "
-            f"budget of {budget} bytes"
-        )
+    check_data_budget(workload, config)
     try:
         from torch_geometric.nn import GCNConv
     except ImportError as error:

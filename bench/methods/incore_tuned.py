@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.methods.config import MethodConfig
-from bench.methods.result import MethodResult, OverBudgetError
+from bench.methods.incore import check_data_budget
+from bench.methods.result import MethodResult
 from bench.methods.training import initial_parameters, layer_dims, train
 from bench.methods.workload import Workload
 
@@ -80,13 +81,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         OverBudgetError: ``budget_scope="data"`` and ``Â`` plus ``X`` exceed the budget.
     """
     device = config.torch_device()
-    data_bytes = workload.adjacency_bytes + workload.x.nbytes
-    budget = config.gpu_budget
-    if budget is not None and config.budget_scope == "data" and data_bytes > budget:
-        raise OverBudgetError(
-            f"in-core graph data ({data_bytes} bytes: adjacency and features) exceeds the "
-            f"budget of {budget} bytes"
-        )
+    check_data_budget(workload, config)
     forward, params = incore_forward(workload, config, device)
     saving = (
         torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
