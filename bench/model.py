@@ -113,19 +113,6 @@ def _inputs(spec: dict[str, Any]) -> tuple[Any, Any, torch.Tensor, torch.Tensor,
     return x, store, torch.from_numpy(np.array(y)), torch.from_numpy(np.array(train)), classes
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _cap(device: torch.device, budget: int | None) -> None:
-    if device.type == "cuda" and budget is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(budget / total, 1.0), device)
-
-
 def _timed(device: torch.device, step: Any) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,11 +126,18 @@ def _timed(device: torch.device, step: Any) -> float:
 def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     """One budget: train ``aires.nn.GCN`` for warm-up plus timed epochs in this process."""
     from aires.nn import GCN
+    from bench.methods.config import MethodConfig
+    from bench.methods.run import cap_process
     from bench.methods.training import initial_parameters
 
-    device = _device(spec["device"])
     budget = spec["budget"]
-    _cap(device, budget)
+    # The process is capped on a GPU; on the CPU the budget is the model's own (no allocator
+    # to cap), which MethodConfig calls the data scope.
+    scope = "process" if torch.device(spec["device"]).type == "cuda" else "data"
+    config = MethodConfig(method="aires", workload=spec["workload"], gpu_budget=budget,
+                          budget_scope=scope, device=spec["device"])
+    device = config.torch_device()
+    cap_process(config, device)
     x, store, y, train, classes = _inputs(spec)
     model = GCN(
         x.shape[1], spec["hidden"], classes, num_layers=spec["layers"], device=device,
@@ -191,7 +185,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
             "breakdown": plan.breakdown,
             "host_bytes": plan.host_bytes,
             "tiers": {n: list(t.tiers) for n, t in plan.tensors.items()},
-            "adjacency": {"resident": plan.adjacency_resident, "host": plan.adjacency_host_bytes,
+            "adjacency": {"resident": plan.adjacency_resident, "host": plan.adjacency_host,
                           "disk": plan.adjacency_disk},
         },
     }
@@ -216,7 +210,10 @@ def _profile(step: Any, path: Path) -> None:
 
 def run_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
     """Copy bandwidths, and the in-core epoch of the same model as a plain PyTorch loop."""
-    device = _device(spec["device"])
+    from bench.methods.config import MethodConfig
+
+    device = MethodConfig(method="incore-tuned", workload=spec["workload"], gpu_budget=None,
+                          device=spec["device"]).torch_device()
     out: dict[str, Any] = {}
     if device.type == "cuda":
         host = torch.empty(_COPY_BYTES, dtype=torch.uint8, pin_memory=True)

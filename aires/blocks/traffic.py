@@ -36,11 +36,6 @@ class Traffic:
             for path in PATHS:
                 setattr(self, path, 0)
 
-    def __iadd__(self, other: Traffic) -> Traffic:
-        for path in PATHS:
-            self.add(path, getattr(other, path))
-        return self
-
     def as_dict(self) -> dict[str, int]:
         return {path: getattr(self, path) for path in PATHS}
 

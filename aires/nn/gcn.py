@@ -38,9 +38,9 @@ from aires.checks import check_positive_int, parse_size
 from aires.data._splitmix import stream_key, uniform
 from aires.gcn_conv import choose_order, tile_adjacency
 from aires.nn.engine import Engine
-from aires.nn.plan import Bandwidths, Plan, plan_epoch
+from aires.nn.plan import Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, build_program
-from aires.scheduler import spmm_reserve
+from aires.scheduler import resolve_device, spmm_reserve
 from aires.scheduler.placement import default_gpu_budget, default_host_budget
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.tiling import TileStore
@@ -171,13 +171,7 @@ class GCN(nn.Module):
         self.dims = dims
         self.dropout = float(dropout)
         self.order = order
-        self.device = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but no CUDA device is visible")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)
         self.gpu_budget = None if gpu_budget is None else parse_size(gpu_budget, "gpu_budget")
         self.host_budget = (
             None if host_budget is None else parse_size(host_budget, "host_budget", allow_zero=True)
@@ -536,7 +530,6 @@ class _State:
             cuda=cuda,
             nnz=int(store.nnz),
             direct_disk=not cuda or store.io_mode != "posix",
-            bandwidths=Bandwidths(),
             panel_cols=model.panel_cols,
         )
         scratch = None

@@ -135,8 +135,8 @@ class Plan:
         panel_offsets: arena offset of the input-panel buffer of each aggregation source not
             held on the device (the buffer lives during that aggregation only).
         adjacency_gpu: device budget handed to the adjacency's scheduler.
-        adjacency_host: pinned budget handed to it.
-        adjacency_resident, adjacency_host_bytes, adjacency_disk: adjacency bytes per tier.
+        adjacency_host: pinned budget handed to it: the bytes of its tiles in pinned memory.
+        adjacency_resident, adjacency_disk: its bytes on the device and on NVMe.
         passes: aggregation passes per epoch (forward and backward).
         pass_columns: columns those passes compute, in all.
         predicted: the traffic model's bytes per epoch.
@@ -158,7 +158,6 @@ class Plan:
     adjacency_gpu: int
     adjacency_host: int
     adjacency_resident: int
-    adjacency_host_bytes: int
     adjacency_disk: int
     passes: int
     pass_columns: int
@@ -539,7 +538,6 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         adjacency_gpu=adjacency_gpu,
         adjacency_host=adjacency_host,
         adjacency_resident=resident,
-        adjacency_host_bytes=adjacency_host,
         adjacency_disk=adjacency_disk,
         passes=passes,
         pass_columns=pass_columns,

@@ -90,7 +90,7 @@ from aires.scheduler.transfer import (
 )
 from aires.tiling import TileCorruptError
 
-__all__ = ["Scheduler", "spmm_reserve"]
+__all__ = ["Scheduler", "resolve_device", "spmm_reserve"]
 
 #: Device bytes kept for cuSPARSE's SpMM buffer and small temporaries (CUDA only: the CPU
 #: kernel needs no buffer).
@@ -258,7 +258,7 @@ class Scheduler:
                     f"(no attribute {attr!r})"
                 )
         self.store = store
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self._cuda = self.device.type == "cuda"
         self.gpu_budget = (
             default_gpu_budget(self.device)
@@ -1183,7 +1183,7 @@ def spmm_reserve(
         f,
         dtype,
         out,
-        cuda=_resolve_device(device).type == "cuda",
+        cuda=resolve_device(device).type == "cuda",
         value_dtype=store.value_dtype,
         slot_bytes=max((int(t.nbytes) for t in tiles), default=0),
         n_rows=n_rows,
@@ -1214,7 +1214,9 @@ def _spmm_reserve(
     return n_rows * f * item + workspace
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device``: ``None`` is CUDA when visible (else the CPU), and CUDA
+    gets the current index; CUDA without a visible GPU, or another kind, is a ``ValueError``."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -23,10 +23,10 @@ from bench.methods.config import BUDGET_SCOPES, MethodConfig
 from bench.methods.result import MethodResult, is_out_of_memory
 from bench.methods.workload import load_workload
 
-__all__ = ["main", "run_method"]
+__all__ = ["cap_process", "main", "run_method"]
 
 
-def _cap_process(config: MethodConfig, device: torch.device) -> None:
+def cap_process(config: MethodConfig, device: torch.device) -> None:
     """Cap this process's PyTorch allocator at the GPU budget (``budget_scope="process"``).
 
     Without a process budget the cap is lifted, so runs in one process (the tests) do not
@@ -54,7 +54,7 @@ def run_method(config: MethodConfig) -> MethodResult:
     device: torch.device | None = None
     try:
         device = config.torch_device()
-        _cap_process(config, device)
+        cap_process(config, device)
         if device.type == "cuda":
             reset_peak_memory_stats(device)
         return method_module(config.method).run(load_workload(config.workload), config)
