@@ -39,6 +39,8 @@ from bench.methods.workload import Workload, load_workload
 __all__ = [
     "device_facts",
     "disk_read_bandwidth",
+    "disk_write_bandwidth",
+    "drop_page_cache",
     "h2d_bandwidth",
     "incore_spmm_ms",
     "io_mode",
@@ -68,6 +70,16 @@ def h2d_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     return repeats * nbytes / (start.elapsed_time(stop) / 1e3) / 1e9
 
 
+def drop_page_cache() -> bool:
+    """Drop the whole page cache (clean pages; needs root); whether that was allowed."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def _evict(path: Path) -> bool:
     """Drop ``path``'s pages from the page cache; whether an eviction call succeeded."""
     evicted = False
@@ -79,13 +91,23 @@ def _evict(path: Path) -> bool:
             evicted = True
         except (AttributeError, OSError):
             pass
+    return drop_page_cache() or evicted
+
+
+def disk_write_bandwidth(directory: str | Path, nbytes: int) -> float:
+    """Sequential write bandwidth (GB/s) of a ``nbytes`` file in ``directory``, through to the
+    disk (``fsync`` inside the timing); the file is removed after."""
+    path = Path(directory) / f"ceiling-write-{nbytes}.bin"
+    block = np.random.default_rng(1).integers(0, 255, _READ_CHUNK, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
     try:
-        with open("/proc/sys/vm/drop_caches", "w") as control:
-            control.write("3\n")
-        evicted = True
-    except OSError:
-        pass
-    return evicted
+        with open(path, "wb", buffering=0) as handle:
+            for offset in range(0, nbytes, _READ_CHUNK):
+                handle.write(block[: min(_READ_CHUNK, nbytes - offset)])
+            os.fsync(handle.fileno())
+        return nbytes / (time.perf_counter() - start) / 1e9
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def disk_read_bandwidth(directory: str | Path, nbytes: int) -> tuple[float, bool]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from aires.checks import parse_size
 from aires.scheduler.placement import format_bytes
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
+from bench.ceilings import disk_read_bandwidth, disk_write_bandwidth, drop_page_cache
 from bench.provenance import git_commit, versions
 
 __all__ = ["main", "parse_args", "floor_seconds"]
@@ -56,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="data root for OGB/Planetoid datasets")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"))
+    p.add_argument("--scratch-dir", default=tempfile.gettempdir(),
+                   help="where NVMe panels go (and the disk ceilings are measured)")
     p.add_argument("--budgets", default="16GiB,4GiB,2GiB,1GiB", help="process GPU budgets")
     p.add_argument("--host-budget", default=None, help="pinned host bytes (default: half the RAM)")
     p.add_argument("--hidden", type=int, default=256)
@@ -82,13 +85,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def floor_seconds(
     measured: dict[str, int], ceilings: dict[str, float], incore: float | None
 ) -> float:
-    """The larger of the transfer time at the measured bandwidths and the in-core epoch."""
+    """The larger of the transfer time at the measured bandwidths and the in-core epoch: both
+    PCIe directions at once, the disk's reads and writes on top (one device, both ways)."""
     transfer = max(
         measured["h2d"] / ceilings["h2d"] if ceilings.get("h2d") else 0.0,
         measured["d2h"] / ceilings["d2h"] if ceilings.get("d2h") else 0.0,
     )
-    if ceilings.get("disk_read"):
-        transfer += measured["disk_read"] / ceilings["disk_read"]
+    for path in ("disk_read", "disk_write"):
+        if ceilings.get(path):
+            transfer += measured[path] / ceilings[path]
     return max(transfer, incore or 0.0)
 
 
@@ -141,7 +146,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     x, store, y, train, classes = _inputs(spec)
     model = GCN(
         x.shape[1], spec["hidden"], classes, num_layers=spec["layers"], device=device,
-        gpu_budget=budget, host_budget=spec["host_budget"],
+        gpu_budget=budget, host_budget=spec["host_budget"], scratch_dir=spec["scratch"],
     )
     # The weights every aires-bench method starts from, so the losses compare with in-core's.
     dims = [x.shape[1]] + [spec["hidden"]] * (spec["layers"] - 1) + [classes]
@@ -152,7 +157,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     times, losses, stats = [], [], []
     t0 = time.perf_counter()
-    model.plan(x, store)
+    plan = model.plan(x, store)
     setup = time.perf_counter() - t0
 
     def step() -> None:
@@ -162,17 +167,23 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         losses.append(loss.item())
 
+    # An NVMe tier's reads are the disk's, not the page cache's: dropped before each epoch
+    # where the machine allows it (the JSON says whether it did).
+    on_disk = bool(plan.disk_bytes or plan.adjacency_disk)
+    cold = on_disk and drop_page_cache()
     for k in range(spec["warmup"] + spec["epochs"]):
+        if cold:
+            drop_page_cache()
         seconds = _timed(device, step)
         if k >= spec["warmup"]:
             times.append(seconds)
             stats.append(model.stats.as_dict())
     if spec.get("profile"):
         _profile(step, Path(spec["profile"]) / f"profile-{budget}.txt")
-    plan = model.plan(x, store)
     result = {
         "budget": budget,
         "setup_s": setup,
+        "nvme_page_cache_dropped": cold if on_disk else None,
         "epoch_s": statistics.median(times),
         "epochs_s": times,
         "losses": losses,
@@ -223,6 +234,12 @@ def run_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
                        for _ in range(5))
             out[name] = _COPY_BYTES / best
         del host, dev
+    # The disk the NVMe panels and tiles live on, cold: the floor of any byte they move.
+    scratch = spec.get("scratch") or tempfile.gettempdir()
+    out["disk_read"], out["disk_read_cold"] = disk_read_bandwidth(scratch, spec["disk_bytes"])
+    out["disk_read"] *= 1e9
+    out["disk_write"] = disk_write_bandwidth(scratch, spec["disk_bytes"]) * 1e9
+    (Path(scratch) / f"ceiling-{spec['disk_bytes']}.bin").unlink(missing_ok=True)
     if spec.get("incore", True):
         out["incore_epoch_s"], out["incore_peak_allocated"], out["incore_losses"] = _incore(
             spec, device
@@ -342,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                               allow_zero=True)
     spec = {**found, "device": device, "hidden": args.hidden,
             "layers": args.layers, "epochs": args.epochs, "warmup": args.warmup,
-            "host_budget": host, "incore": not args.no_incore, "profile": args.profile}
+            "host_budget": host, "incore": not args.no_incore, "profile": args.profile,
+            "scratch": args.scratch_dir, "disk_bytes": 16 << 20 if args.smoke else 1 << 30}
     print(f"{dataset['name']}: {dataset['nodes']:,} nodes, {dataset['nnz']:,} nonzeros, "
           f"Â {format_bytes(dataset['adjacency_bytes'])}, "
           f"X {format_bytes(dataset['features_bytes'])}"

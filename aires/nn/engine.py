@@ -191,7 +191,7 @@ class Engine:
         """
         ins = [self.tensors[s] for s in sources]
         outs = [self.tensors[t] for t in targets]
-        rows, step = self.plan.rows, self.plan.block_rows
+        rows, step = self.plan.rows, self.plan.rows_for(sources + targets)
         blocks = [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
         if not self.cuda:
             for r0, r1 in blocks:
@@ -199,7 +199,7 @@ class Engine:
                 for t, block in zip(outs, results, strict=True):
                     self._write_cpu(t, r0, block)
             return
-        sets = [self._new_buffers(ins, outs) for _ in range(2)]
+        sets = [self._new_buffers(ins, outs, step) for _ in range(2)]
         current = torch.cuda.current_stream(self.device)
         self._load(ins, blocks[0], sets[0])
         for b, (r0, r1) in enumerate(blocks):
@@ -219,8 +219,7 @@ class Engine:
                 f.result()
         torch.cuda.current_stream(self.device).wait_stream(self._back)
 
-    def _new_buffers(self, ins: list[PanelTensor], outs: list[PanelTensor]) -> _Buffers:
-        step = self.plan.block_rows
+    def _new_buffers(self, ins: list[PanelTensor], outs: list[PanelTensor], step: int) -> _Buffers:
         s = _Buffers()
         for i, t in enumerate(ins):
             if isinstance(t, SparseRows):

@@ -23,6 +23,7 @@ large graph do not fit on the device either::
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from aires.data._splitmix import stream_key, uniform
 from aires.gcn_conv import choose_order, tile_adjacency
 from aires.nn.engine import Engine
 from aires.nn.plan import Plan, plan_epoch
-from aires.nn.program import ORDERS, Aggregate, Op, Program, build_program
+from aires.nn.program import ORDERS, Aggregate, Op, Program, Rows, build_program
 from aires.scheduler import resolve_device, spmm_reserve
 from aires.scheduler.placement import default_gpu_budget, default_host_budget
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
@@ -525,8 +526,6 @@ class _State:
             gpu_budget=gpu,
             host_budget=host,
             param_bytes=params,
-            # A sparse x never sits in a dense block: the widest dense tensor is a layer's.
-            max_width=max(model.dims[1:] if sparse else model.dims),
             cuda=cuda,
             nnz=int(store.nnz),
             direct_disk=not cuda or store.io_mode != "posix",
@@ -609,12 +608,18 @@ def _store(model: GCN, adj: Any, rows: int, dtype: torch.dtype) -> TileStore:
 
 def _dense_part(program: Program, sparse_x: bool) -> Program:
     """The program as the dense planner sees it: a sparse ``x`` and a sparse aggregation of it
-    are host CSR tensors, outside the panels."""
+    are host CSR tensors, outside the panels, and a stage reading one holds no dense
+    activation as wide as its input."""
     if not sparse_x:
         return program
     sparse = {"x"} | {s.target for s in program.aggregates if s.source == "x"}
     widths = {k: v for k, v in program.widths.items() if k not in sparse}
-    return Program(program.stages, widths, program.needs_grad)
+    stages = tuple(
+        dataclasses.replace(s, in_cols=s.out_cols)
+        if isinstance(s, Rows) and s.source in sparse else s
+        for s in program.stages
+    )
+    return Program(stages, widths, program.needs_grad)
 
 
 def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype) -> None:

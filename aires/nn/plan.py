@@ -68,6 +68,12 @@ ADJACENCY_SHARES = (0.0, 0.5, 1.0)
 MAX_REPACKS = 32
 #: The fewest rows a row-local block may have (the minimum working set's share).
 MIN_BLOCK_ROWS = 64
+#: The fixed cost of one row block of a row-local pass: its kernel launches and, in backward
+#: and loss passes, one run of the autograd engine. Measured on the H200 at 2 GiB on products:
+#: the loss pass took 28.5 ms for 43 blocks that copied 8.3 ms worth of bytes, about 0.3 to 0.5
+#: ms a block (``bench/results/model-products-h200-*.json``, ``stages``); plans with blocks of
+#: a few rows lose to plans with narrower panels.
+BLOCK_SECONDS = 0.3e-3
 #: Row-block buffers in flight (one being loaded, one computed and written back).
 BUFFERS = 2
 
@@ -127,7 +133,10 @@ class Plan:
         rows: nodes.
         item: bytes per element of the dense tensors.
         panel_cols: ``w``.
-        block_rows: rows per block of a row-local stage.
+        block_rows: rows per block of the widest row-local pass.
+        rows_bytes: device bytes of a row-local pass's blocks and temporaries.
+        pass_rows: rows per block of each row-local pass of a training epoch, by the names it
+            reads and writes (:meth:`rows_for`), each as many as ``rows_bytes`` holds.
         tensors: by name.
         arena_bytes: device bytes of the arena (device panels and the aggregation's input panel).
         host_arena_bytes: pinned bytes of the host panels' arena.
@@ -138,6 +147,7 @@ class Plan:
         adjacency_host: pinned budget handed to it: the bytes of its tiles in pinned memory.
         adjacency_resident, adjacency_disk: its bytes on the device and on NVMe.
         passes: aggregation passes per epoch (forward and backward).
+        blocks: row blocks per epoch, over all row-local passes.
         pass_columns: columns those passes compute, in all.
         predicted: the traffic model's bytes per epoch.
         gpu_bytes: what the plan holds on the device at most (arena, adjacency, row blocks,
@@ -150,6 +160,8 @@ class Plan:
     item: int
     panel_cols: int
     block_rows: int
+    rows_bytes: int
+    pass_rows: dict[tuple[str, ...], int]
     tensors: dict[str, TensorPlan]
     arena_bytes: int
     host_arena_bytes: int
@@ -161,10 +173,16 @@ class Plan:
     adjacency_disk: int
     passes: int
     pass_columns: int
+    blocks: int
     predicted: Traffic
     gpu_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
     host_bytes: int = 0
+
+    def rows_for(self, names: list[str]) -> int:
+        """Rows per block of the row-local pass over ``names`` (its sources, then its targets):
+        a narrow pass, such as the loss, takes larger blocks than the widest in the same room."""
+        return self.pass_rows.get(tuple(names), self.block_rows)
 
     def panels(self, cols: int) -> list[tuple[int, int]]:
         """Column ranges of the panels of a tensor with ``cols`` columns."""
@@ -182,33 +200,46 @@ class Plan:
         )
 
 
-def epoch_steps(program: Program) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The steps of a training epoch, each ``(kind, [(tensor, "r" | "w"), ...])``.
+def epoch_steps(program: Program) -> list[tuple[str, list[tuple[str, str]], int]]:
+    """The steps of a training epoch, each ``(kind, [(tensor, "r" | "w"), ...], width)``.
 
     Kinds: ``"rows"``, ``"aggregate"``, ``"loss"`` (the last ``Rows`` stage, forward and backward
     in one pass), ``"rows_backward"``, ``"aggregate_backward"``. Gradients are named ``d`` + the
-    tensor.
+    tensor. ``width``: a row-local step's widest activation (0 for an aggregation).
     """
-    steps: list[tuple[str, list[tuple[str, str]]]] = []
+    steps: list[tuple[str, list[tuple[str, str]], int]] = []
     needs = program.needs_grad
     *body, last = program.stages
     for stage in body:
-        kind = "rows" if isinstance(stage, Rows) else "aggregate"
-        steps.append((kind, [(stage.source, "r"), (stage.target, "w")]))
+        if isinstance(stage, Rows):
+            steps.append(("rows", [(stage.source, "r"), (stage.target, "w")], _width(stage)))
+        else:
+            steps.append(("aggregate", [(stage.source, "r"), (stage.target, "w")], 0))
     loss = [(last.source, "r")] + ([("d" + last.source, "w")] if last.source in needs else [])
-    steps.append(("loss", loss))
+    steps.append(("loss", loss, _width(last)))
     for stage in reversed(body):
         if isinstance(stage, Aggregate):
             if stage.source in needs:
-                steps.append(
-                    ("aggregate_backward", [("d" + stage.target, "r"), ("d" + stage.source, "w")])
-                )
+                steps.append(("aggregate_backward",
+                              [("d" + stage.target, "r"), ("d" + stage.source, "w")], 0))
         elif stage.target in needs:
             acc = [(stage.source, "r"), ("d" + stage.target, "r")]
             if stage.source in needs:
                 acc.append(("d" + stage.source, "w"))
-            steps.append(("rows_backward", acc))
+            steps.append(("rows_backward", acc, _width(stage)))
     return steps
+
+
+def _width(stage: Rows) -> int:
+    """A row-local stage's widest activation (each stage holds at most one layer's linear)."""
+    return max(stage.in_cols, stage.out_cols)
+
+
+def _row_floats(io_cols: int, width: int) -> int:
+    """Device floats per row of a row-local pass: :data:`BUFFERS` blocks of its inputs and
+    outputs (and their contiguous copies), and the recomputed activations, their gradients and
+    autograd's saved tensors."""
+    return BUFFERS * 2 * io_cols + TEMPS_PER_WIDTH * width
 
 
 @dataclass
@@ -233,7 +264,6 @@ def plan_epoch(
     gpu_budget: int,
     host_budget: int,
     param_bytes: int,
-    max_width: int,
     cuda: bool,
     nnz: int = 0,
     direct_disk: bool | None = None,
@@ -251,7 +281,6 @@ def plan_epoch(
             call of ``w`` columns (output staging and kernel workspace), as a function of ``w``.
         gpu_budget, host_budget: the budgets, in bytes.
         param_bytes: bytes of the parameters (times four: values, gradients, Adam's moments).
-        max_width: the widest layer (sizes the row blocks' temporaries).
         cuda: whether the device is a GPU (the CPU's "device" is host memory too).
         nnz: the adjacency's nonzeros (each aggregation pass costs compute in proportion).
         direct_disk: whether the scheduler's NVMe reads land on the device directly (KvikIO,
@@ -267,7 +296,7 @@ def plan_epoch(
     if panel_cols is not None:
         widths = [min(panel_cols, widest)]
     problem = _Problem(program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget,
-                       host_budget, param_bytes, max_width, cuda, direct_disk)
+                       host_budget, param_bytes, cuda, direct_disk)
     best: Plan | None = None
     minimum = None
     for w in widths:
@@ -289,9 +318,10 @@ def plan_epoch(
 
 def _seconds(plan: Plan, nnz: int, bandwidths: Bandwidths) -> float:
     """A plan's predicted epoch: its transfers plus its aggregation passes' compute (a narrow
-    panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time)."""
+    panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time) plus its
+    row blocks' fixed costs (small blocks save device memory but pay launches per block)."""
     compute = nnz * (plan.pass_columns + PASS_COLUMNS * plan.passes) / bandwidths.spmm
-    return bandwidths.seconds(plan.predicted) + compute
+    return bandwidths.seconds(plan.predicted) + compute + plan.blocks * BLOCK_SECONDS
 
 
 class _TooSmall(Exception):
@@ -312,7 +342,6 @@ class _Problem:
     gpu_budget: int
     host_budget: int
     param_bytes: int
-    max_width: int
     cuda: bool
     direct_disk: bool
 
@@ -320,14 +349,14 @@ class _Problem:
 def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     """The plan with panels of ``w`` columns, ``adjacency_share`` of the room first to ``Â``."""
     (program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
-     param_bytes, max_width, cuda, direct_disk) = (
+     param_bytes, cuda, direct_disk) = (
         getattr(problem, f.name) for f in dataclasses.fields(problem)
     )
     widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
     reads: dict[str, int] = {}
     writes: dict[str, int] = {}
     span: dict[str, list[int]] = {}
-    for k, (_, acc) in enumerate(steps):
+    for k, (_, acc, _) in enumerate(steps):
         for name, mode in acc:
             (reads if mode == "r" else writes)[name] = (reads if mode == "r" else writes).get(
                 name, 0
@@ -335,38 +364,37 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
             lo, hi = span.get(name, [k, k])
             span[name] = [min(lo, k), max(hi, k)]
     span["x"] = [0, len(steps) - 1]
-    agg_steps = [k for k, (kind, _) in enumerate(steps) if kind.startswith("aggregate")]
+    agg_steps = [k for k, (kind, _, _) in enumerate(steps) if kind.startswith("aggregate")]
     passes = pass_columns = 0
-    for kind, acc in steps:
+    for kind, acc, _ in steps:
         if kind.startswith("aggregate"):
             # A sparse source (outside ``widths``) is one SpGEMM pass over all its columns.
             source = acc[0][0]
             passes += math.ceil(widths[source] / w) if source in widths else 1
             pass_columns += widths.get(source, 0)
 
-    # Row-local working set: BUFFERS blocks of inputs and outputs, plus temporaries.
-    # Per row: the in-flight buffers of the widest row stage's tensors (its source, target and
-    # their gradients), and the recomputed activations and their gradients.
-    io = max((widths.get(s.source, 0) + widths.get(s.target or "", 0)
-              for s in program.stages if isinstance(s, Rows)), default=max_width)
-    row_floats = BUFFERS * 2 * io + TEMPS_PER_WIDTH * max_width
+    # Row-local working set: the passes' blocks share one room, sized for the widest pass
+    # (``io``: the columns it moves in and out per row) at ``ROWS_SHARE`` of the budget or
+    # what is left beside the minimum for everything else, whichever is less.
+    row_passes = {tuple(name for name, _ in acc): (sum(widths.get(n, 0) for n, _ in acc), width)
+                  for kind, acc, width in steps if not kind.startswith("aggregate")}
+    row_floats = max(_row_floats(io, width) for io, width in row_passes.values())
     fixed_params = 4 * param_bytes
     slot = max(tile_nbytes, default=0)
     adjacency_min = (MIN_SLOTS + 1) * slot + adjacency_reserve(w)
     panel_bytes = rows * w * item
     least_rows = min(rows, MIN_BLOCK_ROWS)
     margin = MARGIN if cuda else 0
-    need = fixed_params + adjacency_min + panel_bytes + least_rows * row_floats * item + margin
-    if need > gpu_budget:
-        raise _TooSmall(need)
-    rows_room = max(int(gpu_budget * ROWS_SHARE), least_rows * row_floats * item)
+    others = fixed_params + adjacency_min + panel_bytes + margin
+    if others + least_rows * row_floats * item > gpu_budget:
+        raise _TooSmall(others + least_rows * row_floats * item)
+    rows_room = min(int(gpu_budget * ROWS_SHARE), gpu_budget - others)
     block_rows = max(least_rows, min(rows, rows_room // (row_floats * item)))
     rows_bytes = block_rows * row_floats * item
     room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin
-    if room < panel_bytes:
-        rows_bytes = least_rows * row_floats * item
-        block_rows = least_rows
-        room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin
+    pass_rows = {names: max(least_rows, min(rows, rows_bytes // (_row_floats(*p) * item)))
+                 for names, p in row_passes.items()}
+    blocks = sum(math.ceil(rows / r) for r in pass_rows.values())
 
     items: list[_Item] = []
     for name, cols in widths.items():
@@ -520,7 +548,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     pinned = host_arena + adjacency_host + (staging if any_disk else 0)
     breakdown = {
         "parameters": fixed_params,
-        "adjacency": adjacency_min + resident,
+        "adjacency": adjacency_gpu,  # the scheduler's cap: its slots, workspace and resident tiles
         "arena": arena_bytes,
         "row_blocks": rows_bytes,
         "margin": margin,
@@ -530,6 +558,9 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         item=item,
         panel_cols=w,
         block_rows=block_rows,
+        rows_bytes=rows_bytes,
+        pass_rows=pass_rows,
+        blocks=blocks,
         tensors=tensors,
         arena_bytes=arena_bytes,
         host_arena_bytes=host_arena,

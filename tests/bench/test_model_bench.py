@@ -24,6 +24,7 @@ def test_smoke_trains_every_budget_like_in_core(tmp_path: Path) -> None:
         assert row["losses"][: len(incore)] == pytest.approx(incore, rel=1e-5)
         assert row["stats"]["measured"] == row["stats"]["predicted"]
         assert row["floor_s"] > 0
+    assert doc["ceilings"]["disk_read"] > 0 and doc["ceilings"]["disk_write"] > 0
 
 
 def test_floor_is_the_larger_of_transfers_and_in_core() -> None:
@@ -32,3 +33,6 @@ def test_floor_is_the_larger_of_transfers_and_in_core() -> None:
     assert floor_seconds(measured, ceilings, 0.1) == pytest.approx(0.2)
     assert floor_seconds(measured, ceilings, 0.5) == pytest.approx(0.5)
     assert floor_seconds(measured, {**ceilings, "disk_read": 1e9}, 0.1) == pytest.approx(3.2)
+    written = {**measured, "disk_write": 2e9}
+    disk = {**ceilings, "disk_read": 1e9, "disk_write": 0.5e9}
+    assert floor_seconds(written, disk, 0.1) == pytest.approx(0.2 + 3 + 4)

@@ -1,0 +1,59 @@
+"""The planner at products' shape (2,449,029 nodes, 126M nonzeros, 32 MiB tiles), where a GPU's
+budgets of 1 to 16 GiB squeeze the row blocks, the panels and the adjacency against each
+other: no plan runs out of its budget, and none buys width with blocks of a few rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from aires.nn import GCN, build_program, plan_epoch
+from aires.nn.plan import _row_floats, epoch_steps
+
+ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
+
+
+def _plan(budget: int, host: int = 64 << 30):
+    model = GCN(100, 256, 47, device="cpu")
+    program = build_program(model.dims, model.orders(ROWS, NNZ, None), 0.5)
+    tiles = [TILE] * ((NNZ + ROWS) * 8 // TILE)
+    plan = plan_epoch(
+        program, rows=ROWS, item=4, tile_nbytes=tiles,
+        adjacency_reserve=lambda w: (2 * 200_000 + 100) * w * 4 + (16 << 20),
+        gpu_budget=budget, host_budget=host,
+        param_bytes=sum(p.numel() * 4 for p in model.parameters()), cuda=True, nnz=NNZ,
+        direct_disk=True,
+    )
+    return program, plan
+
+
+@pytest.mark.parametrize("gib", [16, 4, 2, 1])
+def test_plans_fit_their_budget_with_blocks_of_thousands_of_rows(gib: int) -> None:
+    program, plan = _plan(gib << 30)
+    assert plan.gpu_bytes <= gib << 30
+    # A block of 64 rows makes 38,000 blocks a pass (what the 1 GiB run once did).
+    assert plan.block_rows >= 10_000, plan.block_rows
+    widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
+    for kind, acc, width in epoch_steps(program):
+        if kind.startswith("aggregate"):
+            continue
+        names = tuple(name for name, _ in acc)
+        rows = plan.rows_for(list(names))
+        io = sum(widths[n] for n in names)
+        assert rows * _row_floats(io, width) * 4 <= plan.rows_bytes, (names, rows)
+        assert rows >= plan.block_rows  # the widest pass sizes the room; others fit more
+
+
+def test_the_narrow_loss_pass_takes_larger_blocks() -> None:
+    program, plan = _plan(2 << 30)
+    loss = next(acc for kind, acc, _ in epoch_steps(program) if kind == "loss")
+    assert plan.rows_for([name for name, _ in loss]) > 2 * plan.block_rows
+
+
+def test_a_pass_not_in_the_epoch_takes_the_widest_blocks() -> None:
+    _, plan = _plan(2 << 30)
+    assert plan.rows_for(["s1"]) == plan.block_rows  # prediction's loss pass: no gradient
+
+
+def test_smaller_budgets_move_more_bytes() -> None:
+    moved = [_plan(gib << 30)[1].predicted.h2d for gib in (16, 4, 2, 1)]
+    assert moved == sorted(moved) and moved[0] == 0 < moved[-1]
