@@ -4,7 +4,10 @@ or in a file on NVMe.
 A panel holds all ``N`` rows of ``w`` columns, row-major, so rows ``[r0, r1)`` of a panel are one
 contiguous range in every tier: a row block is read or written with one copy (or one ``pread``
 / ``pwrite``) per panel, and a whole panel with one. Host panels are page-locked (on a
-GPU) so copies are DMA and asynchronous; NVMe panels start at 4 KiB-aligned offsets.
+GPU) so copies are DMA and asynchronous; NVMe panels start at 4 KiB-aligned offsets and are
+read and written with ``O_DIRECT`` where the file system allows it (every 4 KiB-aligned
+stretch of a transfer; its unaligned ends through the page cache), so an NVMe tier's bytes are
+the disk's, not host memory's the budget did not count.
 
 Panels are views of three :class:`Arenas` (a device buffer, a pinned buffer, a file), at
 offsets planned so that tensors alive at the same time never overlap: tensors that live one
@@ -24,10 +27,13 @@ import torch
 
 from aires.blocks.traffic import Traffic
 
-__all__ = ["Arenas", "PanelTensor", "TIERS"]
+__all__ = ["Arenas", "PanelTensor", "PAGE_ROWS", "TIERS"]
 
 TIERS = ("gpu", "host", "disk")
 _ALIGN = 4096
+#: Rows of any panel that fill whole 4 KiB pages (at elements of 4 bytes or more): row blocks
+#: that start at multiples of it move by direct I/O on NVMe.
+PAGE_ROWS = 1024
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Arenas:
     host: torch.Tensor | None = None
     path: Path | None = None
     fd: int | None = None
+    direct_fd: int | None = None
 
     @classmethod
     def allocate(cls, device: torch.device, device_bytes: int, host_bytes: int,
@@ -57,14 +64,24 @@ class Arenas:
             arenas.path = Path(directory) / f"aires-panels-{os.getpid()}-{id(arenas)}.bin"
             arenas.fd = os.open(arenas.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(arenas.fd, disk_bytes)
+            try:
+                arenas.direct_fd = os.open(arenas.path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+            except OSError:  # tmpfs and some others refuse O_DIRECT
+                arenas.direct_fd = None
         return arenas
+
+    @property
+    def direct(self) -> bool:
+        """Whether NVMe panels bypass the page cache."""
+        return self.direct_fd is not None and hasattr(os, "O_DIRECT")
 
     def close(self) -> None:
         """Release the buffers and remove the file."""
         self.device = self.host = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
@@ -113,6 +130,7 @@ class PanelTensor:
         self._host: dict[int, torch.Tensor] = {}
         self._disk: dict[int, int] = {}  # panel -> byte offset in the file
         self._fd = arenas.fd
+        self._direct_fd = arenas.direct_fd if arenas.direct else None
         self.path = arenas.path
         for p, ((c0, c1), tier) in enumerate(zip(self.panels, self.tiers, strict=True)):
             nbytes = rows * (c1 - c0) * self.item
@@ -189,8 +207,9 @@ class PanelTensor:
             return
         assert bounce is not None, "a disk panel is read through a bounce buffer"
         halves = 2 if self._cuda else 1
-        half = bounce.numel() // halves
+        half = bounce.numel() // halves // _ALIGN * _ALIGN or bounce.numel() // halves
         step = max(1, half // self.panel_bytes(p, 1))
+        step = step // PAGE_ROWS * PAGE_ROWS or step  # whole pages: direct reads
         done: list[torch.cuda.Event | None] = [None] * halves
         for k, r0 in enumerate(range(0, self.rows, step)):
             h = k % halves
@@ -260,7 +279,7 @@ class PanelTensor:
         """Drop the views of the arenas (which their owner releases)."""
         self._gpu.clear()
         self._host.clear()
-        self._fd = None
+        self._fd = self._direct_fd = None
 
     def __repr__(self) -> str:
         return f"PanelTensor({self.name!r}, ({self.rows}, {self.cols}), tiers={self.tiers})"
@@ -268,21 +287,39 @@ class PanelTensor:
     # ----------------------------------------------------------------- file I/O
 
     def _pread(self, p: int, r0: int, dst: torch.Tensor) -> None:
-        view = _bytes(dst)
         offset = self._disk[p] + r0 * self.width(p) * self.item
-        done = 0
-        while done < view.size:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{self.path}: short read of panel {p} at byte {offset + done}")
-            done += n
+        for fd, view, at in _pieces(self._fd, self._direct_fd, _bytes(dst), offset):
+            done = 0
+            while done < view.size:
+                n = os.preadv(fd, [view[done:]], at + done)
+                if n <= 0:
+                    raise OSError(f"{self.path}: short read of panel {p} at byte {at + done}")
+                done += n
 
     def _pwrite(self, p: int, r0: int, src: torch.Tensor) -> None:
-        view = _bytes(src)
         offset = self._disk[p] + r0 * self.width(p) * self.item
-        done = 0
-        while done < view.size:
-            done += os.pwritev(self._fd, [view[done:]], offset + done)
+        for fd, view, at in _pieces(self._fd, self._direct_fd, _bytes(src), offset):
+            done = 0
+            while done < view.size:
+                done += os.pwritev(fd, [view[done:]], at + done)
+
+
+def _pieces(
+    fd: int, direct_fd: int | None, view: np.ndarray, offset: int
+) -> list[tuple[int, np.ndarray, int]]:
+    """``(fd, bytes, file offset)`` pieces of a transfer of ``view`` at ``offset``: its
+    4 KiB-aligned middle through ``direct_fd`` (``O_DIRECT`` needs the memory address, the
+    offset and the length aligned), the ends, or all of it when the address and the offset
+    are not aligned alike, through the page cache."""
+    if direct_fd is None or (view.ctypes.data - offset) % _ALIGN:
+        pieces = [(fd, view, offset)]
+    else:
+        head = min(-offset % _ALIGN, view.size)
+        middle = (view.size - head) // _ALIGN * _ALIGN
+        pieces = [(fd, view[:head], offset),
+                  (direct_fd, view[head : head + middle], offset + head),
+                  (fd, view[head + middle :], offset + head + middle)]
+    return [(f, v, at) for f, v, at in pieces if v.size]
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

@@ -87,6 +87,9 @@ class EpochStats:
         passes: aggregation passes run.
         io_mode: how the adjacency's NVMe tiles were read (``"gds"``, ``"kvikio-compat"``,
             ``"posix"``, or ``"cpu"``).
+        nvme: how NVMe panels moved: ``"direct"`` (``O_DIRECT``, the disk's bytes; a
+            transfer's unaligned ends excepted), ``"page cache"`` (the file system refused
+            ``O_DIRECT``), or ``""`` (no NVMe panel).
         stages: ``(stage, seconds)`` for each pass, in order (device time between the ends of
             consecutive passes on the compute stream).
         plan: the plan's one-line summary.
@@ -99,6 +102,7 @@ class EpochStats:
     peak_device_used: int = 0
     passes: int = 0
     io_mode: str = ""
+    nvme: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)
     plan: str = ""
 
@@ -426,6 +430,8 @@ class GCN(nn.Module):
             peak_device_used=state.peak_used,
             passes=passes,
             io_mode=state.engine.scheduler.io_mode,
+            nvme="" if not state.plan.disk_bytes else
+            "direct" if state.engine.arenas.direct else "page cache",
             stages=state.stage_seconds(),
             plan=state.plan.summary(),
         )

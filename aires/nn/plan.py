@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aires.blocks import Traffic
+from aires.blocks.tensor import PAGE_ROWS
 from aires.nn.program import Aggregate, Program, Rows
 from aires.scheduler.placement import MIN_SLOTS, format_bytes, place
 from aires.scheduler.transfer import PAGE
@@ -76,6 +77,7 @@ MIN_BLOCK_ROWS = 64
 BLOCK_SECONDS = 0.3e-3
 #: Row-block buffers in flight (one being loaded, one computed and written back).
 BUFFERS = 2
+
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,12 @@ def _width(stage: Rows) -> int:
     return max(stage.in_cols, stage.out_cols)
 
 
+def _whole_pages(block_rows: int) -> int:
+    """``block_rows`` rounded down to a multiple of :data:`PAGE_ROWS` (when it has one): then a
+    block of any panel starts at a 4 KiB-aligned byte, and NVMe panels move by direct I/O."""
+    return block_rows // PAGE_ROWS * PAGE_ROWS or block_rows
+
+
 def _row_floats(io_cols: int, width: int) -> int:
     """Device floats per row of a row-local pass: :data:`BUFFERS` blocks of its inputs and
     outputs (and their contiguous copies), and the recomputed activations, their gradients and
@@ -389,11 +397,13 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     if others + least_rows * row_floats * item > gpu_budget:
         raise _TooSmall(others + least_rows * row_floats * item)
     rows_room = min(int(gpu_budget * ROWS_SHARE), gpu_budget - others)
-    block_rows = max(least_rows, min(rows, rows_room // (row_floats * item)))
+    block_rows = _whole_pages(max(least_rows, min(rows, rows_room // (row_floats * item))))
     rows_bytes = block_rows * row_floats * item
     room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin
-    pass_rows = {names: max(least_rows, min(rows, rows_bytes // (_row_floats(*p) * item)))
-                 for names, p in row_passes.items()}
+    pass_rows = {
+        names: _whole_pages(max(least_rows, min(rows, rows_bytes // (_row_floats(*p) * item))))
+        for names, p in row_passes.items()
+    }
     blocks = sum(math.ceil(rows / r) for r in pass_rows.values())
 
     items: list[_Item] = []
