@@ -86,14 +86,17 @@ def floor_seconds(
     measured: dict[str, int], ceilings: dict[str, float], incore: float | None
 ) -> float:
     """The larger of the transfer time at the measured bandwidths and the in-core epoch: both
-    PCIe directions at once, the disk's reads and writes on top (one device, both ways)."""
+    PCIe directions at once, and the disk's reads and writes on top, together at the disk's
+    best measured rate (an NVMe drive reads and writes at once: on the H200 machine an epoch
+    moved 41 GiB of both in 23.5 s, less than reads and writes would take one after the
+    other)."""
     transfer = max(
         measured["h2d"] / ceilings["h2d"] if ceilings.get("h2d") else 0.0,
         measured["d2h"] / ceilings["d2h"] if ceilings.get("d2h") else 0.0,
     )
-    for path in ("disk_read", "disk_write"):
-        if ceilings.get(path):
-            transfer += measured[path] / ceilings[path]
+    disk = max(ceilings.get("disk_read", 0.0), ceilings.get("disk_write", 0.0))
+    if disk:
+        transfer += (measured["disk_read"] + measured["disk_write"]) / disk
     return max(transfer, incore or 0.0)
 
 

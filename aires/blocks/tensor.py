@@ -18,6 +18,7 @@ after the other share bytes on every tier. Every copy that crosses a path is cou
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from aires.blocks.traffic import Traffic
+from aires.checks import format_bytes
 
 __all__ = ["Arenas", "PanelTensor", "PAGE_ROWS", "TIERS"]
 
@@ -61,6 +63,13 @@ class Arenas:
         if disk_bytes:
             if directory is None:
                 raise ValueError("NVMe panels need a directory")
+            free = shutil.disk_usage(directory).free
+            if free < disk_bytes:
+                raise ValueError(
+                    f"NVMe panels need {disk_bytes} bytes ({format_bytes(disk_bytes)}) in "
+                    f"{directory}, which has {free} bytes ({format_bytes(free)}) free; give a "
+                    f"larger host_budget or a scratch_dir on a larger disk"
+                )
             arenas.path = Path(directory) / f"aires-panels-{os.getpid()}-{id(arenas)}.bin"
             arenas.fd = os.open(arenas.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(arenas.fd, disk_bytes)

@@ -35,4 +35,4 @@ def test_floor_is_the_larger_of_transfers_and_in_core() -> None:
     assert floor_seconds(measured, {**ceilings, "disk_read": 1e9}, 0.1) == pytest.approx(3.2)
     written = {**measured, "disk_write": 2e9}
     disk = {**ceilings, "disk_read": 1e9, "disk_write": 0.5e9}
-    assert floor_seconds(written, disk, 0.1) == pytest.approx(0.2 + 3 + 4)
+    assert floor_seconds(written, disk, 0.1) == pytest.approx(0.2 + 5)

@@ -4,6 +4,7 @@ and page-cache ends exactly covering the bytes asked for."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -94,3 +95,11 @@ def test_direct_io_where_the_file_system_allows_it(tmp_path) -> None:
         assert os.pread(arenas.fd, ALIGN, 0) == block.tobytes()
     finally:
         arenas.close()
+
+
+def test_nvme_panels_larger_than_the_free_disk_are_refused_before_writing(tmp_path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(ValueError, match=rf"need {free + ALIGN} bytes .* has \d+ bytes"):
+        Arenas.allocate(torch.device("cpu"), 0, 0, free + ALIGN, tmp_path,
+                        lambda n: torch.empty(n, dtype=torch.uint8))
+    assert not list(tmp_path.iterdir())
