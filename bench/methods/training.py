@@ -22,6 +22,7 @@ __all__ = [
     "initial_parameters",
     "labels",
     "layer_dims",
+    "layer_orders",
     "peak_of_one_pass",
     "stacked_forward",
     "train",
@@ -74,6 +75,20 @@ def layer_dims(workload: Workload, config: MethodConfig) -> list[int]:
     return [workload.num_features] + [config.hidden] * (config.layers - 1) + [workload.num_classes]
 
 
+def layer_orders(workload: Workload, config: MethodConfig) -> list[str]:
+    """Each layer's product order, ``"aggregate_first"`` (``(Â H) W``) or ``"transform_first"``
+    (``Â (H W)``): AIRES's cost model (:meth:`aires.nn.GCN.orders`) for ``order="auto"``,
+    PyG's transform first everywhere for ``"pyg"``. Every method asks here, so all of them run
+    the same arithmetic."""
+    if config.order == "pyg":
+        return ["transform_first"] * config.layers
+    from aires.nn import GCN
+
+    dims = layer_dims(workload, config)
+    model = GCN(dims[0], config.hidden, dims[-1], num_layers=config.layers, device="cpu")
+    return model.orders(workload.num_nodes, workload.nnz, None)
+
+
 def initial_parameters(dims: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Glorot-uniform weights ``(in, out)`` and zero biases, identical for every method.
 
@@ -90,11 +105,20 @@ def initial_parameters(dims: list[int], seed: int) -> list[tuple[torch.Tensor, t
 
 
 def stacked_forward(
-    convs: torch.nn.ModuleList, dims: list[int], seed: int, x: torch.Tensor, adj_t: object
+    convs: torch.nn.ModuleList,
+    dims: list[int],
+    seed: int,
+    x: torch.Tensor,
+    adj_t: object,
+    orders: list[str],
 ) -> Callable[[], torch.Tensor]:
-    """Load :func:`initial_parameters` into GCNConv-like layers (``lin.weight``, ``bias``) and
-    return the forward of the stack (ReLU between layers): the model of ``incore`` and
-    ``aires``, which differ only in the layer class."""
+    """Load :func:`initial_parameters` into PyG ``GCNConv`` layers and return the forward of
+    the stack (ReLU between layers) in the given product orders.
+
+    A transform-first layer is the layer's own ``forward``; an aggregate-first one calls the
+    same layer's parts the other way round, ``lin(propagate(Â, H)) + bias`` (PyG's
+    ``GCNConv`` has no order switch; this is how its user gets ``(Â H) W``).
+    """
     with torch.no_grad():
         for conv, (weight, bias) in zip(convs, initial_parameters(dims, seed)):
             conv.lin.weight.copy_(weight.T)
@@ -102,8 +126,11 @@ def stacked_forward(
 
     def forward() -> torch.Tensor:
         h = x
-        for i, conv in enumerate(convs):
-            h = conv(h, adj_t)
+        for i, (conv, order) in enumerate(zip(convs, orders)):
+            if order == "aggregate_first":
+                h = conv.lin(conv.propagate(adj_t, x=h, edge_weight=None)) + conv.bias
+            else:
+                h = conv(h, adj_t)
             if i < len(convs) - 1:
                 h = F.relu(h)
         return h

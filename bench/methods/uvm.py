@@ -182,6 +182,11 @@ class ManagedFeatures:
         self.traffic.h2d += self.x.nbytes
         return self.x.T @ grad
 
+    def aggregate(self, adjacency: ManagedAdjacency) -> torch.Tensor:
+        """``Â @ X``, both read from managed memory. Shapes: ``() -> (N, F)``."""
+        self.traffic.h2d += self.x.nbytes
+        return adjacency.spmm(self.x)
+
 
 def managed_bytes(workload: Workload) -> int:
     """Managed bytes the method allocates for ``workload``."""
