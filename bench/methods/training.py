@@ -57,9 +57,17 @@ class EpochLog:
     bytes_h2d: list[int] = field(default_factory=list)
     bytes_disk: list[int] = field(default_factory=list)
 
-    def result(self, device: torch.device, **extra: object) -> MethodResult:
-        """An ``ok`` result: epoch times, per-epoch mean traffic, the peak and ``extra``."""
-        peak = max_memory_allocated(device) if device.type == "cuda" else None
+    def result(
+        self, device: torch.device, peak_gpu_bytes: int | None = None, **extra: object
+    ) -> MethodResult:
+        """An ``ok`` result: epoch times, per-epoch mean traffic, the peak and ``extra``.
+
+        ``peak_gpu_bytes``: a method's own measure of its peak (default: the PyTorch
+        allocator's, on CUDA).
+        """
+        peak = peak_gpu_bytes
+        if peak is None and device.type == "cuda":
+            peak = max_memory_allocated(device)
         return MethodResult(
             status="ok",
             epoch_s=self.epoch_s,
