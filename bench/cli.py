@@ -65,7 +65,7 @@ DEFAULT: dict[str, Any] = {
 DEMO_BUDGET_SHARE = 0.5
 #: The methods the demo runs at that budget: the one that cannot, and the one that can.
 DEMO_BUDGET_METHODS = ("incore", "aires")
-ALL_METHODS = "aires,uvm,feature-cache,naive,incore"
+ALL_METHODS = "aires,uvm,feature-cache,naive,incore,incore-tuned,save-on-cpu"
 _REPO = Path(__file__).resolve().parents[1]
 
 

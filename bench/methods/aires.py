@@ -34,6 +34,11 @@ activation (also on top, and in the peak). With
 ``"process"`` one untimed pass at a quarter of the budget measures what training needs beside
 the scheduler, and the scheduler gets the rest (less a margin).
 
+Disk: before every epoch (untimed) the tile file, the feature file and the model's NVMe-tier
+panel files are dropped from the page cache (:func:`bench.methods.cold.drop_page_cache`), so
+what the epoch reads from disk comes from the disk; ``disk_cold`` in the result says whether the
+drop took. Panels written and read back within one epoch may still be served by the cache.
+
 Statistics: after the timed epochs one more (untimed) product with the widest product's columns
 returns the scheduler's :class:`~aires.scheduler.RunStats`; bytes per epoch are that pass's
 bytes times the passes an epoch makes (forward and backward of each layer over the same
@@ -43,6 +48,7 @@ symmetric tiles).
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +59,7 @@ import torch
 
 from aires.scheduler.stats import reset_peak_memory_stats
 
+from bench.methods.cold import drop_page_cache
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
 from bench.methods.result import MethodResult, OverBudgetError
@@ -208,8 +215,9 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
 
     dims = layer_dims(workload, config)
     order = "auto" if config.order == "auto" else "transform_first"
+    scratch = tempfile.TemporaryDirectory(prefix="aires-bench-panels-")
     model = GCN(dims[0], config.hidden, dims[-1], num_layers=config.layers, device=device,
-                order=order, gpu_budget=config.gpu_budget)
+                order=order, gpu_budget=config.gpu_budget, scratch_dir=scratch.name)
     with torch.no_grad():
         for layer, (weight, bias) in zip(model.convs, initial_parameters(dims, config.seed)):
             layer.lin.weight.copy_(weight.T)
@@ -217,11 +225,13 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
     store = _store(workload, config, 4096)
     y = torch.from_numpy(np.array(workload.y, dtype=np.int64))
     rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
+    files = [store.data_path, *_feature_file(workload), Path(scratch.name)]
     try:
         if device.type == "cuda":
             reset_peak_memory_stats(device)
         log = train_loss(lambda: model.loss(workload.x, store, y, rows),
-                         list(model.parameters()), config, device)
+                         list(model.parameters()), config, device,
+                         before_epoch=lambda: drop_page_cache(files))
     except ValueError as error:
         raise _budget_error(error) from error
     stats = model.stats
@@ -234,7 +244,14 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
     result.bytes_h2d = stats.measured["h2d"]
     result.bytes_disk = stats.measured["disk_read"]
     model.close()
+    scratch.cleanup()
     return result
+
+
+def _feature_file(workload: Workload) -> list[Path]:
+    """The file the features are read from, when they are memory-mapped from one."""
+    name = getattr(workload.x, "filename", None)
+    return [Path(name)] if name else []
 
 
 def _store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
@@ -290,7 +307,8 @@ def _run_ablation(
         ))
         if device.type == "cuda":
             reset_peak_memory_stats(device)
-        log = train(model, list(model.parameters()), workload, config, device)
+        log = train(model, list(model.parameters()), workload, config, device,
+                    before_epoch=lambda: drop_page_cache([store.data_path]))
         stats = product_stats()
     except ValueError as error:
         raise _budget_error(error) from error

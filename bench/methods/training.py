@@ -56,6 +56,7 @@ class EpochLog:
     loss: list[float] = field(default_factory=list)
     bytes_h2d: list[int] = field(default_factory=list)
     bytes_disk: list[int] = field(default_factory=list)
+    disk_cold: list[bool] = field(default_factory=list)
 
     def result(
         self, device: torch.device, peak_gpu_bytes: int | None = None, **extra: object
@@ -74,7 +75,8 @@ class EpochLog:
             peak_gpu_bytes=peak,
             bytes_h2d=int(np.mean(self.bytes_h2d)) if self.bytes_h2d else None,
             bytes_disk=int(np.mean(self.bytes_disk)) if self.bytes_disk else None,
-            extra={"loss": self.loss, **extra},
+            extra={"loss": self.loss,
+                   **({"disk_cold": all(self.disk_cold)} if self.disk_cold else {}), **extra},
         )
 
 
@@ -160,6 +162,7 @@ def train(
     config: MethodConfig,
     device: torch.device,
     traffic: Traffic | None = None,
+    before_epoch: Callable[[], bool] | None = None,
 ) -> EpochLog:
     """Run ``config.warmup`` untimed and ``config.epochs`` timed full-graph training epochs.
 
@@ -173,10 +176,12 @@ def train(
         config: epochs, warm-up, learning rate.
         device: where the computation runs.
         traffic: the method's byte counters, read after each timed epoch.
+        before_epoch: run untimed before every epoch (:func:`train_loss`).
     """
     y_train, train_idx = labels(workload, device)
     return train_loss(
-        lambda: F.cross_entropy(forward()[train_idx], y_train), parameters, config, device, traffic
+        lambda: F.cross_entropy(forward()[train_idx], y_train), parameters, config, device, traffic,
+        before_epoch,
     )
 
 
@@ -186,12 +191,16 @@ def train_loss(
     config: MethodConfig,
     device: torch.device,
     traffic: Traffic | None = None,
+    before_epoch: Callable[[], bool] | None = None,
 ) -> EpochLog:
     """Epochs of ``loss_fn()``, backward and one Adam step, timed as :func:`train` says.
 
     The time of an epoch is wall time between two device synchronisations, so asynchronous GPU
     work is counted in the epoch that queued it. ``loss_fn`` is the loss over the training
     rows (a model that never holds the logits, such as ``aires.nn.GCN``, computes it itself).
+    ``before_epoch`` runs untimed before every epoch (a method that reads files drops them from
+    the page cache, :func:`bench.methods.cold.drop_page_cache`); what it returns for the timed
+    epochs becomes the result's ``disk_cold``.
 
     Returns:
         Epoch times, losses and per-epoch traffic.
@@ -206,6 +215,7 @@ def train_loss(
     for epoch in range(config.warmup + config.epochs):
         if traffic is not None:
             traffic.reset()
+        cold = before_epoch() if before_epoch is not None else None
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -220,6 +230,8 @@ def train_loss(
             if traffic is not None:
                 log.bytes_h2d.append(traffic.h2d)
                 log.bytes_disk.append(traffic.disk)
+            if cold is not None:
+                log.disk_cold.append(cold)
     return log
 
 
