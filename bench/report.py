@@ -200,6 +200,12 @@ def format_table(doc: dict[str, Any]) -> str:
             notes.append(f"overlap {entry['overlap_efficiency']:.2f}")
         if entry.get("cached_fraction") is not None:
             notes.append(f"cached {entry['cached_fraction']:.0%} of rows")
+        if entry.get("adjacency_cached") is not None:
+            notes.append("Â cached" if entry["adjacency_cached"] else "Â streamed")
+        if entry.get("policy") is not None:
+            notes.append(f"managed: {entry['policy']}")
+        if entry.get("disk_cold") is False:
+            notes.append("disk: page cache not dropped")
         if not ok:
             notes.append(str(entry["error"]).splitlines()[0][:90])
         rows.append([
