@@ -103,8 +103,8 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     fits = config.gpu_budget is None or need <= config.gpu_budget
     policy = "migrating" if fits else "host-preferred"
     shim.set_policy(policy)
-    x = params[0]
-    preferred = shim.preferred_location(x.data_ptr(), x.nbytes)
+    weight = params[0]  # any managed block shows whether the advice took
+    preferred = shim.preferred_location(weight.data_ptr(), weight.nbytes)
     if (preferred == -1) != (policy == "host-preferred"):
         raise RuntimeError(f"uvm: the {policy} advice did not take (preferred location "
                            f"{preferred})")
