@@ -42,7 +42,7 @@ import torch
 
 from aires.checks import check_positive_int, parse_size
 from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_method
-from bench.methods.config import BUDGET_SCOPES
+from bench.methods.config import BUDGET_SCOPES, ORDERS
 from bench.methods.workload import Workload, load_workload
 from bench.provenance import git_commit
 from bench.report import format_bytes, format_table, plot, plot_sweep, validate
@@ -65,7 +65,7 @@ DEFAULT: dict[str, Any] = {
 DEMO_BUDGET_SHARE = 0.5
 #: The methods the demo runs at that budget: the one that cannot, and the one that can.
 DEMO_BUDGET_METHODS = ("incore", "aires")
-ALL_METHODS = "aires,uvm,feature-cache,naive,incore"
+ALL_METHODS = "aires,uvm,feature-cache,naive,incore,incore-tuned,save-on-cpu"
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -103,9 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile-bytes",
                         help="AIRES tile / baseline chunk size (default 64MiB; demo "
                         f"{DEFAULT['tile_bytes']})")
-    parser.add_argument("--aires-order", choices=("auto", "transform_first"), default="auto",
-                        help="AIRES product order: its cost model per layer (default, as "
-                        "AiresGCNConv), or PyG's A(XW) like the baselines")
+    parser.add_argument("--order", choices=ORDERS, default="auto",
+                        help="every method's product order: AIRES's cost model per layer "
+                        "(default), or PyG's A(HW) in every layer")
     parser.add_argument("--out", help="write the JSON here")
     parser.add_argument("--plot", help="write the PNG bar chart here")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"),
@@ -227,7 +227,7 @@ def run_method(
         budget_scope=budget_scope or (args.budget_scope if gpu_budget is None else "data"),
         epochs=args.epochs, warmup=args.warmup,
         layers=args.layers, hidden=args.hidden, lr=args.lr, tile_bytes=args.tile_bytes,
-        seed=args.seed, device=args.device, order=args.aires_order,
+        seed=args.seed, device=args.device, order=args.order,
         store_dir=str(Path(args.cache_dir) / "stores"),
     )
     config_path, out = scratch / f"{label}.config.json", scratch / f"{label}.result.json"
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"{results[label].status} ({results[label].extra.get('wall_s', 0):.1f} s)",
                   flush=True)
-            doc = document(args, argv, facts, dataset, ceilings, results)
+            doc = document(args, argv, facts, dataset, ceilings, measured["disk_cold"],
+                           results)
             # After every method, so a run stopped from outside keeps what it measured.
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -368,9 +369,14 @@ def document(
     facts: dict[str, Any],
     dataset: dict[str, Any],
     ceilings: dict[str, Any],
+    disk_cold: bool,
     results: dict[str, MethodResult],
 ) -> dict[str, Any]:
-    """The benchmark JSON document (checked against the schema of :mod:`bench.report`)."""
+    """The benchmark JSON document (checked against the schema of :mod:`bench.report`).
+
+    ``disk_cold``: whether the disk ceiling was read with the page cache dropped; each method
+    that reads files says the same of its epochs in its own ``disk_cold``.
+    """
     aires_mode = results["aires"].extra.get("io_mode") if "aires" in results else None
     doc = {
         "device": facts["device"],
@@ -381,6 +387,8 @@ def document(
         "gpu_budget_bytes": args.gpu_budget,
         "mode": aires_mode if aires_mode not in (None, "cpu") else facts["io_mode"],
         "ceilings": ceilings,
+        "order": args.order,
+        "disk_cold": disk_cold,
         "methods": {name: result.to_json() for name, result in results.items()},
     }
     if args.budgets:

@@ -6,6 +6,7 @@ The JSON document has exactly these keys::
      "dataset": {"name", "nodes", "edges", "features"},
      "gpu_budget_bytes", "mode",
      "ceilings": {"h2d_GBps", "disk_read_GBps", "incore_spmm_ms"},
+     "order", "disk_cold",
      "methods": {NAME: {"status": "ok|oom|error", "epoch_s": [...], "peak_gpu_bytes",
                         "bytes_h2d", "bytes_disk", "error", ...}}}
 
@@ -13,7 +14,10 @@ Only a method's entry may carry more keys (``overlap_efficiency``, ``ablation``,
 ``bytes_h2d`` and ``bytes_disk`` are bytes per epoch (mean over the timed epochs); ``epoch_s``
 holds every timed epoch; ``dataset.edges`` counts the stored entries of the input adjacency
 (both directions of an undirected edge, no self loops); ``mode`` is how the disk path ran
-(``gds``, ``kvikio-compat``, ``posix``).
+(``gds``, ``kvikio-compat``, ``posix``); ``order`` is every method's product order (``auto``:
+AIRES's cost model, ``pyg``: ``Â (H W)``); ``disk_cold`` whether the page cache was dropped
+before the disk ceiling and before every timed epoch of a method that reads files (results
+written before these two keys existed lack them and still validate).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.methods.config import ORDERS
 from bench.methods.result import STATUSES
 
 __all__ = [
     "CEILING_KEYS",
     "DATASET_KEYS",
+    "LATER_KEYS",
     "LEGEND",
     "METHOD_KEYS",
     "SWEEP_KEYS",
@@ -49,6 +55,8 @@ TOP_KEYS = frozenset(
     {"device", "date", "git_commit", "command", "dataset", "gpu_budget_bytes", "mode",
      "ceilings", "methods"}
 )
+#: Keys added after results were committed: checked when present.
+LATER_KEYS = frozenset({"order", "disk_cold"})
 #: A budget sweep (``--budgets``) adds these.
 SWEEP_KEYS = frozenset({"budget_scope", "sweep"})
 DATASET_KEYS = frozenset({"name", "nodes", "edges", "features"})
@@ -85,7 +93,12 @@ def validate(doc: Any) -> None:
         ValueError: naming the first key that does not conform.
     """
     sweep = isinstance(doc, dict) and "sweep" in doc
-    _check_keys(doc, TOP_KEYS | SWEEP_KEYS if sweep else TOP_KEYS, "top level")
+    later = LATER_KEYS & doc.keys() if isinstance(doc, dict) else frozenset()
+    _check_keys(doc, TOP_KEYS | later | (SWEEP_KEYS if sweep else frozenset()), "top level")
+    _check(doc.get("order", "auto") in ORDERS, "order",
+           f"must be one of {ORDERS}, got {doc.get('order')!r}")
+    _check(isinstance(doc.get("disk_cold", False), bool), "disk_cold",
+           f"must be a bool, got {doc.get('disk_cold')!r}")
     if sweep:
         for name, runs in doc["sweep"].items():
             for k, run in enumerate(runs):
@@ -187,6 +200,12 @@ def format_table(doc: dict[str, Any]) -> str:
             notes.append(f"overlap {entry['overlap_efficiency']:.2f}")
         if entry.get("cached_fraction") is not None:
             notes.append(f"cached {entry['cached_fraction']:.0%} of rows")
+        if entry.get("adjacency_cached") is not None:
+            notes.append("Â cached" if entry["adjacency_cached"] else "Â streamed")
+        if entry.get("policy") is not None:
+            notes.append(f"managed: {entry['policy']}")
+        if entry.get("disk_cold") is False:
+            notes.append("disk: page cache not dropped")
         if not ok:
             notes.append(str(entry["error"]).splitlines()[0][:90])
         rows.append([

@@ -4,15 +4,15 @@
 benchmark's budget, over the workload's tiled ``Â`` (``tile_bytes``), the features read from the
 workload's file. Every tensor with one row per node lives where the model's planner puts it
 (device, pinned host memory, NVMe), so the process stays within the budget the runner caps it
-at. The product order is the model's default, chosen per layer by its cost model
-(``order="auto"``), unless ``config.order`` is PyG's ``"transform_first"``.
+at. The product order is the benchmark's (``config.order``): the model's cost model per layer
+(``"auto"``, its default) or PyG's ``Â (H W)`` (``"pyg"``).
 
 Ablations (``aires-<variant>``):
 
-- ``pyg-order``: ``aires`` with PyG's product order ``Â (X W)``: the baselines' arithmetic, so
-  against them it measures the system alone. The variants below train that same arithmetic
-  (:class:`~bench.methods.gcn.StreamedGCN`) with an :class:`aires.scheduler.Scheduler` built
-  with one part of AIRES removed:
+- ``pyg-order``: ``aires`` with PyG's product order ``Â (H W)`` whatever ``config.order``
+  says: how much of AIRES's time the order alone is worth. The variants below train the
+  benchmark's arithmetic (:class:`~bench.methods.gcn.StreamedGCN` in ``config.order``) with an
+  :class:`aires.scheduler.Scheduler` built with one part of AIRES removed:
 
 - ``no-align``: tiles aligned to 256 bytes instead of 4 KiB (no direct I/O, no GDS);
 - ``no-prealloc``: a fresh device buffer per streamed tile instead of the slot ring
@@ -34,6 +34,11 @@ activation (also on top, and in the peak). With
 ``"process"`` one untimed pass at a quarter of the budget measures what training needs beside
 the scheduler, and the scheduler gets the rest (less a margin).
 
+Disk: before every epoch (untimed) the tile file, the feature file and the model's NVMe-tier
+panel files are dropped from the page cache (:func:`bench.methods.cold.drop_page_cache`), so
+what the epoch reads from disk comes from the disk; ``disk_cold`` in the result says whether the
+drop took. Panels written and read back within one epoch may still be served by the cache.
+
 Statistics: after the timed epochs one more (untimed) product with the widest product's columns
 returns the scheduler's :class:`~aires.scheduler.RunStats`; bytes per epoch are that pass's
 bytes times the passes an epoch makes (forward and backward of each layer over the same
@@ -43,6 +48,7 @@ symmetric tiles).
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -53,12 +59,14 @@ import torch
 
 from aires.scheduler.stats import reset_peak_memory_stats
 
+from bench.methods.cold import drop_page_cache
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
 from bench.methods.result import MethodResult, OverBudgetError
 from bench.methods.training import (
     initial_parameters,
     layer_dims,
+    layer_orders,
     peak_of_one_pass,
     train,
     train_loss,
@@ -99,23 +107,19 @@ def missing_options(options: dict[str, Any]) -> list[str]:
     return [name for name in options if name not in accepted]
 
 
-def product_widths(dims: list[int], nnz: int, n: int, order: str) -> list[int]:
+def product_widths(dims: list[int], orders: list[str]) -> list[int]:
     """Columns of every product with ``Â`` in one epoch: each layer's forward and backward.
 
-    ``transform_first`` multiplies ``Â`` by ``H W`` (``F_out`` columns) forward and by the
-    output gradient backward; ``auto`` asks :func:`aires.gcn_conv.choose_order` per layer, and
-    an aggregate-first layer multiplies by ``H`` (``F_in`` columns), backward only if ``H``
-    needs a gradient (not the input features).
+    A transform-first layer multiplies ``Â`` by ``H W`` (``F_out`` columns) forward and by the
+    output gradient backward; an aggregate-first layer multiplies by ``H`` (``F_in`` columns),
+    backward only if ``H`` needs a gradient (not the input features).
     """
-    if order == "transform_first":
-        return [width for width in dims[1:] for _ in range(2)]
-    from aires.gcn_conv import choose_order
-
     widths: list[int] = []
-    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-        first = choose_order(nnz=nnz, num_nodes=n, in_columns=fan_in, out_columns=fan_out,
-                             x_requires_grad=i > 0) == "aggregate_first"
-        widths += [fan_in] * (2 if i > 0 else 1) if first else [fan_out] * 2
+    for i, (fan_in, fan_out, order) in enumerate(zip(dims[:-1], dims[1:], orders)):
+        if order == "aggregate_first":
+            widths += [fan_in] * (2 if i > 0 else 1)
+        else:
+            widths += [fan_out] * 2
     return widths
 
 
@@ -149,6 +153,9 @@ class _DenseFeatures:
 
     def t_matmul(self, grad: torch.Tensor) -> torch.Tensor:
         return self.x.T @ grad
+
+    def aggregate(self, adjacency: SchedulerAdjacency) -> torch.Tensor:
+        return adjacency.spmm(self.x)
 
 
 def _features(workload: Workload, device: torch.device) -> torch.Tensor:
@@ -207,8 +214,10 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
     from aires.nn import GCN
 
     dims = layer_dims(workload, config)
+    order = "auto" if config.order == "auto" else "transform_first"
+    scratch = tempfile.TemporaryDirectory(prefix="aires-bench-panels-")
     model = GCN(dims[0], config.hidden, dims[-1], num_layers=config.layers, device=device,
-                order=config.order, gpu_budget=config.gpu_budget)
+                order=order, gpu_budget=config.gpu_budget, scratch_dir=scratch.name)
     with torch.no_grad():
         for layer, (weight, bias) in zip(model.convs, initial_parameters(dims, config.seed)):
             layer.lin.weight.copy_(weight.T)
@@ -216,22 +225,33 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
     store = _store(workload, config, 4096)
     y = torch.from_numpy(np.array(workload.y, dtype=np.int64))
     rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
+    files = [store.data_path, *_feature_file(workload), Path(scratch.name)]
     try:
         if device.type == "cuda":
             reset_peak_memory_stats(device)
         log = train_loss(lambda: model.loss(workload.x, store, y, rows),
-                         list(model.parameters()), config, device)
+                         list(model.parameters()), config, device,
+                         before_epoch=lambda: drop_page_cache(files))
     except ValueError as error:
         raise _budget_error(error) from error
     stats = model.stats
-    result = log.result(device, order=config.order, plan=stats.plan,
+    result = log.result(device, order=config.order,
+                        orders=model.orders(workload.num_nodes, workload.nnz, None),
+                        plan=stats.plan,
                         passes_per_epoch=stats.passes, io_mode=stats.io_mode,
                         predicted_bytes=stats.predicted, measured_bytes=stats.measured,
                         peak_device_used=stats.peak_device_used)
     result.bytes_h2d = stats.measured["h2d"]
     result.bytes_disk = stats.measured["disk_read"]
     model.close()
+    scratch.cleanup()
     return result
+
+
+def _feature_file(workload: Workload) -> list[Path]:
+    """The file the features are read from, when they are memory-mapped from one."""
+    name = getattr(workload.x, "filename", None)
+    return [Path(name)] if name else []
 
 
 def _store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
@@ -261,7 +281,8 @@ def _run_ablation(
     store = _store(workload, config, alignment)
     x = _features(workload, device)
     dims = layer_dims(workload, config)
-    widths = product_widths(dims, workload.nnz, workload.num_nodes, "transform_first")
+    orders = layer_orders(workload, config)
+    widths = product_widths(dims, orders)
     state: dict[str, Any] = {}
 
     def build(budget: int | None) -> StreamedGCN:
@@ -269,7 +290,7 @@ def _run_ablation(
             state["scheduler"].close()
         state["scheduler"] = Scheduler(store, gpu_budget=budget, device=device, **options)
         return StreamedGCN(initial_parameters(dims, config.seed), _DenseFeatures(x),
-                           SchedulerAdjacency(state["scheduler"]), device)
+                           SchedulerAdjacency(state["scheduler"]), device, orders)
 
     def product_stats() -> Any:
         state["scheduler"].spmm(torch.randn(workload.num_nodes, max(widths), device=device))
@@ -286,14 +307,15 @@ def _run_ablation(
         ))
         if device.type == "cuda":
             reset_peak_memory_stats(device)
-        log = train(model, list(model.parameters()), workload, config, device)
+        log = train(model, list(model.parameters()), workload, config, device,
+                    before_epoch=lambda: drop_page_cache([store.data_path]))
         stats = product_stats()
     except ValueError as error:
         raise _budget_error(error) from error
     finally:
         if "scheduler" in state:
             state["scheduler"].close()
-    return _stats_result(log, device, stats, len(widths),
+    return _stats_result(log, device, stats, len(widths), order=config.order, orders=orders,
                          ablation={"variant": variant, "alignment": alignment, **options},
                          gpu_budget_scheduler=state["scheduler"].gpu_budget,
                          features_on_gpu_bytes=x.nbytes)
@@ -311,5 +333,5 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     if not variant:
         return _run_model(workload, config, device)
     if variant == PYG_ORDER:
-        return _run_model(workload, replace(config, order="transform_first"), device)
+        return _run_model(workload, replace(config, order="pyg"), device)
     return _run_ablation(workload, config, device, variant)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BUDGET_SCOPES", "MethodConfig"]
+__all__ = ["BUDGET_SCOPES", "ORDERS", "MethodConfig"]
 
 BUDGET_SCOPES = ("process", "data")
+#: Product orders of a benchmark: AIRES's cost model per layer, or PyG's ``Â (H W)`` everywhere.
+ORDERS = ("auto", "pyg")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class MethodConfig:
         tile_bytes: bytes per AIRES tile, and per row chunk of the chunked baselines.
         seed: seed of the weights.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; see :meth:`torch_device`.
-        order: AIRES's product order: ``"auto"`` (its cost model, ``AiresGCNConv``'s
-            default) or ``"transform_first"`` (``Â (X W)``, PyG's and the baselines').
+        order: every method's product order: ``"auto"`` (AIRES's cost model per layer,
+            :meth:`aires.nn.GCN.orders`; the algebra is open to any method, so the comparison
+            measures the systems alone) or ``"pyg"`` (``Â (H W)`` in every layer, as PyG's
+            ``GCNConv`` computes).
         store_dir: where AIRES keeps its tile stores between runs (``None``: temporary).
     """
 
@@ -61,6 +65,8 @@ class MethodConfig:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"device: cannot use {self.device!r} ({error})") from None
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if device.type == "cpu" and self.gpu_budget is not None and self.budget_scope == "process":

@@ -1,10 +1,12 @@
-"""The GCN the data-movement baselines train: PyG's ``GCNConv`` arithmetic over pluggable tiers.
+"""The GCN the data-movement baselines train: ``GCNConv`` arithmetic over pluggable tiers.
 
-Each layer computes ``Â (H W) + b`` (transform first, as PyG's ``GCNConv`` does), with ReLU
-between layers. Where the adjacency ``Â`` and the input features ``X`` live is the only thing a
-baseline changes: it supplies an :class:`Adjacency` (computes ``Â Y``) and a :class:`Features`
-(computes ``X W`` and ``Xᵀ G``). The products are the same torch CSR (cuSPARSE) and dense
-(cuBLAS) kernels for every method.
+Each layer computes ``Â (H W) + b`` (transform first, PyG's order) or ``(Â H) W + b``
+(aggregate first), in the orders the benchmark gives
+(:func:`~bench.methods.training.layer_orders`), with ReLU between layers. Where the adjacency
+``Â`` and the input features ``X`` live is the only thing a baseline changes: it supplies an
+:class:`Adjacency` (computes ``Â Y``) and a :class:`Features` (computes ``X W``, ``Xᵀ G`` and
+``Â X``). The products are the same torch CSR (cuSPARSE) and dense (cuBLAS) kernels for every
+method.
 
 The backward of the aggregation reuses ``Â`` because ``Â = Âᵀ`` for an undirected graph (the
 benchmark graphs are undirected), so the baselines stream the adjacency once per pass.
@@ -39,6 +41,10 @@ class Features(Protocol):
         """``Xᵀ @ grad``. Shapes: ``(N, C) -> (F, C)``."""
         ...
 
+    def aggregate(self, adjacency: Adjacency) -> torch.Tensor:
+        """``Â @ X`` (a constant: ``X`` needs no gradient). Shapes: ``() -> (N, F)``."""
+        ...
+
 
 class _Aggregate(torch.autograd.Function):
     @staticmethod
@@ -70,6 +76,7 @@ class StreamedGCN(torch.nn.Module):
         features: where ``X`` lives.
         adjacency: where ``Â`` lives.
         device: where weights, activations and products live.
+        orders: each layer's ``"aggregate_first"`` or ``"transform_first"``.
     """
 
     def __init__(
@@ -78,8 +85,12 @@ class StreamedGCN(torch.nn.Module):
         features: Features,
         adjacency: Adjacency,
         device: torch.device,
+        orders: list[str],
     ) -> None:
         super().__init__()
+        if len(orders) != len(parameters):
+            raise ValueError(f"orders: one per layer ({len(parameters)}), got {orders!r}")
+        self.orders = list(orders)
         self.weights = torch.nn.ParameterList(
             [torch.nn.Parameter(w.clone().to(device)) for w, _ in parameters]
         )
@@ -93,9 +104,15 @@ class StreamedGCN(torch.nn.Module):
         """Logits of all nodes. Shapes: ``() -> (N, classes)``."""
         h = torch.empty(0)
         last = len(self.weights) - 1
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            z = _FeatureProduct.apply(weight, self.features) if i == 0 else h @ weight
-            h = _Aggregate.apply(z, self.adjacency) + bias
+        for i, (weight, bias, order) in enumerate(zip(self.weights, self.biases, self.orders)):
+            if order == "aggregate_first":
+                a = self.features.aggregate(self.adjacency) if i == 0 else _Aggregate.apply(
+                    h, self.adjacency
+                )
+                h = a @ weight + bias
+            else:
+                z = _FeatureProduct.apply(weight, self.features) if i == 0 else h @ weight
+                h = _Aggregate.apply(z, self.adjacency) + bias
             if i < last:
                 h = F.relu(h)
         return h

@@ -1,6 +1,7 @@
 """``incore``: PyG's ``GCNConv`` on a sparse ``adj_t``, everything on the GPU.
 
-The fastest way to train when the graph fits, and what a PyG user writes: ``Â`` as a torch
+The fastest way to train when the graph fits, and what a PyG user writes (each layer in the
+benchmark's product order, :func:`~bench.methods.training.layer_orders`): ``Â`` as a torch
 sparse CSR tensor (normalised once, so ``normalize=False``), features, activations and weights on
 the device. With ``budget_scope="process"`` the runner caps the process at the budget
 (``torch.cuda.set_per_process_memory_fraction``) and an allocation beyond it is an ``oom``;
@@ -16,7 +17,7 @@ import torch
 from bench.methods.chunks import csr_tensor
 from bench.methods.config import MethodConfig
 from bench.methods.result import MethodResult, OverBudgetError
-from bench.methods.training import layer_dims, stacked_forward, train
+from bench.methods.training import layer_dims, layer_orders, stacked_forward, train
 from bench.methods.workload import Workload
 
 __all__ = ["check_data_budget", "run"]
@@ -70,7 +71,8 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     convs = torch.nn.ModuleList(
         GCNConv(i, o, normalize=False) for i, o in zip(dims[:-1], dims[1:])
     ).to(device)
-    forward = stacked_forward(convs, dims, config.seed, x, adj_t)
+    orders = layer_orders(workload, config)
+    forward = stacked_forward(convs, dims, config.seed, x, adj_t, orders)
 
     log = train(forward, list(convs.parameters()), workload, config, device)
-    return log.result(device)
+    return log.result(device, order=config.order, orders=orders)

@@ -2,9 +2,9 @@
 
 ``incore-tuned`` is a plain PyTorch loop with everything on the device: ``Â`` as one torch
 sparse CSR tensor (cuSPARSE SpMM), used again for the backward pass because ``Â = Âᵀ`` (no
-transposed copy), each layer's product order chosen by the same cost model as AIRES's
-(:meth:`aires.nn.GCN.orders`), no per-layer module overhead. Its epoch is the ceiling every
-out-of-core method is measured against.
+transposed copy), each layer's product order the benchmark's
+(:func:`~bench.methods.training.layer_orders`), no per-layer module overhead. Its epoch is the
+ceiling every out-of-core method is measured against.
 
 ``save-on-cpu`` is that loop under ``torch.autograd.graph.save_on_cpu(pin_memory=True)``: what
 a PyTorch user reaches for first when activations do not fit, tensors saved for backward moved
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from bench.methods.config import MethodConfig
 from bench.methods.incore import check_data_budget
 from bench.methods.result import MethodResult
-from bench.methods.training import initial_parameters, layer_dims, train
+from bench.methods.training import initial_parameters, layer_dims, layer_orders, train
 from bench.methods.workload import Workload
 
 __all__ = ["incore_forward", "run"]
@@ -34,8 +34,6 @@ def incore_forward(
     workload: Workload, config: MethodConfig, device: torch.device
 ) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
     """The tuned in-core forward over the whole graph, and its parameters."""
-    from aires.nn import GCN
-
     a = workload.scipy_adjacency()
     adj = torch.sparse_csr_tensor(
         torch.from_numpy(np.asarray(a.indptr, dtype=np.int64)),
@@ -45,8 +43,7 @@ def incore_forward(
     ).to(device)
     x = torch.from_numpy(np.array(workload.x, dtype=np.float32)).to(device)
     dims = layer_dims(workload, config)
-    orders = GCN(*dims[:2], dims[-1], num_layers=config.layers, device="cpu",
-                 order=config.order).orders(workload.num_nodes, workload.nnz, None)
+    orders = layer_orders(workload, config)
     params = [t.to(device).requires_grad_() for pair in initial_parameters(dims, config.seed)
               for t in pair]
 
@@ -90,4 +87,4 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     )
     with saving:
         log = train(forward, params, workload, config, device)
-    return log.result(device, order=config.order)
+    return log.result(device, order=config.order, orders=layer_orders(workload, config))

@@ -16,7 +16,13 @@ from bench.methods.chunks import csr_row_chunks, csr_tensor, dense_row_chunks
 from bench.methods.config import MethodConfig
 from bench.methods.gcn import StreamedGCN
 from bench.methods.result import MethodResult
-from bench.methods.training import Traffic, initial_parameters, layer_dims, train
+from bench.methods.training import (
+    Traffic,
+    initial_parameters,
+    layer_dims,
+    layer_orders,
+    train,
+)
 from bench.methods.workload import Workload
 
 __all__ = ["NaiveAdjacency", "NaiveFeatures", "run"]
@@ -80,6 +86,13 @@ class NaiveFeatures:
             out += self._chunk(r0, r1).T @ grad[r0:r1]
         return out
 
+    def aggregate(self, adjacency: NaiveAdjacency) -> torch.Tensor:
+        """``Â @ X``: ``X`` copied whole to the device, chunk by chunk, then multiplied."""
+        x = torch.empty(self.x.shape, device=self.device)
+        for r0, r1 in self.chunks:
+            x[r0:r1] = self._chunk(r0, r1)
+        return adjacency.spmm(x)
+
 
 def run(workload: Workload, config: MethodConfig) -> MethodResult:
     """Train with naive chunked copies; report epoch times and bytes copied per epoch."""
@@ -90,6 +103,8 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         NaiveFeatures(workload, config.tile_bytes, device, traffic),
         NaiveAdjacency(workload, config.tile_bytes, device, traffic),
         device,
+        layer_orders(workload, config),
     )
     log = train(model, list(model.parameters()), workload, config, device, traffic)
-    return log.result(device, chunks=len(model.adjacency.chunks))
+    return log.result(device, chunks=len(model.adjacency.chunks), order=config.order,
+                      orders=model.orders, memory="pageable host, synchronous copies")

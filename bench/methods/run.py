@@ -52,14 +52,19 @@ def run_method(config: MethodConfig) -> MethodResult:
         )
     torch.manual_seed(config.seed)
     device: torch.device | None = None
+    capped = True
     try:
         device = config.torch_device()
-        cap_process(config, device)
-        if device.type == "cuda":
-            reset_peak_memory_stats(device)
-        return method_module(config.method).run(load_workload(config.workload), config)
+        module = method_module(config.method)
+        # A method that brings its own allocator (uvm) must meet it untouched.
+        capped = not getattr(module, "CAPS_ITSELF", False)
+        if capped:
+            cap_process(config, device)
+            if device.type == "cuda":
+                reset_peak_memory_stats(device)
+        return module.run(load_workload(config.workload), config)
     except Exception as error:  # noqa: BLE001 - every failure is a result, not a crash
-        cuda = device is not None and device.type == "cuda"
+        cuda = capped and device is not None and device.type == "cuda"
         return MethodResult(
             status="oom" if is_out_of_memory(error) else "error",
             peak_gpu_bytes=max_memory_allocated(device) if cuda else None,

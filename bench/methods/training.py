@@ -22,6 +22,7 @@ __all__ = [
     "initial_parameters",
     "labels",
     "layer_dims",
+    "layer_orders",
     "peak_of_one_pass",
     "stacked_forward",
     "train",
@@ -55,23 +56,47 @@ class EpochLog:
     loss: list[float] = field(default_factory=list)
     bytes_h2d: list[int] = field(default_factory=list)
     bytes_disk: list[int] = field(default_factory=list)
+    disk_cold: list[bool] = field(default_factory=list)
 
-    def result(self, device: torch.device, **extra: object) -> MethodResult:
-        """An ``ok`` result: epoch times, per-epoch mean traffic, the peak and ``extra``."""
-        peak = max_memory_allocated(device) if device.type == "cuda" else None
+    def result(
+        self, device: torch.device, peak_gpu_bytes: int | None = None, **extra: object
+    ) -> MethodResult:
+        """An ``ok`` result: epoch times, per-epoch mean traffic, the peak and ``extra``.
+
+        ``peak_gpu_bytes``: a method's own measure of its peak (default: the PyTorch
+        allocator's, on CUDA).
+        """
+        peak = peak_gpu_bytes
+        if peak is None and device.type == "cuda":
+            peak = max_memory_allocated(device)
         return MethodResult(
             status="ok",
             epoch_s=self.epoch_s,
             peak_gpu_bytes=peak,
             bytes_h2d=int(np.mean(self.bytes_h2d)) if self.bytes_h2d else None,
             bytes_disk=int(np.mean(self.bytes_disk)) if self.bytes_disk else None,
-            extra={"loss": self.loss, **extra},
+            extra={"loss": self.loss,
+                   **({"disk_cold": all(self.disk_cold)} if self.disk_cold else {}), **extra},
         )
 
 
 def layer_dims(workload: Workload, config: MethodConfig) -> list[int]:
     """Channel widths ``[F, hidden, ..., hidden, classes]`` of a ``config.layers``-layer GCN."""
     return [workload.num_features] + [config.hidden] * (config.layers - 1) + [workload.num_classes]
+
+
+def layer_orders(workload: Workload, config: MethodConfig) -> list[str]:
+    """Each layer's product order, ``"aggregate_first"`` (``(Â H) W``) or ``"transform_first"``
+    (``Â (H W)``): AIRES's cost model (:meth:`aires.nn.GCN.orders`) for ``order="auto"``,
+    PyG's transform first everywhere for ``"pyg"``. Every method asks here, so all of them run
+    the same arithmetic."""
+    if config.order == "pyg":
+        return ["transform_first"] * config.layers
+    from aires.nn import GCN
+
+    dims = layer_dims(workload, config)
+    model = GCN(dims[0], config.hidden, dims[-1], num_layers=config.layers, device="cpu")
+    return model.orders(workload.num_nodes, workload.nnz, None)
 
 
 def initial_parameters(dims: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,11 +115,20 @@ def initial_parameters(dims: list[int], seed: int) -> list[tuple[torch.Tensor, t
 
 
 def stacked_forward(
-    convs: torch.nn.ModuleList, dims: list[int], seed: int, x: torch.Tensor, adj_t: object
+    convs: torch.nn.ModuleList,
+    dims: list[int],
+    seed: int,
+    x: torch.Tensor,
+    adj_t: object,
+    orders: list[str],
 ) -> Callable[[], torch.Tensor]:
-    """Load :func:`initial_parameters` into GCNConv-like layers (``lin.weight``, ``bias``) and
-    return the forward of the stack (ReLU between layers): the model of ``incore`` and
-    ``aires``, which differ only in the layer class."""
+    """Load :func:`initial_parameters` into PyG ``GCNConv`` layers and return the forward of
+    the stack (ReLU between layers) in the given product orders.
+
+    A transform-first layer is the layer's own ``forward``; an aggregate-first one calls the
+    same layer's parts the other way round, ``lin(propagate(Â, H)) + bias`` (PyG's
+    ``GCNConv`` has no order switch; this is how its user gets ``(Â H) W``).
+    """
     with torch.no_grad():
         for conv, (weight, bias) in zip(convs, initial_parameters(dims, seed)):
             conv.lin.weight.copy_(weight.T)
@@ -102,8 +136,11 @@ def stacked_forward(
 
     def forward() -> torch.Tensor:
         h = x
-        for i, conv in enumerate(convs):
-            h = conv(h, adj_t)
+        for i, (conv, order) in enumerate(zip(convs, orders)):
+            if order == "aggregate_first":
+                h = conv.lin(conv.propagate(adj_t, x=h, edge_weight=None)) + conv.bias
+            else:
+                h = conv(h, adj_t)
             if i < len(convs) - 1:
                 h = F.relu(h)
         return h
@@ -125,6 +162,7 @@ def train(
     config: MethodConfig,
     device: torch.device,
     traffic: Traffic | None = None,
+    before_epoch: Callable[[], bool] | None = None,
 ) -> EpochLog:
     """Run ``config.warmup`` untimed and ``config.epochs`` timed full-graph training epochs.
 
@@ -138,10 +176,12 @@ def train(
         config: epochs, warm-up, learning rate.
         device: where the computation runs.
         traffic: the method's byte counters, read after each timed epoch.
+        before_epoch: run untimed before every epoch (:func:`train_loss`).
     """
     y_train, train_idx = labels(workload, device)
     return train_loss(
-        lambda: F.cross_entropy(forward()[train_idx], y_train), parameters, config, device, traffic
+        lambda: F.cross_entropy(forward()[train_idx], y_train), parameters, config, device, traffic,
+        before_epoch,
     )
 
 
@@ -151,12 +191,16 @@ def train_loss(
     config: MethodConfig,
     device: torch.device,
     traffic: Traffic | None = None,
+    before_epoch: Callable[[], bool] | None = None,
 ) -> EpochLog:
     """Epochs of ``loss_fn()``, backward and one Adam step, timed as :func:`train` says.
 
     The time of an epoch is wall time between two device synchronisations, so asynchronous GPU
     work is counted in the epoch that queued it. ``loss_fn`` is the loss over the training
     rows (a model that never holds the logits, such as ``aires.nn.GCN``, computes it itself).
+    ``before_epoch`` runs untimed before every epoch (a method that reads files drops them from
+    the page cache, :func:`bench.methods.cold.drop_page_cache`); what it returns for the timed
+    epochs becomes the result's ``disk_cold``.
 
     Returns:
         Epoch times, losses and per-epoch traffic.
@@ -171,6 +215,7 @@ def train_loss(
     for epoch in range(config.warmup + config.epochs):
         if traffic is not None:
             traffic.reset()
+        cold = before_epoch() if before_epoch is not None else None
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -185,6 +230,8 @@ def train_loss(
             if traffic is not None:
                 log.bytes_h2d.append(traffic.h2d)
                 log.bytes_disk.append(traffic.disk)
+            if cold is not None:
+                log.disk_cold.append(cold)
     return log
 
 

@@ -84,8 +84,11 @@ def test_methods_the_time_limit_leaves_no_room_for_are_recorded_not_run(
 def test_arguments_are_parsed_and_checked() -> None:
     args = parse_args(["--dataset", "cora", "--gpu-budget", "8GiB", "--ablation"])
     assert args.gpu_budget == 8 << 30 and args.hidden == 256
-    assert args.methods[:5] == ["aires", "uvm", "feature-cache", "naive", "incore"]
-    assert args.methods[5:] == [f"aires-{a}" for a in ABLATIONS]
+    assert args.methods[:7] == ["aires", "uvm", "feature-cache", "naive", "incore",
+                                "incore-tuned", "save-on-cpu"]
+    assert args.methods[7:] == [f"aires-{a}" for a in ABLATIONS]
+    assert args.order == "auto"
+    assert parse_args(["--dataset", "cora", "--order", "pyg"]).order == "pyg"
     demo = parse_args([])
     assert (demo.dataset, demo.scale, demo.methods) == (
         "products", 0.001, ["aires", "incore", "naive"]
@@ -131,6 +134,7 @@ def test_a_budget_sweep_writes_one_json_and_a_plot_and_records_failures(
                  "--cache-dir", str(temp_root), "--out", str(out), "--plot", str(png)]) == 0
     doc = json.loads(out.read_text())
     validate(doc)
+    assert doc["order"] == "auto" and isinstance(doc["disk_cold"], bool)
     assert set(doc["sweep"]) == {"aires", "incore"}
     for name in ("aires", "incore"):
         runs = {r["budget_bytes"]: r for r in doc["sweep"][name]}

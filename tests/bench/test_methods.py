@@ -15,8 +15,10 @@ import torch
 from bench.methods import ABLATIONS, METHODS, MethodConfig, check_method
 from bench.methods.aires import PYG_ORDER, VARIANTS, missing_options, product_widths
 from bench.methods.chunks import csr_row_chunks, dense_row_chunks
+from bench.methods.incore_tuned import incore_forward
 from bench.methods.result import MethodResult, OverBudgetError, is_out_of_memory
 from bench.methods.run import run_method
+from bench.methods.uvm import check_fits, managed_bytes
 from bench.methods.workload import load_workload
 
 # Ablations whose scheduler option exists run; the others must say what is missing.
@@ -34,31 +36,73 @@ def _config(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
     return replace(base, **kw)
 
 
+#: Each order's layers on the tiny workload (12 features, 16 hidden, 4 classes): the cost model
+#: aggregates the first layer first (its input needs no gradient and is narrower than 2 x 16).
+ORDERS = {"auto": ["aggregate_first", "transform_first"],
+          "pyg": ["transform_first", "transform_first"]}
+
+
+@pytest.fixture(scope="module", params=sorted(ORDERS))
+def order(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(workload_dir: Path) -> MethodResult:
-    return run_method(_config(workload_dir, "incore"))
+def reference(workload_dir: Path, order: str) -> MethodResult:
+    """PyG's GCNConv in the order under test."""
+    return run_method(_config(workload_dir, "incore", order=order))
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_cpu_methods_train_the_same_model(
-    workload_dir: Path, method: str, reference: MethodResult
+    workload_dir: Path, method: str, order: str, reference: MethodResult
 ) -> None:
-    result = run_method(_config(workload_dir, method))
+    result = run_method(_config(workload_dir, method, order=order))
     assert result.status == "ok", result.error
     assert len(result.epoch_s) == 2 and all(t > 0 for t in result.epoch_s)
     # Same weights, same loss, same optimizer: the losses agree epoch by epoch.
     np.testing.assert_allclose(result.extra["loss"], reference.extra["loss"], rtol=1e-5)
     assert result.extra["loss"][1] < result.extra["loss"][0]
+    # ... and every method ran the order asked for (the pyg-order ablation always PyG's).
+    asked = "pyg" if method == f"aires-{PYG_ORDER}" else order
+    assert (result.extra["order"], result.extra["orders"]) == (asked, ORDERS[asked])
 
 
-def test_naive_copies_adjacency_and_features_every_epoch(workload_dir: Path) -> None:
+def test_the_two_orders_are_different_arithmetic(workload_dir: Path) -> None:
+    """Same model, other product order: the logits agree to float rounding, not bit for bit,
+    so the order test above compares like with like."""
     workload = load_workload(workload_dir)
-    result = run_method(_config(workload_dir, "naive"))
+    logits = [
+        incore_forward(workload, _config(workload_dir, "incore-tuned", order=o),
+                       torch.device("cpu"))[0]().detach()
+        for o in ORDERS
+    ]
+    torch.testing.assert_close(logits[0], logits[1])
+    assert not torch.equal(logits[0], logits[1])
+
+
+def test_an_unknown_order_is_named(workload_dir: Path) -> None:
+    with pytest.raises(ValueError, match="order must be one of"):
+        _config(workload_dir, "naive", order="transform_first")
+
+
+@pytest.mark.parametrize(
+    ("order", "passes", "x_copies"),
+    # PyG's order: Â forward and backward in both layers, X for XW and XᵀG. The cost model's:
+    # ÂX once (no gradient for X), then Â forward and backward in the second layer.
+    [("pyg", 4, 2), ("auto", 3, 1)],
+)
+def test_naive_copies_adjacency_and_features_every_epoch(
+    workload_dir: Path, order: str, passes: int, x_copies: int
+) -> None:
+    workload = load_workload(workload_dir)
+    result = run_method(_config(workload_dir, "naive", order=order))
     # Each chunk copies its own row pointer (rows + 1 entries), indices and values (int32,
-    # float32). Per epoch: Â for the forward and the backward of both layers, X for XW and XᵀG.
+    # float32).
     adjacency = workload.nnz * 8 + (workload.num_nodes + result.extra["chunks"]) * 4
-    assert result.bytes_h2d == 4 * adjacency + 2 * workload.x.nbytes
+    assert result.bytes_h2d == passes * adjacency + x_copies * workload.x.nbytes
     assert result.extra["chunks"] > 2
+    assert result.extra["memory"] == "pageable host, synchronous copies"
 
 
 def test_feature_cache_without_budget_caches_half(workload_dir: Path) -> None:
@@ -81,6 +125,8 @@ def test_aires_reports_its_traffic_beside_the_model(
     assert result.extra["io_mode"] == "cpu"
     assert result.extra["measured_bytes"] == result.extra["predicted_bytes"]
     assert result.bytes_h2d is not None and result.bytes_disk is not None
+    # Its files were dropped from the page cache before every epoch (fadvise needs no root).
+    assert result.extra["disk_cold"] is True
 
 
 @pytest.mark.parametrize("variant", MISSING)
@@ -99,10 +145,12 @@ def test_every_ablation_has_a_variant() -> None:
 
 def test_product_widths_follow_the_product_order() -> None:
     # Transform first: each layer multiplies Â by its output width, forward and backward.
-    assert product_widths([100, 256, 47], 10**6, 10**4, "transform_first") == [256, 256, 47, 47]
-    # Auto: a first layer whose input needs no gradient and is not much wider than its output
-    # aggregates first, once (no backward pass through the input features).
-    assert product_widths([16, 256, 47], 10**6, 10**4, "auto") == [16, 47, 47]
+    tf, af = "transform_first", "aggregate_first"
+    assert product_widths([100, 256, 47], [tf, tf]) == [256, 256, 47, 47]
+    # Aggregate first: the input width, once for the first layer (no gradient for the input
+    # features), forward and backward after it.
+    assert product_widths([16, 256, 47], [af, tf]) == [16, 47, 47]
+    assert product_widths([16, 256, 47], [af, af]) == [16, 256, 256]
 
 
 def test_cuda_device_gets_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,6 +168,13 @@ def test_uvm_needs_a_gpu(workload_dir: Path) -> None:
     result = run_method(_config(workload_dir, "uvm"))
     assert result.status == "error"
     assert "needs a CUDA GPU" in result.error
+
+
+def test_uvm_refuses_managed_memory_not_below_the_free_memory(workload_dir: Path) -> None:
+    need = managed_bytes(load_workload(workload_dir))
+    check_fits(need, need + 1)
+    with pytest.raises(ValueError, match=f"{need} bytes of managed memory .* {need} free"):
+        check_fits(need, need)
 
 
 def test_unknown_method_is_named() -> None:
@@ -171,12 +226,13 @@ def _gpu(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "method",
-    ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore", "uvm"),
+    ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore",
+     "incore-tuned", "save-on-cpu"),
 )
 def test_gpu_methods_train_the_same_model(
-    workload_dir: Path, method: str, reference: MethodResult
+    workload_dir: Path, method: str, order: str, reference: MethodResult
 ) -> None:
-    result = run_method(_gpu(workload_dir, method, gpu_budget=1 << 30))
+    result = run_method(_gpu(workload_dir, method, gpu_budget=1 << 30, order=order))
     assert result.status == "ok", result.error
     assert result.peak_gpu_bytes and result.peak_gpu_bytes < 1 << 30
     np.testing.assert_allclose(result.extra["loss"], reference.extra["loss"], rtol=1e-4)
@@ -209,10 +265,7 @@ def test_incore_over_budget_reports_oom(workload_dir: Path, tmp_path: Path) -> N
     # The process cap is checked only when the allocator reserves a new segment; in this
     # process, earlier tests' partly used segments can serve a tiny workload, so the capped run
     # goes in a fresh process, as aires-bench runs every method.
-    config, out = tmp_path / "config.json", tmp_path / "result.json"
-    _gpu(workload_dir, "incore", gpu_budget=1 << 16).dump(config)
-    subprocess.run([sys.executable, "-m", "bench.methods.run", str(config), str(out)], check=True)
-    result = MethodResult.from_json(json.loads(out.read_text()))
+    result = _run_fresh(tmp_path, _gpu(workload_dir, "incore", gpu_budget=1 << 16))
     assert result.status == "oom", result.error
 
 
@@ -221,12 +274,13 @@ def test_feature_cache_fills_the_room_the_budget_leaves(workload_dir: Path) -> N
     result = run_method(_gpu(workload_dir, "feature-cache", gpu_budget=1 << 30))
     assert result.status == "ok", result.error
     assert result.extra["cached_fraction"] == pytest.approx(1.0)
-    assert result.bytes_h2d is not None
+    assert result.extra["adjacency_cached"] is True
+    assert result.bytes_h2d == 0
 
 
 @pytest.mark.gpu
 def test_uva_view_aliases_pinned_memory() -> None:
-    from bench.methods.feature_cache import uva_view
+    from bench.methods.pinned import uva_view
 
     host = torch.arange(1000, dtype=torch.float32).reshape(100, 10).pin_memory()
     view = uva_view(host, torch.device("cuda"))
@@ -237,12 +291,31 @@ def test_uva_view_aliases_pinned_memory() -> None:
     assert float(view[0, 0]) == -1.0
 
 
-@pytest.mark.gpu
-def test_uvm_memory_stays_on_the_host() -> None:
-    pytest.importorskip("cupy")
-    from bench.methods.uvm import managed_tensor
+def _run_fresh(tmp_path: Path, config: MethodConfig) -> MethodResult:
+    """Run a method in a process of its own, as aires-bench does (a cap or an allocator cannot
+    be undone in this process)."""
+    path, out = tmp_path / "config.json", tmp_path / "result.json"
+    config.dump(path)
+    subprocess.run([sys.executable, "-m", "bench.methods.run", str(path), str(out)], check=True)
+    return MethodResult.from_json(json.loads(out.read_text()))
 
-    array = np.arange(1 << 20, dtype=np.float32)
-    tensor = managed_tensor(array, torch.device("cuda"))  # advice verified inside
-    assert tensor.is_cuda
-    assert float(tensor.sum()) == float(array.astype(np.float64).sum())
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("budget", "policy"), [(1 << 30, "migrating"), (1 << 16, "host-preferred")]
+)
+def test_uvm_policy_follows_the_budget(
+    workload_dir: Path, tmp_path: Path, order: str, reference: MethodResult, budget: int,
+    policy: str,
+) -> None:
+    result = _run_fresh(tmp_path, _gpu(workload_dir, "uvm", gpu_budget=budget, order=order))
+    assert result.status == "ok", result.error
+    assert result.extra["policy"] == policy
+    np.testing.assert_allclose(result.extra["loss"], reference.extra["loss"], rtol=1e-4)
+    if policy == "migrating":
+        assert result.peak_gpu_bytes <= budget
+    else:
+        # Host-preferred: the managed blocks stay in host memory; what the device gained is
+        # the CUDA context's own (kernel modules, library handles), not the managed bytes.
+        assert result.extra["managed_pass_bytes"] > budget
+        assert result.peak_gpu_bytes < result.extra["managed_bytes"]
