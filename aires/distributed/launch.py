@@ -15,7 +15,10 @@ from __future__ import annotations
 import datetime
 import os
 import queue as queues
+import signal
 import socket
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -131,24 +134,58 @@ def launch(
         start_method="spawn",
     )
     got: dict[int, Any] = {}
+    failures: dict[int, tuple[float, str]] = {}
     try:
         # Results are drained while waiting: a large one would otherwise fill the pipe and
         # keep its rank from exiting.
         while not procs.join(_POLL):
-            _drain(results, got)
+            _drain(results, got, failures)
             if len(got) == nproc:
                 received.set()
     except ProcessException as error:
-        raise RankFailedError(f"rank {error.error_index} of {nproc} failed: {error}",
-                              error.error_index) from None
+        _drain(results, got, failures)
+        exits = [p.exitcode for p in procs.processes]
+        rank, message = _first_failure(error, exits, failures)
+        lines = message.strip().splitlines() or [""]
+        # The error's own line first (a command prints it as its one-line error), then where.
+        detail = "" if len(lines) == 1 else "\n" + "\n".join(lines)
+        raise RankFailedError(f"rank {rank} of {nproc} failed: {lines[-1]}{detail}",
+                              rank) from None
     return [got[r] for r in range(nproc)]
 
 
-def _drain(results: Any, got: dict[int, Any]) -> None:
+def _first_failure(
+    error: ProcessException, exits: list[int | None], failures: dict[int, tuple[float, str]]
+) -> tuple[int, str]:
+    """The rank whose failure made the others fail, and its error.
+
+    When one rank fails, its peers fail too (their collectives lose a connection), and the
+    first failure the launcher sees may be a peer's. A rank that died without raising (an
+    exit, a kill: a positive exit code or a signal other than the launcher's SIGTERM, and no
+    error sent) is the cause; otherwise the earliest error sent is.
+    """
+    silent = [r for r, code in enumerate(exits)
+              if code not in (0, None, -signal.SIGTERM) and r not in failures]
+    if silent:
+        code = exits[silent[0]]
+        return silent[0], (f"exited with code {code}" if code > 0
+                           else f"killed by signal {signal.Signals(-code).name}")
+    if failures:
+        rank = min(failures, key=lambda r: failures[r][0])
+        return rank, failures[rank][1]
+    return error.error_index, str(error)
+
+
+def _drain(
+    results: Any, got: dict[int, Any], failures: dict[int, tuple[float, str]]
+) -> None:
     try:
         while not results.empty():
-            rank, value = results.get()
-            got[rank] = value
+            rank, value, failed_at = results.get()
+            if failed_at is None:
+                got[rank] = value
+            else:
+                failures[rank] = (failed_at, value)
     except (EOFError, queues.Empty):  # pragma: no cover - a writer died mid-message
         pass
 
@@ -178,8 +215,13 @@ def _rank_main(
     init_from_env(device, timeout)
     try:
         value = fn(*args)
+    except BaseException:
+        # Sent before the group is torn down, which is what makes the peers fail: this
+        # rank's error is then the earliest (see _first_failure).
+        results.put((rank, traceback.format_exc(), time.monotonic()))
+        raise
     finally:
         dist.destroy_process_group()
-    results.put((rank, value))
+    results.put((rank, value, None))
     # Tensors travel as handles to this process's shared memory: stay until they are read.
     received.wait(timeout)
