@@ -12,7 +12,9 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   put on the device (its arena view, or one copy into the shared input-panel buffer) and the
   adjacency's :class:`~aires.scheduler.Scheduler` streams ``Â``'s tiles against it, writing the
   output panel straight into its tier (the arena, or pinned memory by the scheduler's own
-  write-back stream; NVMe panels through a pinned staging panel).
+  write-back stream; NVMe panels through a pinned staging panel). A rank of a distributed
+  epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
+  filled in (the ``exchange`` hook) before its own tiles stream against it.
 
 Everything runs without autograd except the recomputation inside a backward row pass, which
 builds a graph for one block at a time and back-propagates it at once.
