@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from aires.distributed.partition import row_ranges
 
-__all__ = ["Exchange", "HOST_CHUNK_BYTES", "rank_zero_first"]
+__all__ = ["HOST_CHUNK_BYTES", "Exchange", "rank_zero_first"]
 
 T = TypeVar("T")
 

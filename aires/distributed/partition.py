@@ -12,6 +12,7 @@ numbers, to the scheduler (which reads nothing else of a store).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def row_ranges(tiles: list[TileInfo], rows: int, parts: int) -> list[tuple[int, 
         chosen.append(int(cuts[i]))
         lo = i + 1
     bounds = [0, *chosen, rows]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 class RowRangeStore:

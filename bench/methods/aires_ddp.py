@@ -59,7 +59,6 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
 def _rank(config: MethodConfig) -> MethodResult:
     """One rank: the ``aires`` run on this rank's GPU, capped at the budget there."""
     from aires.distributed import init_from_env
-
     from bench.methods.run import cap_process
 
     device = init_from_env(torch.device(config.device).type)
