@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from aires.checks import check_positive_int, parse_size
+from aires.distributed.launch import DEFAULT_TIMEOUT
 
 __all__ = ["build_parser", "main"]
 
@@ -130,6 +131,21 @@ def _add_train(subparsers: Any) -> None:
         help="also write the result (history included) to this JSON file",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--nproc",
+        type=_positive("--nproc"),
+        default=1,
+        help="processes to split the graph's rows over (torch.distributed: gloo on the CPU, "
+        "nccl on GPUs, one GPU each, each with the budgets above); under torchrun, leave it "
+        "at 1: torchrun starts the processes",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds a collective waits for the other processes before failing "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
     parser.set_defaults(func=_run_train)
 
 
@@ -152,9 +168,54 @@ def _load(dataset: str, root: str | None, scale: float | None, seed: int) -> Any
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from aires.distributed import launch, world_size_from_env
+
+    if args.nproc > 1 and world_size_from_env() > 1:
+        raise ValueError("--nproc: torchrun started the processes already; leave --nproc at 1")
+    if args.nproc > 1:
+        summary = launch(_train_rank, args.nproc, (args,), device=_device_type(args.device),
+                         timeout=args.timeout)[0]
+    else:
+        summary = _train_rank(args)
+    if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
+    print(
+        f"{summary['dataset']}: test accuracy {summary['test_accuracy']:.4f} "
+        f"(val {summary['val_accuracy']:.4f}, final loss {summary['history'][-1]['loss']:.4f}); "
+        f"{summary['epoch_seconds'] * 1e3:.2f} ms per epoch on {summary['device']}"
+        f"{_processes(summary['processes'])} after a {summary['setup_seconds']:.2f} s first epoch"
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def _device_type(device: str | None) -> str:
+    """``cuda`` or ``cpu``: what ``--device`` asks for (CUDA when any and not given)."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+def _processes(n: int) -> str:
+    return "" if n == 1 else f" x {n} processes"
+
+
+def _train_rank(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``aires train`` in this process: alone, or as one rank of ``--nproc`` or ``torchrun``
+    (joined here); the summary on rank 0, ``None`` on the others."""
+    import torch.distributed as dist
+
     from aires.data.prepare import MANIFEST_NAME, open_prepared
+    from aires.distributed import init_from_env, world_size_from_env
     from aires.train import train
 
+    device = args.device
+    if world_size_from_env() > 1:
+        device = init_from_env(_device_type(args.device), args.timeout)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if (Path(args.dataset) / MANIFEST_NAME).is_file():
         graph = open_prepared(args.dataset)
     else:
@@ -172,29 +233,25 @@ def _run_train(args: argparse.Namespace) -> int:
         tile_bytes=args.tile_bytes,
         store_dir=args.store_dir,
         normalize_features=args.normalize_features,
-        device=args.device,
+        device=device,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and rank == 0,
+        distributed=dist.is_initialized(),
     )
-    last = result.history[-1]
-    print(
-        f"{graph.name}: test accuracy {result.test_accuracy:.4f} (val {result.val_accuracy:.4f}, "
-        f"final loss {last.loss:.4f}); {result.epoch_seconds * 1e3:.2f} ms per epoch on "
-        f"{result.device} after a {result.setup_seconds:.2f} s first epoch"
-    )
-    if args.json_out:
-        summary = {
-            "dataset": graph.name,
-            "test_accuracy": result.test_accuracy,
-            "val_accuracy": result.val_accuracy,
-            "epoch_seconds": result.epoch_seconds,
-            "setup_seconds": result.setup_seconds,
-            "device": result.device,
-            "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "history": [dataclasses.asdict(log) for log in result.history],
-        }
-        Path(args.json_out).write_text(json.dumps(summary, indent=2))
-    return 0
+    result.model.close()
+    if rank != 0:
+        return None
+    return {
+        "dataset": graph.name,
+        "test_accuracy": result.test_accuracy,
+        "val_accuracy": result.val_accuracy,
+        "epoch_seconds": result.epoch_seconds,
+        "setup_seconds": result.setup_seconds,
+        "device": result.device,
+        "processes": dist.get_world_size() if dist.is_initialized() else 1,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "history": [dataclasses.asdict(log) for log in result.history],
+    }
 
 
 def _add_tile(subparsers: Any) -> None:
@@ -349,12 +406,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for bad input or an unusable path (a missing dataset, an occupied ``--out``, a budget below
     the minimum working set): one line ``aires <command>: error: <message>`` on stderr.
     """
+    from aires.distributed import RankFailedError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except _ERRORS as error:
         print(f"aires {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RankFailedError as error:  # the rank's own error and traceback, then ours
+        print(f"aires {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ def train(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train a :class:`GCN` on the whole graph and report test accuracy.
 
@@ -240,6 +242,9 @@ def train(
         device: where the model runs; None: CUDA if available, else CPU.
         seed: seed of the initialisation and dropout.
         progress: show a tqdm bar.
+        distributed: this process is one rank of ``torch.distributed``'s default group (already
+            initialised): the graph's rows are split over the ranks (``aires.nn.GCN``'s
+            ``distributed``); every rank gets the same history and accuracies.
 
     Returns:
         A :class:`TrainResult`.
@@ -284,6 +289,7 @@ def train(
         tile_bytes=tile_bytes,
         store_dir=store_dir,
         seed=seed,
+        distributed=distributed,
     )
     first, rest = model.convs[0], model.convs[1:]
     optimizer = torch.optim.Adam(
@@ -424,3 +430,9 @@ def _check_trainable(graph: Graph) -> None:
 def _predict(model: nn.Module, x: Tensor, adj_t: Tensor) -> Tensor:
     model.eval()
     return model(x, adj_t)
+
+
+if __name__ == "__main__":  # ``python -m aires.train`` / ``torchrun -m aires.train``: aires train
+    from aires.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -3,7 +3,11 @@ accuracy with every product out of core."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +285,41 @@ def test_a_prepared_graph_trains_in_place_like_the_graph_it_came_from(tmp_path: 
     assert prepared.test_accuracy == pytest.approx(in_memory.test_accuracy)
     with pytest.raises(ValueError, match="used as prepared"):
         train(open_prepared(path), normalize_features=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _losses(path: Path) -> list[float]:
+    return [epoch["loss"] for epoch in json.loads(path.read_text())["history"]]
+
+
+TRAIN_ARGS = ["--dataset", "cora", "--epochs", "3", "--device", "cpu", "--quiet"]
+
+
+def test_nproc_2_trains_as_one_process_does(tmp_path: Path) -> None:
+    """``aires train --nproc 2``: the rows split over two gloo processes, the same losses."""
+    from aires.cli import main
+
+    assert main(["train", *TRAIN_ARGS, "--json", str(tmp_path / "one.json")]) == 0
+    assert main(["train", *TRAIN_ARGS, "--nproc", "2", "--json", str(tmp_path / "two.json")]) == 0
+    assert json.loads((tmp_path / "two.json").read_text())["processes"] == 2
+    assert _losses(tmp_path / "two.json") == pytest.approx(_losses(tmp_path / "one.json"),
+                                                           rel=1e-5)
+
+
+def test_torchrun_trains_as_one_process_does(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m aires.train``: the processes torchrun starts join."""
+    from aires.cli import main
+
+    assert main(["train", *TRAIN_ARGS, "--json", str(tmp_path / "one.json")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "aires.train", *TRAIN_ARGS,
+               "--json", str(tmp_path / "two.json")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "x 2 processes" in done.stdout
+    assert _losses(tmp_path / "two.json") == pytest.approx(_losses(tmp_path / "one.json"),
+                                                           rel=1e-5)

@@ -9,12 +9,13 @@ from aires.checks import format_bytes
 
 __all__ = ["Traffic", "PATHS"]
 
-PATHS = ("h2d", "d2h", "disk_read", "disk_write")
+PATHS = ("h2d", "d2h", "disk_read", "disk_write", "exchange")
 
 
 @dataclass
 class Traffic:
-    """Bytes over each path: host to device, device to host, NVMe reads and writes.
+    """Bytes over each path: host to device, device to host, NVMe reads and writes, and the
+    bytes a rank receives from the other ranks (``exchange``; 0 in one process).
 
     Counters are added to from the main thread and from disk writer threads, under a lock.
     """
@@ -23,6 +24,7 @@ class Traffic:
     d2h: int = 0
     disk_read: int = 0
     disk_write: int = 0
+    exchange: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, path: str, nbytes: int) -> None:

@@ -12,7 +12,9 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   put on the device (its arena view, or one copy into the shared input-panel buffer) and the
   adjacency's :class:`~aires.scheduler.Scheduler` streams ``Â``'s tiles against it, writing the
   output panel straight into its tier (the arena, or pinned memory by the scheduler's own
-  write-back stream; NVMe panels through a pinned staging panel).
+  write-back stream; NVMe panels through a pinned staging panel). A rank of a distributed
+  epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
+  filled in (the ``exchange`` hook) before its own tiles stream against it.
 
 Everything runs without autograd except the recomputation inside a backward row pass, which
 builds a graph for one block at a time and back-propagates it at once.
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +36,9 @@ from aires.blocks.sparse import SparseRows
 from aires.nn.plan import Plan
 from aires.scheduler import Scheduler
 from aires.scheduler.transfer import pinned_empty
+
+if TYPE_CHECKING:
+    from aires.distributed.exchange import Exchange
 
 __all__ = ["Engine"]
 
@@ -65,6 +70,10 @@ class Engine:
         reserve: device bytes the scheduler keeps for one call's output staging and workspace.
         sparse_x: the input features when they are sparse (kept as host CSR, not planned).
         scheduler_options: further :class:`~aires.scheduler.Scheduler` arguments.
+        exchange: this process's share of a distributed epoch (:mod:`aires.distributed`):
+            ``plan.rows`` of ``exchange.rows`` rows, from ``exchange.start``. Each aggregation's
+            input panel then holds all the rows, this rank's copied in and the others' received
+            (:meth:`~aires.distributed.Exchange.complete`). ``None``: one process, all rows.
     """
 
     def __init__(
@@ -78,8 +87,10 @@ class Engine:
         reserve: int,
         sparse_x: torch.Tensor | None = None,
         scheduler_options: dict[str, Any] | None = None,
+        exchange: Exchange | None = None,
     ) -> None:
         self.plan = plan
+        self.exchange = exchange
         self.device = device
         self.dtype = dtype
         self.cuda = device.type == "cuda"
@@ -172,14 +183,21 @@ class Engine:
         return len(calls)
 
     def _panel_on_device(self, src: PanelTensor, p: int) -> torch.Tensor:
-        if src.tiers[p] == "gpu":
+        ex = self.exchange
+        if src.tiers[p] == "gpu" and ex is None:
             return src.device_panel(p)
+        rows, start = (src.rows, 0) if ex is None else (ex.rows, ex.start)
         offset = self.plan.panel_offsets[src.name]
-        panel = self.arenas.device[offset : offset + src.panel_bytes(p)]
-        x = panel.view(self.dtype).view(src.rows, -1)
-        bounce = self._staging
-        src.read_panel(p, x, bounce)
-        return x
+        panel = self.arenas.device[offset : offset + src.panel_bytes(p, rows)]
+        full = panel.view(self.dtype).view(rows, -1)
+        x = full[start : start + src.rows]
+        if src.tiers[p] == "gpu":
+            x.copy_(src.device_panel(p))
+        else:
+            src.read_panel(p, x, self._staging)
+        if ex is not None:
+            self.traffic.add("exchange", ex.complete(full))
+        return full
 
     # ----------------------------------------------------------------- row-local passes
 

@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aires.checks import check_positive_int, parse_size
 from aires.data._splitmix import stream_key, uniform
+from aires.distributed import Exchange, RowRangeStore, rank_zero_first
 from aires.gcn_conv import choose_order, tile_adjacency
 from aires.nn.engine import Engine
 from aires.nn.plan import Plan, plan_epoch
@@ -45,8 +47,14 @@ from aires.scheduler import resolve_device, spmm_reserve
 from aires.scheduler.placement import default_gpu_budget, default_host_budget
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.tiling import TileStore
+from aires.tiling.plan import DEFAULT_ALIGNMENT
 
 __all__ = ["GCN", "EpochStats", "dropout_mask"]
+
+#: Tiles per rank a distributed model asks of the store it tiles itself (without
+#: ``tile_bytes``): the ranks' rows are cut on tile boundaries, so the nonzeros of two ranks
+#: differ by at most about one tile, ``1 / TILES_PER_RANK`` of a rank's share.
+TILES_PER_RANK = 8
 
 
 def dropout_mask(r0: int, rows: int, cols: int, p: float, key: int, device: torch.device) -> Tensor:
@@ -133,6 +141,13 @@ class GCN(nn.Module):
         seed: seed of the dropout masks.
         panel_cols: force the column-panel width (``None``: the planner's choice).
         scheduler_options: further :class:`~aires.scheduler.Scheduler` arguments.
+        distributed: split the rows over the ranks of ``torch.distributed``'s default process
+            group (initialised by the caller, e.g. :func:`aires.distributed.launch` or
+            ``torchrun``): each rank keeps its rows of every tensor and its tiles of ``Â``
+            under its own budgets, completes each aggregation's input panel from the others,
+            and sums the loss and the weight gradients with them (:mod:`aires.distributed`).
+            Every rank passes the same whole inputs; the loss, the gradients and the logits
+            are the whole graph's on every rank.
 
     Shapes:
         - input: ``x`` ``(N, F_in)`` dense (torch, numpy or a ``np.memmap``) or torch sparse
@@ -162,6 +177,7 @@ class GCN(nn.Module):
         seed: int = 0,
         panel_cols: int | None = None,
         scheduler_options: dict[str, Any] | None = None,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int(num_layers, "num_layers")
@@ -187,6 +203,7 @@ class GCN(nn.Module):
         self.seed = int(seed)
         self.panel_cols = panel_cols
         self.scheduler_options = scheduler_options
+        self.distributed = bool(distributed)
         self.convs = nn.ModuleList(_Layer(dims[i], dims[i + 1]) for i in range(num_layers))
         self.to(self.device)
         self.stats = EpochStats()
@@ -207,10 +224,12 @@ class GCN(nn.Module):
             mask: ``(N,)`` bool mask or an index tensor of the training rows.
         """
         state = self._prepare(x, adj)
-        labels = _labels(y, mask, state.rows, self.dims[-1], self.device)
+        labels = _labels(y, mask, state.all_rows, self.dims[-1], self.device)
+        count = max(int((labels >= 0).sum()), 1)
+        labels = labels[state.first : state.first + state.rows]
         self._step += 1
         params = [t for pair in self._leaves() for t in pair]
-        return _EpochLoss.apply(self, state, labels, *params)
+        return _EpochLoss.apply(self, state, labels, count, *params)
 
     def forward(self, x: Any, adj: Any) -> Tensor:
         """Logits ``(N, out_channels)`` in host memory (dropout applies in training mode)."""
@@ -220,15 +239,17 @@ class GCN(nn.Module):
             state.epoch += 1  # overwrites what a pending loss's backward would read
             self._forward(state, training=self.training, step=self._step)
             last = state.program.stages[-1]
-            out = torch.empty((state.rows, last.out_cols), dtype=state.dtype)
-            engine = state.engine
+            out = torch.empty((state.all_rows, last.out_cols), dtype=state.dtype)
+            engine, first = state.engine, state.first
 
             def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
-                out[r0:r1].copy_(self._run_ops(last.ops, inputs[0], r0, self.training,
-                                             self._step, self._leaves()))
+                out[first + r0 : first + r1].copy_(self._run_ops(
+                    last.ops, inputs[0], first + r0, self.training, self._step, self._leaves()))
                 return []
 
             engine.rows_pass([last.source], [], block)
+            if state.exchange is not None:
+                engine.traffic.add("exchange", state.exchange.complete_host(out))
             self._end(state, start)
         return out
 
@@ -274,11 +295,14 @@ class GCN(nn.Module):
                 )
                 for layer in range(len(self.dims) - 1)
             ]
-        if x_nnz is not None and self.dropout > 0 and orders[0] == "aggregate_first":
+        # A sparse X aggregated first is one SpGEMM over all of X: dropout would make it dense,
+        # and split over ranks each would need every rank's rows of X.
+        why = ("dropout on sparse input features" if self.dropout > 0 else
+               "distributed=True with sparse input features" if self.distributed else None)
+        if x_nnz is not None and why and orders[0] == "aggregate_first":
             if self.order == "aggregate_first":
                 raise NotImplementedError(
-                    "dropout on sparse input features needs order='transform_first' for the "
-                    "first layer (its dropout would make Â·X dense)"
+                    f"{why} needs order='transform_first' for the first layer"
                 )
             orders[0] = "transform_first"
         return orders
@@ -297,7 +321,7 @@ class GCN(nn.Module):
         step: int,
         params: list[tuple[Tensor, Tensor]],
     ) -> Tensor:
-        """One ``Rows`` stage on a row block starting at row ``r0``."""
+        """One ``Rows`` stage on a row block starting at row ``r0`` of the whole graph."""
         k = 0
         while k < len(ops):
             op = ops[k]
@@ -336,35 +360,35 @@ class GCN(nn.Module):
 
     def _forward(self, state: _State, *, training: bool, step: int) -> None:
         """Every stage but the last."""
-        engine, params = state.engine, self._leaves()
+        engine, params, first = state.engine, self._leaves(), state.first
         for stage in state.program.stages[:-1]:
             if isinstance(stage, Aggregate):
                 engine.aggregate(stage.source, stage.target)
             else:
 
                 def block(r0: int, r1: int, inputs: list[Tensor], ops=stage.ops) -> list[Tensor]:
-                    return [self._run_ops(ops, inputs[0], r0, training, step, params)]
+                    return [self._run_ops(ops, inputs[0], first + r0, training, step, params)]
 
                 engine.rows_pass([stage.source], [stage.target], block)
             state.mark(f"{type(stage).__name__.lower()} {stage.source}->{stage.target}")
 
     def _loss_and_backward_pass(
-        self, state: _State, labels: Tensor, leaves: list[tuple[Tensor, Tensor]]
+        self, state: _State, labels: Tensor, count: int, leaves: list[tuple[Tensor, Tensor]]
     ) -> Tensor:
         """The loss stage, forward and backward in one pass: the loss, and ``d source``.
 
-        ``labels`` holds ``-1`` on the rows outside the loss."""
+        ``labels`` holds this process's rows' labels, ``-1`` on the rows outside the loss;
+        ``count`` is the number of rows in the loss over the whole graph."""
         last = state.program.stages[-1]
         needs = last.source in state.program.needs_grad
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = max(int((labels >= 0).sum()), 1)
-        step, training = self._step, self.training
+        step, training, first = self._step, self.training, state.first
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
             nonlocal total
             with torch.enable_grad():
                 h = inputs[0].detach().requires_grad_(needs)
-                logits = self._run_ops(last.ops, h, r0, training, step, leaves)
+                logits = self._run_ops(last.ops, h, first + r0, training, step, leaves)
                 target = labels[r0:r1].to(self.device, non_blocking=True)
                 # Rows outside the loss are labelled -1 and ignored: indexing by a mask would
                 # wait for the device to count the selected rows, once per block.
@@ -376,12 +400,15 @@ class GCN(nn.Module):
 
         targets = ["d" + last.source] if needs else []
         state.engine.rows_pass([last.source], targets, block)
+        if state.exchange is not None:
+            state.exchange.sum_(total)
         state.mark(f"loss {last.source}")
         return total
 
     def _backward(self, state: _State, leaves: list[tuple[Tensor, Tensor]]) -> None:
         """Every stage but the last, in reverse."""
         program, engine, step, training = state.program, state.engine, self._step, self.training
+        first = state.first
         for stage in reversed(program.stages[:-1]):
             if isinstance(stage, Aggregate):
                 if stage.source not in program.needs_grad:
@@ -396,7 +423,7 @@ class GCN(nn.Module):
                         h = inputs[0]
                         if needs:
                             h = h.detach().requires_grad_(True)
-                        out = self._run_ops(ops, h, r0, training, step, leaves)
+                        out = self._run_ops(ops, h, first + r0, training, step, leaves)
                         out.backward(inputs[1])
                     return [h.grad] if needs else []
 
@@ -447,7 +474,7 @@ class _EpochLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, model: GCN, state: _State, labels: Tensor, *params: Tensor
+        ctx: Any, model: GCN, state: _State, labels: Tensor, count: int, *params: Tensor
     ) -> Tensor:
         ctx.model, ctx.state = model, state
         start = model._begin(state)
@@ -459,7 +486,7 @@ class _EpochLoss(torch.autograd.Function):
         ]
         with torch.no_grad():
             model._forward(state, training=model.training, step=model._step)
-            loss = model._loss_and_backward_pass(state, labels, leaves)
+            loss = model._loss_and_backward_pass(state, labels, count, leaves)
         ctx.leaves = leaves
         ctx.start = start
         return loss.to(params[0].dtype)
@@ -475,12 +502,25 @@ class _EpochLoss(torch.autograd.Function):
             )
         with torch.no_grad():
             model._backward(state, leaves)
+            if state.exchange is not None:
+                _sum_grads(state.exchange, [leaf for pair in leaves for leaf in pair])
         model._end(state, ctx.start)
         grads: list[Tensor | None] = []
         for w, b in leaves:
             for leaf in (w, b):
                 grads.append(None if leaf.grad is None else leaf.grad * grad)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
+
+
+def _sum_grads(exchange: Exchange, leaves: list[Tensor]) -> None:
+    """Every leaf's gradient summed over the ranks, in one collective (a rank's gradient is
+    its rows' share; a leaf without one contributes zeros, so every rank sends the same)."""
+    for leaf in leaves:
+        if leaf.grad is None:
+            leaf.grad = torch.zeros_like(leaf)
+    flat = exchange.sum_(torch.cat([leaf.grad.reshape(-1) for leaf in leaves]))
+    for leaf, part in zip(leaves, flat.split([leaf.numel() for leaf in leaves]), strict=True):
+        leaf.grad.copy_(part.view_as(leaf))
 
 
 @dataclass
@@ -495,9 +535,20 @@ class _State:
     dtype: torch.dtype
     cuda: bool
     scratch: tempfile.TemporaryDirectory | None
+    exchange: Exchange | None = None
     peak_used: int = 0
     marks: list[tuple[str, Any]] = field(default_factory=list)
     epoch: int = 0  # forward passes run; a loss's backward must follow its own
+
+    @property
+    def first(self) -> int:
+        """This process's first row of the graph."""
+        return 0 if self.exchange is None else self.exchange.start
+
+    @property
+    def all_rows(self) -> int:
+        """The graph's rows (``rows`` are this process's)."""
+        return self.rows if self.exchange is None else self.exchange.rows
 
     @classmethod
     def build(cls, model: GCN, x: Any, adj: Any, key: tuple[int, int]) -> _State:
@@ -515,6 +566,9 @@ class _State:
         x_nnz = int(x._nnz()) if sparse else None
         program = build_program(model.dims, model.orders(rows, int(store.nnz), x_nnz),
                                 model.dropout)
+        exchange = _exchange(model, store)
+        if exchange is not None:
+            store = RowRangeStore(store, exchange.start, exchange.stop)
         cuda = model.device.type == "cuda"
         gpu, host = _budgets(model)
         item = torch.empty((), dtype=dtype).element_size()
@@ -523,20 +577,30 @@ class _State:
         def reserve(w: int) -> int:
             return spmm_reserve(store, w, dtype, device=model.device, out="host")
 
-        plan = plan_epoch(
-            _dense_part(program, sparse),
-            rows=rows,
-            item=item,
-            tile_nbytes=[int(t.nbytes) for t in store.tiles],
-            adjacency_reserve=reserve,
-            gpu_budget=gpu,
-            host_budget=host,
-            param_bytes=params,
-            cuda=cuda,
-            nnz=int(store.nnz),
-            direct_disk=not cuda or store.io_mode != "posix",
-            panel_cols=model.panel_cols,
-        )
+        def plan_for(panel_cols: int | None) -> Plan:
+            return plan_epoch(
+                _dense_part(program, sparse),
+                rows=int(store.shape[0]),
+                item=item,
+                tile_nbytes=[int(t.nbytes) for t in store.tiles],
+                adjacency_reserve=reserve,
+                gpu_budget=gpu,
+                host_budget=host,
+                param_bytes=params,
+                cuda=cuda,
+                nnz=int(store.nnz),
+                direct_disk=not cuda or store.io_mode != "posix",
+                panel_cols=panel_cols,
+                source_rows=None if exchange is None else rows,
+            )
+
+        plan = plan_for(model.panel_cols)
+        if exchange is not None:
+            # Every rank runs the same passes over the same panels: the narrowest width any
+            # rank chose fits every rank (a narrower panel needs less of each budget).
+            agreed = exchange.minimum(plan.panel_cols)
+            if agreed != plan.panel_cols:
+                plan = plan_for(agreed)
         scratch = None
         directory = model.scratch_dir
         if directory is None:
@@ -549,12 +613,14 @@ class _State:
             dtype,
             Path(directory),
             reserve=reserve(plan.panel_cols),
-            sparse_x=x if sparse else None,
+            sparse_x=_sparse_rows(x, exchange) if sparse else None,
             scheduler_options=model.scheduler_options,
+            exchange=exchange,
         )
+        first = 0 if exchange is None else exchange.start
         if not sparse:
-            _fill(engine.tensors["x"], x, plan.block_rows, dtype)
-        return cls(key, program, plan, engine, rows, dtype, cuda, scratch)
+            _fill(engine.tensors["x"], x, plan.block_rows, dtype, first)
+        return cls(key, program, plan, engine, plan.rows, dtype, cuda, scratch, exchange)
 
     def mark(self, label: str) -> None:
         """The end of a pass: fold the device's used memory now into the peak, and time it."""
@@ -606,10 +672,54 @@ def _store(model: GCN, adj: Any, rows: int, dtype: torch.dtype) -> TileStore:
         if tuple(adj.shape) != (rows, rows):
             raise ValueError(f"adj has shape {tuple(adj.shape)} but x has {rows} rows")
         return adj
-    return tile_adjacency(
-        adj, rows, dtype, tile_bytes=model.tile_bytes,
-        store_dir=None if model.store_dir is None else Path(model.store_dir),
-    )
+
+    def build(tile_bytes: int | None) -> TileStore:
+        return tile_adjacency(
+            adj, rows, dtype, tile_bytes=tile_bytes,
+            store_dir=None if model.store_dir is None else Path(model.store_dir),
+        )
+
+    def build_for_ranks() -> TileStore:
+        """A store of at least :data:`TILES_PER_RANK` tiles a rank, unless told the size: the
+        ranks' rows are cut on tile boundaries, so a small graph in a few large tiles could
+        not be split evenly (or at all)."""
+        store = build(model.tile_bytes)
+        ranks = dist.get_world_size()
+        if model.tile_bytes is not None or len(store) >= TILES_PER_RANK * ranks:
+            return store
+        total = sum(int(t.nbytes) for t in store.tiles)
+        return build(max(DEFAULT_ALIGNMENT, total // (TILES_PER_RANK * ranks)
+                         // DEFAULT_ALIGNMENT * DEFAULT_ALIGNMENT))
+
+    if not model.distributed:
+        return build(model.tile_bytes)
+    if model.store_dir is not None:
+        # The ranks share the directory: rank 0 builds the store, the others reuse it.
+        return rank_zero_first(build_for_ranks, model.device)
+    return build_for_ranks()
+
+
+def _exchange(model: GCN, store: TileStore) -> Exchange | None:
+    """This rank's share of the rows (``None`` unless ``model.distributed``), with the
+    parameters made rank 0's, as replicated weights must start."""
+    if not model.distributed:
+        return None
+    exchange = Exchange.over(store, model.device)
+    with torch.no_grad():
+        for p in model.parameters():
+            exchange.broadcast_(p.data)
+    return exchange
+
+
+def _sparse_rows(x: Tensor, exchange: Exchange | None) -> Tensor:
+    """A sparse ``x``, or this rank's rows of it (as CSR) when distributed."""
+    if exchange is None:
+        return x
+    x = x.coalesce().to_sparse_csr() if x.layout == torch.sparse_coo else x
+    crow, a, b = x.crow_indices(), exchange.start, exchange.stop
+    lo, hi = int(crow[a]), int(crow[b])
+    return torch.sparse_csr_tensor(crow[a : b + 1] - lo, x.col_indices()[lo:hi],
+                                   x.values()[lo:hi], (b - a, x.shape[1]))
 
 
 def _dense_part(program: Program, sparse_x: bool) -> Program:
@@ -628,11 +738,12 @@ def _dense_part(program: Program, sparse_x: bool) -> Program:
     return Program(stages, widths, program.needs_grad)
 
 
-def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype) -> None:
-    """Copy ``x`` (torch, numpy or memmap rows) into the panels of ``t``, a block at a time."""
+def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -> None:
+    """Copy ``x``'s rows from ``first`` (torch, numpy or memmap rows) into the panels of ``t``,
+    a block at a time."""
     for r0 in range(0, t.rows, block_rows):
         r1 = min(r0 + block_rows, t.rows)
-        block = x[r0:r1]
+        block = x[first + r0 : first + r1]
         block = block.detach().to("cpu") if isinstance(block, Tensor) else torch.from_numpy(
             np.ascontiguousarray(block)
         )

@@ -20,6 +20,7 @@ writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned 
     D2H  = sum over host and NVMe panels of writes * |panel|
     disk read  = sum over NVMe panels of reads * |panel| + p * |Â|_d
     disk write = sum over NVMe panels of writes * |panel|
+    exchange   = (source_rows - rows) * item * the columns of all passes (a rank's receipts)
 
 Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
 saved per byte held (``k_T`` for a panel, ``p`` for the adjacency), trying every panel width
@@ -277,6 +278,7 @@ def plan_epoch(
     direct_disk: bool | None = None,
     bandwidths: Bandwidths | None = None,
     panel_cols: int | None = None,
+    source_rows: int | None = None,
 ) -> Plan:
     """The plan with the least predicted transfer time, or a ``ValueError`` naming the minimum.
 
@@ -295,6 +297,11 @@ def plan_epoch(
             or the CPU); else they need a pinned bounce buffer. ``None``: ``not cuda``.
         bandwidths: for ranking plans; priors when ``None``.
         panel_cols: force ``w`` (tests); ``None`` tries every width.
+        source_rows: rows of an aggregation's input panel when they are more than ``rows``:
+            a rank of a distributed epoch (:mod:`aires.distributed`) holds ``rows`` rows of
+            every tensor but multiplies its tiles by whole panels of ``source_rows`` (all
+            ``N``), received from the other ranks into the input-panel buffer, which every
+            aggregation then needs; the bytes received are the ``exchange`` traffic.
     """
     bandwidths = bandwidths or Bandwidths()
     direct_disk = not cuda if direct_disk is None else direct_disk
@@ -304,7 +311,8 @@ def plan_epoch(
     if panel_cols is not None:
         widths = [min(panel_cols, widest)]
     problem = _Problem(program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget,
-                       host_budget, param_bytes, cuda, direct_disk)
+                       host_budget, param_bytes, cuda, direct_disk,
+                       rows if source_rows is None else source_rows)
     best: Plan | None = None
     minimum = None
     for w in widths:
@@ -352,12 +360,13 @@ class _Problem:
     param_bytes: int
     cuda: bool
     direct_disk: bool
+    source_rows: int
 
 
 def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     """The plan with panels of ``w`` columns, ``adjacency_share`` of the room first to ``Â``."""
     (program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
-     param_bytes, cuda, direct_disk) = (
+     param_bytes, cuda, direct_disk, source_rows) = (
         getattr(problem, f.name) for f in dataclasses.fields(problem)
     )
     widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
@@ -391,9 +400,11 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     slot = max(tile_nbytes, default=0)
     adjacency_min = (MIN_SLOTS + 1) * slot + adjacency_reserve(w)
     panel_bytes = rows * w * item
+    input_bytes = source_rows * w * item  # the aggregation's input-panel buffer
+    gathered = source_rows != rows
     least_rows = min(rows, MIN_BLOCK_ROWS)
     margin = MARGIN if cuda else 0
-    others = fixed_params + adjacency_min + panel_bytes + margin
+    others = fixed_params + adjacency_min + input_bytes + margin
     if others + least_rows * row_floats * item > gpu_budget:
         raise _TooSmall(others + least_rows * row_floats * item)
     rows_room = min(int(gpu_budget * ROWS_SHARE), gpu_budget - others)
@@ -425,14 +436,14 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         out = []
         for k in agg_steps:
             src = steps[k][1][0][0]
-            if any((i.name, i.panel) not in on_gpu for i in items if i.name == src):
+            if gathered or any((i.name, i.panel) not in on_gpu for i in items if i.name == src):
                 out.append((k, src))
         return out
 
     def arena_blocks(chosen: list[_Item]) -> list[tuple[int, int, int, tuple[str, Any]]]:
         on_gpu = {(i.name, i.panel) for i in chosen}
         blocks = [(i.nbytes, i.first, i.last, (i.name, i.panel)) for i in chosen]
-        return blocks + [(panel_bytes, k, k, ("<panel>", src)) for k, src in needs_panel(on_gpu)]
+        return blocks + [(input_bytes, k, k, ("<panel>", src)) for k, src in needs_panel(on_gpu)]
 
     def arena(chosen: list[_Item]) -> tuple[dict[tuple[str, Any], int], int]:
         return _first_fit(arena_blocks(chosen))
@@ -447,7 +458,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         over all placed blocks per block)."""
         placed = _Arena()
         for k, src in needs_panel(set()):
-            placed.add(*placed.offset(panel_bytes, k, k), k, k)
+            placed.add(*placed.offset(input_bytes, k, k), k, k)
         repacks = 0
         for cand in items:
             offset, size = placed.offset(cand.nbytes, cand.first, cand.last)
@@ -555,6 +566,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
                                    writes.get(name, 0), *span[name])
     traffic.h2d += passes * (adjacency_host + adjacency_disk)
     traffic.disk_read += passes * adjacency_disk
+    traffic.exchange = (source_rows - rows) * pass_columns * item
     pinned = host_arena + adjacency_host + (staging if any_disk else 0)
     breakdown = {
         "parameters": fixed_params,

@@ -23,6 +23,7 @@ __all__ = [
 
 METHODS: dict[str, str] = {
     "aires": "bench.methods.aires",
+    "aires-ddp": "bench.methods.aires_ddp",
     "uvm": "bench.methods.uvm",
     "feature-cache": "bench.methods.feature_cache",
     "naive": "bench.methods.naive",

@@ -75,6 +75,7 @@ from bench.methods.workload import Workload
 
 __all__ = [
     "PYG_ORDER", "VARIANTS", "SchedulerAdjacency", "missing_options", "product_widths", "run",
+    "run_model", "tile_store",
 ]
 
 #: Ablation variant -> (tile alignment, Scheduler keyword arguments).
@@ -209,20 +210,24 @@ def _stats_result(
     return result
 
 
-def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -> MethodResult:
-    """``aires``: the whole-model out-of-core :class:`aires.nn.GCN` under the process budget."""
+def run_model(
+    workload: Workload, config: MethodConfig, device: torch.device, *, distributed: bool = False
+) -> MethodResult:
+    """``aires``: the whole-model out-of-core :class:`aires.nn.GCN` under the process budget
+    (one rank of ``aires-ddp`` when ``distributed``)."""
     from aires.nn import GCN
 
     dims = layer_dims(workload, config)
     order = "auto" if config.order == "auto" else "transform_first"
     scratch = tempfile.TemporaryDirectory(prefix="aires-bench-panels-")
     model = GCN(dims[0], config.hidden, dims[-1], num_layers=config.layers, device=device,
-                order=order, gpu_budget=config.gpu_budget, scratch_dir=scratch.name)
+                order=order, gpu_budget=config.gpu_budget, scratch_dir=scratch.name,
+                distributed=distributed)
     with torch.no_grad():
         for layer, (weight, bias) in zip(model.convs, initial_parameters(dims, config.seed)):
             layer.lin.weight.copy_(weight.T)
             layer.bias.copy_(bias)
-    store = _store(workload, config, 4096)
+    store = tile_store(workload, config, 4096)
     y = torch.from_numpy(np.array(workload.y, dtype=np.int64))
     rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
     files = [store.data_path, *_feature_file(workload), Path(scratch.name)]
@@ -240,7 +245,8 @@ def _run_model(workload: Workload, config: MethodConfig, device: torch.device) -
                         plan=stats.plan,
                         passes_per_epoch=stats.passes, io_mode=stats.io_mode,
                         predicted_bytes=stats.predicted, measured_bytes=stats.measured,
-                        peak_device_used=stats.peak_device_used)
+                        peak_device_used=stats.peak_device_used,
+                        pass_columns=model.plan(workload.x, store).pass_columns)
     result.bytes_h2d = stats.measured["h2d"]
     result.bytes_disk = stats.measured["disk_read"]
     model.close()
@@ -254,7 +260,7 @@ def _feature_file(workload: Workload) -> list[Path]:
     return [Path(name)] if name else []
 
 
-def _store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
+def tile_store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
     """The tile store of ``Â`` at ``alignment``, built once per workload, tile size, alignment."""
     from aires.tiling import TileStore, build_store
 
@@ -278,7 +284,7 @@ def _run_ablation(
             f"ablation {variant!r} is not available: aires.scheduler.Scheduler has no option "
             f"{', '.join(map(repr, missing))}"
         )
-    store = _store(workload, config, alignment)
+    store = tile_store(workload, config, alignment)
     x = _features(workload, device)
     dims = layer_dims(workload, config)
     orders = layer_orders(workload, config)
@@ -331,7 +337,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     device = config.torch_device()
     variant = config.method.removeprefix("aires").removeprefix("-")
     if not variant:
-        return _run_model(workload, config, device)
+        return run_model(workload, config, device)
     if variant == PYG_ORDER:
-        return _run_model(workload, replace(config, order="pyg"), device)
+        return run_model(workload, replace(config, order="pyg"), device)
     return _run_ablation(workload, config, device, variant)

@@ -24,8 +24,8 @@ from bench.methods.workload import load_workload
 # Ablations whose scheduler option exists run; the others must say what is missing.
 AVAILABLE = [v for v in ABLATIONS if v == PYG_ORDER or not missing_options(VARIANTS[v][1])]
 MISSING = [v for v in ABLATIONS if v not in AVAILABLE]
-CPU_METHODS = ("aires", *(f"aires-{v}" for v in AVAILABLE), "naive", "feature-cache", "incore",
-               "incore-tuned", "save-on-cpu")
+CPU_METHODS = ("aires", "aires-ddp", *(f"aires-{v}" for v in AVAILABLE), "naive",
+               "feature-cache", "incore", "incore-tuned", "save-on-cpu")
 
 
 def _config(workload_dir: Path, method: str, **kw: object) -> MethodConfig:
@@ -66,6 +66,19 @@ def test_cpu_methods_train_the_same_model(
     # ... and every method ran the order asked for (the pyg-order ablation always PyG's).
     asked = "pyg" if method == f"aires-{PYG_ORDER}" else order
     assert (result.extra["order"], result.extra["orders"]) == (asked, ORDERS[asked])
+
+
+def test_aires_ddp_reports_each_ranks_exchange_beside_the_model(workload_dir: Path) -> None:
+    """Over the ranks, every aggregated column's rows are received by all ranks but their
+    owner: ``(P - 1) N`` rows, so the balanced model's ``P`` times is the measured sum."""
+    result = run_method(_config(workload_dir, "aires-ddp"))
+    assert result.status == "ok", result.error
+    ranks = result.extra["per_rank"]
+    assert len(ranks) == result.extra["processes"] == 2
+    assert all(r["measured"] == r["predicted"] for r in ranks)
+    received = sum(r["measured"]["exchange"] for r in ranks)
+    assert received > 0
+    assert received == pytest.approx(2 * result.extra["exchange_model_bytes"], abs=1)
 
 
 def test_the_two_orders_are_different_arithmetic(workload_dir: Path) -> None:

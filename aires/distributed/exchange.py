@@ -1,0 +1,130 @@
+"""The collectives of a GCN epoch split by rows over the ranks of ``torch.distributed``.
+
+Every row-local stage is local to a rank. What crosses ranks:
+
+- **An aggregation's input panel.** ``Â`` is symmetric, so the forward ``Â · Z`` and the
+  backward ``Âᵀ · G`` are the same product: for each column panel of the source, every rank
+  contributes its rows and receives everyone else's (:meth:`Exchange.complete`), then
+  multiplies its own tiles against the whole panel to get its own rows of the output. The
+  ranges are unequal, so the panel is completed by one broadcast per owner, in place, with no
+  padding. A rank receives ``(N - n_rank) * w * item`` bytes per panel, about
+  ``(P - 1) / P`` of the panel when the ranges are balanced.
+- **The loss**, a sum over ranks of each rank's labelled rows (divided by the global count).
+- **The weight gradients**, each rank's sum over its rows, summed over ranks.
+
+The same calls run over ``gloo`` (CPU tensors, CI) and ``nccl`` (the panel is on the GPU). Only
+the default process group is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from aires.distributed.partition import row_ranges
+
+__all__ = ["HOST_CHUNK_BYTES", "Exchange", "rank_zero_first"]
+
+T = TypeVar("T")
+
+#: Bytes per step when host rows are exchanged through the device (NCCL reads device memory
+#: only): a bounded buffer, large enough that each broadcast is bandwidth-bound.
+HOST_CHUNK_BYTES = 64 << 20
+
+
+class Exchange:
+    """This rank's rows of the graph and the collectives that join its epoch to the others'.
+
+    Args:
+        ranges: every rank's ``[start, stop)`` rows, in rank order, covering ``[0, N)``.
+        device: where the collectives' tensors live (the compute device).
+
+    Raises:
+        ValueError: ``torch.distributed`` is not initialised, or ``ranges`` does not have one
+            range per rank.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]], device: torch.device) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("distributed=True needs torch.distributed initialised "
+                             "(aires.distributed.launch, or torchrun and init_process_group)")
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        if len(ranges) != self.size:
+            raise ValueError(f"ranges: {len(ranges)} ranges for {self.size} ranks")
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+        self.start, self.stop = self.ranges[self.rank]
+        self.rows = self.ranges[-1][1]
+        self.device = device
+
+    @classmethod
+    def over(cls, store: Any, device: torch.device) -> Exchange:
+        """The ranks' ranges of ``store``'s rows, balanced by nonzeros (:func:`row_ranges`)."""
+        return cls(row_ranges(store.tiles, int(store.shape[0]), dist.get_world_size()), device)
+
+    @property
+    def local_rows(self) -> int:
+        return self.stop - self.start
+
+    def complete(self, panel: torch.Tensor) -> int:
+        """Fill the other ranks' rows of ``panel`` (``(N, w)``, this rank's rows already in
+        place) from their owners; returns the bytes this rank received."""
+        works = [
+            dist.broadcast(panel[a:b], src=q, async_op=True)
+            for q, (a, b) in enumerate(self.ranges)
+        ]
+        for work in works:
+            work.wait()
+        return (self.rows - self.local_rows) * panel.shape[1] * panel.element_size()
+
+    def complete_host(self, out: torch.Tensor) -> int:
+        """:meth:`complete` for a host tensor (the logits): directly over ``gloo``, through a
+        device buffer of at most :data:`HOST_CHUNK_BYTES` over ``nccl``."""
+        if self.device.type == "cpu":
+            return self.complete(out)
+        row_bytes = max(out[0].numel() * out.element_size(), 1)
+        step = max(1, HOST_CHUNK_BYTES // row_bytes)
+        for q, (a, b) in enumerate(self.ranges):
+            for r0 in range(a, b, step):
+                r1 = min(r0 + step, b)
+                buf = out[r0:r1].to(self.device) if q == self.rank else torch.empty(
+                    (r1 - r0, *out.shape[1:]), dtype=out.dtype, device=self.device)
+                dist.broadcast(buf, src=q)
+                if q != self.rank:
+                    out[r0:r1].copy_(buf)
+        return (self.rows - self.local_rows) * row_bytes
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def minimum(self, value: int) -> int:
+        """The least of every rank's ``value`` (so that all agree, e.g. on a panel width)."""
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank, in place (replicated weights start equal)."""
+        dist.broadcast(tensor, src=0)
+        return tensor
+
+
+
+def rank_zero_first(fn: Callable[[], T], device: torch.device) -> T:
+    """``fn()`` on rank 0, then on the others: rank 0 builds what they then reuse (a tile
+    store in a shared directory) instead of every rank racing to build it."""
+    if dist.get_rank() != 0:
+        _barrier(device)
+    value = fn()
+    if dist.get_rank() == 0:
+        _barrier(device)
+    return value
+
+
+def _barrier(device: torch.device) -> None:
+    """Wait for every rank, over a tensor on ``device`` (NCCL needs to know the GPU)."""
+    dist.all_reduce(torch.zeros(1, device=device))

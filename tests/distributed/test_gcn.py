@@ -1,0 +1,137 @@
+"""``aires.nn.GCN(distributed=True)`` on 2 ``gloo`` processes against the 1-process run.
+
+One launch trains every configuration (a launch costs seconds of process start-up); each test
+then checks one property of what the ranks returned: the losses and weight gradients epoch by
+epoch, the logits, the tiers the budgets forced, and the bytes exchanged against the traffic
+model. The 1-process runs are themselves checked against PyG's in-core ``GCNConv`` in
+``tests/nn/test_gcn.py``; the first configuration is checked against PyG here too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aires.distributed import launch
+from aires.nn import GCN
+from tests.nn.test_gcn import graph, problem, reference_losses, train
+
+EPOCHS = 3
+RANKS = 2
+#: name -> (GCN keyword arguments, dtype, dense graph?). The budgets force tiers on each rank:
+#: ``adjacency``: Â's tiles on the device, in pinned memory and on NVMe (a graph dense enough
+#: that Â outgrows the device budget); ``panels``: the tensors' panels on all three tiers, with
+#: dropout (masks by global row); ``float32``: what a GPU runs, at its tolerance.
+CONFIGS = {
+    "adjacency": ({"num_layers": 3, "gpu_budget": 176 << 10, "host_budget": 24 << 10,
+                   "tile_bytes": "4KiB", "panel_cols": 4}, torch.float64, True),
+    "panels": ({"num_layers": 3, "gpu_budget": 260 << 10, "host_budget": 24 << 10,
+                "tile_bytes": "4KiB", "panel_cols": 4, "dropout": 0.5, "seed": 3},
+               torch.float64, False),
+    "float32": ({"num_layers": 2, "tile_bytes": "4KiB"}, torch.float32, False),
+}
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def inputs(name: str):
+    options, dtype, dense = CONFIGS[name]
+    ei, x, y, mask = problem(dtype=dtype)
+    if dense:
+        ei = graph(400, edges=6000, seed=0)
+    return options, ei, x, y, mask
+
+
+def initial_state(name: str) -> dict[str, torch.Tensor]:
+    options, dtype, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    return GCN(12, 16, 5, device="cpu", **options).to(dtype).state_dict()
+
+
+def run(name: str, state: dict[str, torch.Tensor], distributed: bool) -> dict:
+    """Train configuration ``name`` from ``state``: losses, last gradients, logits, plan."""
+    options, ei, x, y, mask = inputs(name)
+    model = GCN(12, 16, 5, device="cpu", distributed=distributed, **options)
+    model.to(CONFIGS[name][1]).load_state_dict(state)
+    losses, grads = train(model, x, ei, y, mask, EPOCHS)
+    stats = model.stats
+    plan = model.plan(x, ei)
+    out = {
+        "losses": losses,
+        "grads": grads,
+        "measured": stats.measured,
+        "predicted": stats.predicted,
+        "panel_tiers": {t for tensor in plan.tensors.values() for t in tensor.tiers},
+        "adjacency": (plan.adjacency_resident, plan.adjacency_host, plan.adjacency_disk),
+        "rows": plan.rows,
+        "pass_columns": plan.pass_columns,
+        "logits": model.eval()(x, ei),
+    }
+    model.close()
+    return out
+
+
+def rank_runs(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
+    return {name: run(name, state, distributed=True) for name, state in states.items()}
+
+
+@pytest.fixture(scope="module")
+def runs() -> tuple[dict[str, dict], list[dict[str, dict]]]:
+    """The 1-process runs and each rank's, from the same initial weights."""
+    states = {name: initial_state(name) for name in CONFIGS}
+    single = {name: run(name, state, distributed=False) for name, state in states.items()}
+    return single, launch(rank_runs, RANKS, (states,))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_losses_and_gradients_equal_the_one_process_run(runs, name: str) -> None:
+    single, ranks = runs
+    rtol = RTOL[CONFIGS[name][1]]
+    for rank in ranks:
+        assert rank[name]["losses"] == pytest.approx(single[name]["losses"], rel=rtol)
+        for got, want in zip(rank[name]["grads"], single[name]["grads"], strict=True):
+            assert torch.allclose(got, want, rtol=rtol * 10, atol=rtol * 1e-2)
+
+
+def test_losses_equal_pyg_in_core(runs) -> None:
+    _, ranks = runs
+    options, ei, x, y, mask = inputs("adjacency")
+    state = initial_state("adjacency")
+    model = GCN(12, 16, 5, device="cpu", **options).double()
+    model.load_state_dict(state)
+    want, want_grads = reference_losses(model, x, ei, y, mask, EPOCHS)
+    assert ranks[1]["adjacency"]["losses"] == pytest.approx(want, rel=1e-10)
+    for got, ref in zip(ranks[1]["adjacency"]["grads"], want_grads, strict=True):
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_are_the_whole_graphs_on_every_rank(runs, name: str) -> None:
+    single, ranks = runs
+    rtol = RTOL[CONFIGS[name][1]]
+    for rank in ranks:
+        assert torch.allclose(rank[name]["logits"], single[name]["logits"], rtol=rtol * 10,
+                              atol=rtol * 1e-2)
+
+
+def test_budgets_force_every_tier_on_every_rank(runs) -> None:
+    _, ranks = runs
+    for rank in ranks:
+        assert all(b > 0 for b in rank["adjacency"]["adjacency"]), rank["adjacency"]["adjacency"]
+        assert rank["panels"]["panel_tiers"] == {"gpu", "host", "disk"}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exchanged_bytes_equal_the_model(runs, name: str) -> None:
+    """Each rank receives the other ranks' rows of every aggregated panel: measured equals the
+    plan's prediction, and over the ranks ``(P - 1) N`` rows of every aggregated column."""
+    _, ranks = runs
+    item = CONFIGS[name][1].itemsize
+    n = sum(rank[name]["rows"] for rank in ranks)
+    assert n == 400
+    for rank in ranks:
+        assert rank[name]["measured"] == rank[name]["predicted"]
+        assert rank[name]["measured"]["exchange"] == (
+            (n - rank[name]["rows"]) * rank[name]["pass_columns"] * item
+        )
+    total = sum(rank[name]["measured"]["exchange"] for rank in ranks)
+    assert total == (RANKS - 1) * n * ranks[0][name]["pass_columns"] * item
