@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bench.methods.chunks import csr_tensor
+from bench.methods.cold import drop_page_cache
 from bench.methods.result import is_out_of_memory
 from bench.methods.workload import Workload, load_workload
 
@@ -40,7 +41,6 @@ __all__ = [
     "device_facts",
     "disk_read_bandwidth",
     "disk_write_bandwidth",
-    "drop_page_cache",
     "h2d_bandwidth",
     "incore_spmm_ms",
     "io_mode",
@@ -68,30 +68,6 @@ def h2d_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     stop.record()
     stop.synchronize()
     return repeats * nbytes / (start.elapsed_time(stop) / 1e3) / 1e9
-
-
-def drop_page_cache() -> bool:
-    """Drop the whole page cache (clean pages; needs root); whether that was allowed."""
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as control:
-            control.write("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def _evict(path: Path) -> bool:
-    """Drop ``path``'s pages from the page cache; whether an eviction call succeeded."""
-    evicted = False
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-        try:
-            # Evicts this file's clean pages on Linux without root.
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            evicted = True
-        except (AttributeError, OSError):
-            pass
-    return drop_page_cache() or evicted
 
 
 def disk_write_bandwidth(directory: str | Path, nbytes: int) -> float:
@@ -122,7 +98,7 @@ def disk_read_bandwidth(directory: str | Path, nbytes: int) -> tuple[float, bool
         with open(path, "wb") as handle:
             for offset in range(0, nbytes, _READ_CHUNK):
                 handle.write(block[: min(_READ_CHUNK, nbytes - offset)])
-    cold = _evict(path)
+    cold = drop_page_cache([path])
     buffer = bytearray(_READ_CHUNK)
     view = memoryview(buffer)
     start = time.perf_counter()

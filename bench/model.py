@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from aires.checks import parse_size
 from aires.scheduler.placement import format_bytes
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
-from bench.ceilings import disk_read_bandwidth, disk_write_bandwidth, drop_page_cache
+from bench.ceilings import disk_read_bandwidth, disk_write_bandwidth
+from bench.methods.cold import drop_page_cache
 from bench.provenance import git_commit, versions
 
 __all__ = ["main", "parse_args", "floor_seconds"]
@@ -173,10 +174,10 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     # An NVMe tier's reads are the disk's, not the page cache's: dropped before each epoch
     # where the machine allows it (the JSON says whether it did).
     on_disk = bool(plan.disk_bytes or plan.adjacency_disk)
-    cold = on_disk and drop_page_cache()
+    cold = on_disk and drop_page_cache([])  # the whole cache: needs root
     for k in range(spec["warmup"] + spec["epochs"]):
         if cold:
-            drop_page_cache()
+            drop_page_cache([])
         seconds = _timed(device, step)
         if k >= spec["warmup"]:
             times.append(seconds)
