@@ -620,6 +620,7 @@ class _State:
         first = 0 if exchange is None else exchange.start
         if not sparse:
             _fill(engine.tensors["x"], x, plan.block_rows, dtype, first)
+            engine.arenas.sync()
         return cls(key, program, plan, engine, plan.rows, dtype, cuda, scratch, exchange)
 
     def mark(self, label: str) -> None:

@@ -16,8 +16,8 @@ __all__ = ["drop_page_cache"]
 
 def drop_page_cache(paths: Iterable[Path]) -> bool:
     """Drop the pages of ``paths`` (files, or directories: every file below) from the page
-    cache: each file synced and ``posix_fadvise(DONTNEED)``, then the whole cache where the
-    process may (``/proc/sys/vm/drop_caches``, root only).
+    cache: each file synced and ``posix_fadvise(DONTNEED)``, then every file system synced and
+    the whole cache dropped where the process may (``/proc/sys/vm/drop_caches``, root only).
 
     Pages a process has memory-mapped stay; so do pages a GPU-direct read never put there.
 
@@ -37,6 +37,7 @@ def drop_page_cache(paths: Iterable[Path]) -> bool:
                 os.close(fd)
         except (AttributeError, OSError):
             evicted = False
+    os.sync()  # drop_caches drops clean pages only
     try:
         with open("/proc/sys/vm/drop_caches", "w") as control:
             control.write("3\n")
