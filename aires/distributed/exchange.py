@@ -113,7 +113,6 @@ class Exchange:
         return tensor
 
 
-
 def rank_zero_first(fn: Callable[[], T], device: torch.device) -> T:
     """``fn()`` on rank 0, then on the others: rank 0 builds what they then reuse (a tile
     store in a shared directory) instead of every rank racing to build it."""
