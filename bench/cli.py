@@ -4,8 +4,8 @@ With no arguments it runs a small embedded demo in seconds on a CPU-only machine
 PyG and the naive baseline on a small synthetic graph, then the budget case that AIRES exists
 for: a budget of half what in-core PyG holds (:data:`DEMO_BUDGET_SHARE`), at which in-core cannot
 run and AIRES trains, streaming the tiles that do not fit. On the CPU the "device" is host memory
-and the budget bounds what a method holds there for the graph (``--budget-scope data``). On a
-GPU, for example::
+and the budget bounds what a method holds there for the graph; on a GPU it is the whole
+process's (the CUDA allocator capped at it, every peak measured). On a GPU, for example::
 
     aires-bench --dataset products --scale 1 --methods aires,uvm,feature-cache,naive,incore \\
         --gpu-budget 8GiB --epochs 3 --layers 2 --hidden 256 \\
@@ -42,7 +42,7 @@ import torch
 
 from aires.checks import check_positive_int, parse_size
 from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_method
-from bench.methods.config import BUDGET_SCOPES, ORDERS
+from bench.methods.config import ORDERS
 from bench.methods.workload import Workload, load_workload
 from bench.provenance import git_commit
 from bench.report import format_bytes, format_table, plot, plot_sweep, validate
@@ -91,10 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", help="a sweep: every method at each of these budgets, e.g. "
                         "16GiB,8GiB,4GiB,2GiB,1GiB; one JSON, and a plot of epoch time against "
                         "budget, one line per method (instead of --gpu-budget)")
-    parser.add_argument("--budget-scope", choices=BUDGET_SCOPES,
-                        help="process: the whole process is capped at the budget (default on a "
-                        "GPU); data: the budget bounds the graph data a method keeps on the "
-                        "device (default, and the only scope, on a CPU)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (default 1)")
     parser.add_argument("--layers", type=int, default=2, help="GCN layers (default 2)")
@@ -154,11 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     args.disk_bytes = parse_size(args.disk_bytes or ("1GiB" if gpu else "16MiB"), "--disk-bytes")
     args.device = "cuda" if gpu else "cpu"
-    if args.budget_scope is None:
-        args.budget_scope = "process" if gpu else "data"
-    elif args.budget_scope == "process" and not gpu and args.gpu_budget is not None:
-        raise ValueError("--budget-scope process caps the CUDA allocator and needs a GPU; on "
-                         "a CPU use --budget-scope data")
+    # A GPU's budget is the whole process's (the allocator capped at it, the peaks measured);
+    # a CPU has no allocator to cap, so there it bounds what a method keeps for the graph.
+    args.budget_scope = "process" if gpu else "data"
     return args
 
 
@@ -217,14 +211,14 @@ def run_method(
         timeout: seconds before the method is stopped (default ``args.timeout``).
         gpu_budget: the budget of this run (default ``args.gpu_budget``).
         label: the run's name in the results (default: the method, or ``method@budget``).
-        budget_scope: the budget's scope (default ``args.budget_scope``; ``data`` for the
-            demo's budget case).
+        budget_scope: the budget's scope (default ``args.budget_scope``: the process's on a
+            GPU, the graph data's on a CPU).
     """
     label = label or (name if gpu_budget is None else f"{name}@budget")
     config = MethodConfig(
         method=name, workload=str(workload),
         gpu_budget=args.gpu_budget if gpu_budget is None else gpu_budget,
-        budget_scope=budget_scope or (args.budget_scope if gpu_budget is None else "data"),
+        budget_scope=budget_scope or args.budget_scope,
         epochs=args.epochs, warmup=args.warmup,
         layers=args.layers, hidden=args.hidden, lr=args.lr, tile_bytes=args.tile_bytes,
         seed=args.seed, device=args.device, order=args.order,
@@ -335,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results[label] = run_method(
                     args, name, workload_dir, scratch, timeout, budget, label,
-                    args.budget_scope if args.budgets else None,
                 )
             print(f"{results[label].status} ({results[label].extra.get('wall_s', 0):.1f} s)",
                   flush=True)
