@@ -10,7 +10,8 @@ adjacency's tile table and the two budgets, and decides:
 - the tier of every panel: the device (in one arena, where tensors whose lifetimes do not
   overlap share bytes), pinned host memory, or NVMe;
 - how many of ``Â``'s tiles stay on the device and in pinned memory (the scheduler's budgets);
-- ``block_rows``: the rows of one block of a row-local stage.
+- the rows of one block of each row-local pass: the widest pass's blocks take a share of the
+  budget (or what the rest leaves), and narrower passes fit more rows in the same bytes.
 
 **Traffic model** (bytes per epoch; ``|T|`` the bytes of tensor ``T``, ``k_T`` its reads plus
 writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned memory / on NVMe,
@@ -72,13 +73,12 @@ MAX_REPACKS = 32
 MIN_BLOCK_ROWS = 64
 #: The fixed cost of one row block of a row-local pass: its kernel launches and, in backward
 #: and loss passes, one run of the autograd engine. Measured on the H200 at 2 GiB on products:
-#: the loss pass took 28.5 ms for 43 blocks that copied 8.3 ms worth of bytes, about 0.3 to 0.5
-#: ms a block (``bench/results/model-products-h200-*.json``, ``stages``); plans with blocks of
-#: a few rows lose to plans with narrower panels.
+#: the loss pass, which copies 8.3 ms worth of bytes, took 28.5 ms in 43 blocks and 16.5 ms in
+#: 14 (``bench/results/model-products-h200.json``, ``stages``): about 0.4 ms a block. Plans
+#: with blocks of a few rows lose to plans with narrower panels.
 BLOCK_SECONDS = 0.3e-3
 #: Row-block buffers in flight (one being loaded, one computed and written back).
 BUFFERS = 2
-
 
 
 @dataclass(frozen=True)
