@@ -322,10 +322,11 @@ class PanelTensor:
                 done += os.pwritev(fd, [view[done:]], at + done)
 
 
-def aligned_empty(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of host memory starting at a 4 KiB boundary (``O_DIRECT`` needs it)."""
-    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
-    skip = -raw.data_ptr() % _ALIGN
+def aligned_empty(nbytes: int, align: int = _ALIGN) -> torch.Tensor:
+    """``nbytes`` of host memory starting at a multiple of ``align`` (``O_DIRECT`` needs 4 KiB,
+    ``cudaHostRegister`` whole pages)."""
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = -raw.data_ptr() % align
     return raw[skip : skip + nbytes]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from aires.blocks.tensor import aligned_empty
 from aires.scheduler.placement import round_up
 from aires.scheduler.stats import Recorder
 from aires.tiling import TileCorruptError
@@ -162,9 +163,7 @@ def pinned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.empty(int(nbytes), dtype=torch.uint8)
     size = pinned_nbytes(nbytes, device)
-    raw = torch.empty(size + PAGE, dtype=torch.uint8)
-    skip = -raw.data_ptr() % PAGE
-    block = raw[skip : skip + size]
+    block = aligned_empty(size, PAGE)
     cudart = torch.cuda.cudart()
     error = int(cudart.cudaHostRegister(block.data_ptr(), size, 0))
     if error:
