@@ -40,7 +40,6 @@ from bench.methods.workload import Workload, load_workload
 __all__ = [
     "device_facts",
     "disk_read_bandwidth",
-    "disk_write_bandwidth",
     "h2d_bandwidth",
     "incore_spmm_ms",
     "io_mode",
@@ -68,22 +67,6 @@ def h2d_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     stop.record()
     stop.synchronize()
     return repeats * nbytes / (start.elapsed_time(stop) / 1e3) / 1e9
-
-
-def disk_write_bandwidth(directory: str | Path, nbytes: int) -> float:
-    """Sequential write bandwidth (GB/s) of a ``nbytes`` file in ``directory``, through to the
-    disk (``fsync`` inside the timing); the file is removed after."""
-    path = Path(directory) / f"ceiling-write-{nbytes}.bin"
-    block = np.random.default_rng(1).integers(0, 255, _READ_CHUNK, dtype=np.uint8).tobytes()
-    start = time.perf_counter()
-    try:
-        with open(path, "wb", buffering=0) as handle:
-            for offset in range(0, nbytes, _READ_CHUNK):
-                handle.write(block[: min(_READ_CHUNK, nbytes - offset)])
-            os.fsync(handle.fileno())
-        return nbytes / (time.perf_counter() - start) / 1e9
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def disk_read_bandwidth(directory: str | Path, nbytes: int) -> tuple[float, bool]:

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from aires.checks import parse_size
 from aires.scheduler.placement import format_bytes
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
-from bench.ceilings import disk_read_bandwidth, disk_write_bandwidth
+from aires.data.prepare import write_rate
+from bench.ceilings import disk_read_bandwidth
 from bench.methods.cold import drop_page_cache
 from bench.provenance import git_commit, versions
 
@@ -176,7 +177,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     on_disk = bool(plan.disk_bytes or plan.adjacency_disk)
     cold = on_disk and drop_page_cache([])  # the whole cache: needs root
     for k in range(spec["warmup"] + spec["epochs"]):
-        if cold:
+        if cold and k:  # before the first epoch: just dropped
             drop_page_cache([])
         seconds = _timed(device, step)
         if k >= spec["warmup"]:
@@ -239,11 +240,10 @@ def run_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
             out[name] = _COPY_BYTES / best
         del host, dev
     # The disk the NVMe panels and tiles live on, cold: the floor of any byte they move.
-    scratch = spec.get("scratch") or tempfile.gettempdir()
-    out["disk_read"], out["disk_read_cold"] = disk_read_bandwidth(scratch, spec["disk_bytes"])
-    out["disk_read"] *= 1e9
-    out["disk_write"] = disk_write_bandwidth(scratch, spec["disk_bytes"]) * 1e9
-    (Path(scratch) / f"ceiling-{spec['disk_bytes']}.bin").unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=spec.get("scratch")) as disk:
+        out["disk_read"], out["disk_read_cold"] = disk_read_bandwidth(disk, spec["disk_bytes"])
+        out["disk_read"] *= 1e9
+        out["disk_write"] = write_rate(Path(disk), spec["disk_bytes"])
     if spec.get("incore", True):
         out["incore_epoch_s"], out["incore_peak_allocated"], out["incore_losses"] = _incore(
             spec, device

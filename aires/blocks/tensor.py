@@ -73,16 +73,17 @@ class Arenas:
             arenas.path = Path(directory) / f"aires-panels-{os.getpid()}-{id(arenas)}.bin"
             arenas.fd = os.open(arenas.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(arenas.fd, disk_bytes)
-            try:
-                arenas.direct_fd = os.open(arenas.path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
-            except OSError:  # tmpfs and some others refuse O_DIRECT
-                arenas.direct_fd = None
+            if hasattr(os, "O_DIRECT"):
+                try:
+                    arenas.direct_fd = os.open(arenas.path, os.O_RDWR | os.O_DIRECT)
+                except OSError:  # tmpfs and some others refuse O_DIRECT
+                    arenas.direct_fd = None
         return arenas
 
     @property
     def direct(self) -> bool:
         """Whether NVMe panels bypass the page cache."""
-        return self.direct_fd is not None and hasattr(os, "O_DIRECT")
+        return self.direct_fd is not None
 
     def sync(self) -> None:
         """Push the NVMe file's writes through to the disk (after filling panels at set-up, so
@@ -145,7 +146,7 @@ class PanelTensor:
         self._host: dict[int, torch.Tensor] = {}
         self._disk: dict[int, int] = {}  # panel -> byte offset in the file
         self._fd = arenas.fd
-        self._direct_fd = arenas.direct_fd if arenas.direct else None
+        self._direct_fd = arenas.direct_fd
         self.path = arenas.path
         for p, ((c0, c1), tier) in enumerate(zip(self.panels, self.tiers, strict=True)):
             nbytes = rows * (c1 - c0) * self.item

@@ -73,6 +73,7 @@ __all__ = [
     "Synthetic",
     "open_prepared",
     "prepare",
+    "write_rate",
 ]
 
 #: Bumped whenever the same source and settings would give different bytes.
@@ -415,7 +416,7 @@ def _build_prepared(
     dinv = torch.from_numpy(degree.astype(np.float32)).pow(-0.5).numpy()
     del degree
     lap("degrees")
-    ceiling = _write_rate(tmp, _tile_bytes_estimate(n, int(indptr[-1])))
+    ceiling = write_rate(tmp, _tile_bytes_estimate(n, int(indptr[-1])))
     lap("write_ceiling")
     rows = NormalisedRows(csr, indptr, dinv, has_loop)
     store = _build(
@@ -524,8 +525,9 @@ def _disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
 
 
-def _write_rate(tmp: Path, nbytes: int) -> float:
-    """Sequential write rate of the disk under ``tmp``, bytes per second, fsync included."""
+def write_rate(tmp: Path, nbytes: int) -> float:
+    """Sequential write rate of the disk under ``tmp``, bytes per second, fsync included (of
+    ``nbytes``, held between 64 MiB and 1 GiB)."""
     blocks = min(_CEILING_MAX, max(_CEILING_MIN, nbytes)) // _SAMPLE_BLOCK
     block = np.ones(_SAMPLE_BLOCK, dtype=np.uint8)
     sample = tmp / "write-ceiling.bin"
