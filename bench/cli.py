@@ -316,12 +316,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"budget case: {format_bytes(budget)}, {DEMO_BUDGET_SHARE:.0%} of what "
                   "in-core holds (adjacency and features)", flush=True)
         results: dict[str, MethodResult] = {}
+        # A method out of memory at one budget is out of memory at every smaller one: in a
+        # sweep it is recorded so there, with the budget that proved it, and not run again.
+        out_of_memory: dict[str, int] = {}
         for name, budget in runs:
             label = (name if budget is None else
                      f"{name}@{format_bytes(budget)}" if args.budgets else f"{name}@budget")
             print(f"  running {label} ...", end=" ", flush=True)
             timeout = _seconds_left(args.timeout, deadline)
-            if timeout is not None and timeout < MIN_METHOD_SECONDS:
+            proved = out_of_memory.get(name)
+            if args.budgets and proved is not None and budget is not None and budget < proved:
+                results[label] = MethodResult(
+                    status="oom",
+                    error=f"not run: out of memory at the larger budget {format_bytes(proved)}",
+                )
+            elif timeout is not None and timeout < MIN_METHOD_SECONDS:
                 results[label] = MethodResult(
                     status="error",
                     error=f"not run: --time-limit of {args.time_limit:g} s reached",
@@ -330,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[label] = run_method(
                     args, name, workload_dir, scratch, timeout, budget, label,
                 )
+                if results[label].status == "oom" and budget is not None:
+                    out_of_memory[name] = max(budget, out_of_memory.get(name, budget))
             print(f"{results[label].status} ({results[label].extra.get('wall_s', 0):.1f} s)",
                   flush=True)
             doc = document(args, argv, facts, dataset, ceilings, measured["disk_cold"],

@@ -50,7 +50,7 @@ __all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MAR
 #: (to 2 MiB segments for large ones) and the row-local stages' autograd temporaries vary a
 #: little with the block, so a plan that used the budget to the byte would run out of memory.
 MARGIN = 64 << 20
-#: Share of the device budget a row-local stage's working set may take (blocks of rows and
+#: Share of the device budget, less the margin, a row-local stage's working set may take (blocks of rows and
 #: their temporaries). Larger blocks mean fewer kernel launches per pass.
 ROWS_SHARE = 0.2
 #: Floats per row a row-local stage keeps on the device per unit of its widest layer, for the
@@ -407,7 +407,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     others = fixed_params + adjacency_min + input_bytes + margin
     if others + least_rows * row_floats * item > gpu_budget:
         raise _TooSmall(others + least_rows * row_floats * item)
-    rows_room = min(int(gpu_budget * ROWS_SHARE), gpu_budget - others)
+    rows_room = min(int((gpu_budget - margin) * ROWS_SHARE), gpu_budget - others)
     block_rows = _whole_pages(max(least_rows, min(rows, rows_room // (row_floats * item))))
     rows_bytes = block_rows * row_floats * item
     room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin

@@ -10,24 +10,31 @@ and streams its own tiles.
 Reported: rank 0's result (its epochs end at the same collectives as every rank's), the ranks'
 measured and predicted bytes per path (``per_rank``; ``exchange`` is what each received), and
 the balanced model of the exchange, ``(P - 1) / P`` of every aggregated panel
-(``exchange_model_bytes``).
+(``exchange_model_bytes``), and the exchange's ceiling: the broadcast bandwidth between the
+ranks, measured after training over the same backend (``broadcast_GBps``), and the seconds an
+epoch's exchange takes at it (``exchange_floor_s``; the exchange is not overlapped with
+compute, so this is time the epoch spends on it).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
 from bench.methods.aires import run_model, tile_store
 from bench.methods.config import MethodConfig
 from bench.methods.result import MethodResult
 from bench.methods.workload import Workload, load_workload
 
-__all__ = ["CPU_RANKS", "ranks", "run"]
+__all__ = ["BROADCAST_BYTES", "CPU_RANKS", "broadcast_bandwidth", "ranks", "run"]
 
 #: Processes on a CPU, where there are no GPUs to count: enough to exercise the exchange.
 CPU_RANKS = 2
+#: Bytes of the broadcast that measures the exchange's bandwidth (a GPU's, a CPU's).
+BROADCAST_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 
 
 def ranks(device: torch.device) -> int:
@@ -46,7 +53,10 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     results = launch(_rank, nproc, (config,), device=device.type)
     result = results[0]
     item = 4  # the workload's features are float32
+    received = max(r.extra["measured_bytes"]["exchange"] for r in results)
+    bandwidth = result.extra.get("broadcast_GBps")
     result.extra.update(
+        exchange_floor_s=received / (bandwidth * 1e9) if bandwidth else None,
         processes=nproc,
         per_rank=[{"measured": r.extra["measured_bytes"], "predicted": r.extra["predicted_bytes"]}
                   for r in results],
@@ -66,4 +76,25 @@ def _rank(config: MethodConfig) -> MethodResult:
     cap_process(config, device)
     # A failure raises, and the launcher stops every rank and raises it here (as ``oom`` when
     # the rank ran out of memory, by its message).
-    return run_model(load_workload(config.workload), config, device, distributed=True)
+    result = run_model(load_workload(config.workload), config, device, distributed=True)
+    if result.status == "ok":
+        result.extra["broadcast_GBps"] = broadcast_bandwidth(device)
+    return result
+
+
+def broadcast_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """GB/s of one rank's broadcast to the others (median of ``repeats``): what the exchange,
+    one broadcast per owner, moves at."""
+    buf = torch.empty(BROADCAST_BYTES[device.type], dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=0)  # warm-up: NCCL sets up its channels on the first call
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        start = time.perf_counter()
+        dist.broadcast(buf, src=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return buf.numel() / sorted(times)[len(times) // 2] / 1e9

@@ -83,7 +83,10 @@ class MethodConfig:
         """
         device = torch.device(self.device)
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+            # Before CUDA is initialised the current device is 0; asking would initialise it,
+            # and with it the allocator that ``uvm`` must replace first.
+            index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+            device = torch.device("cuda", index)
         return device
 
     def dump(self, path: str | Path) -> None:

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["POLICIES", "SHIM_SOURCE", "Shim", "build_shim"]
+__all__ = ["POLICIES", "SHIM_SOURCE", "Shim", "build_shim", "free_device_memory"]
 
 #: The two placement policies, by the name the results carry.
 POLICIES = ("migrating", "host-preferred")
@@ -132,6 +132,31 @@ void aires_uvm_free(void* ptr, ssize_t size, int device, void* stream) {
 }
 }
 """
+
+
+def free_device_memory(device: int) -> int:
+    """The device's free bytes, asked of the driver (``cuMemGetInfo`` in its primary context)
+    rather than of ``torch.cuda``, which would initialise PyTorch's allocator before the shim
+    can replace it.
+
+    Raises:
+        RuntimeError: a driver call failed (its name and ``CUresult``).
+    """
+    cuda = ctypes.CDLL("libcuda.so.1")
+    handle, context = ctypes.c_int(0), ctypes.c_void_p(0)
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    calls = [("cuInit", (ctypes.c_uint(0),)),
+             ("cuDeviceGet", (ctypes.byref(handle), ctypes.c_int(device))),
+             ("cuDevicePrimaryCtxRetain", (ctypes.byref(context), handle)),
+             ("cuCtxPushCurrent_v2", (context,)),
+             ("cuMemGetInfo_v2", (ctypes.byref(free), ctypes.byref(total))),
+             ("cuCtxPopCurrent_v2", (ctypes.byref(context),))]
+    for name, args in calls:
+        err = getattr(cuda, name)(*args)
+        if err:
+            raise RuntimeError(f"uvm: {name} failed with CUresult {err}")
+    # The primary context stays retained: PyTorch runs in the same one.
+    return int(free.value)
 
 
 def build_shim(directory: str | Path | None = None) -> Path:

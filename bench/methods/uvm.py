@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from bench.methods.config import MethodConfig
 from bench.methods.incore_tuned import incore_forward
-from bench.methods.managed import Shim, build_shim
+from bench.methods.managed import Shim, build_shim, free_device_memory
 from bench.methods.result import MethodResult
 from bench.methods.training import labels, layer_orders, train
 from bench.methods.workload import Workload
@@ -88,7 +88,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     device = config.torch_device()
     if device.type != "cuda":
         raise RuntimeError("uvm needs a CUDA GPU (managed memory); none is in use")
-    free_before, _ = torch.cuda.mem_get_info(device)
+    free_before = free_device_memory(device.index or 0)
     check_fits(managed_bytes(workload), free_before)
     shim = Shim.for_device(build_shim(), limit=free_before, device=device.index or 0)
     try:

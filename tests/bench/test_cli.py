@@ -132,7 +132,7 @@ def test_a_budget_sweep_writes_one_json_and_a_plot_and_records_failures(
     method that cannot run at a budget is recorded with its error and the sweep goes on."""
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     assert main(["--dataset", "tiny", "--scale", "1", "--methods", "aires,incore",
-                 "--budgets", "4MiB,64KiB", "--epochs", "1", "--tile-bytes", "8KiB",
+                 "--budgets", "4MiB,64KiB,32KiB", "--epochs", "1", "--tile-bytes", "8KiB",
                  "--cache-dir", str(temp_root), "--out", str(out), "--plot", str(png)]) == 0
     doc = json.loads(out.read_text())
     validate(doc)
@@ -140,9 +140,12 @@ def test_a_budget_sweep_writes_one_json_and_a_plot_and_records_failures(
     assert set(doc["sweep"]) == {"aires", "incore"}
     for name in ("aires", "incore"):
         runs = {r["budget_bytes"]: r for r in doc["sweep"][name]}
-        assert set(runs) == {4 << 20, 64 << 10}
+        assert set(runs) == {4 << 20, 64 << 10, 32 << 10}
         assert runs[4 << 20]["status"] == "ok" and runs[4 << 20]["epoch_s"]
         assert runs[64 << 10]["status"] == "oom" and runs[64 << 10]["error"]
+        # Out of memory at 64 KiB proves it at 32 KiB: recorded so, and not run again.
+        assert runs[32 << 10]["status"] == "oom"
+        assert runs[32 << 10]["error"] == "not run: out of memory at the larger budget 64.00 KiB"
     assert "minimum working set" in doc["sweep"]["aires"][1]["error"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

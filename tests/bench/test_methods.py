@@ -79,6 +79,11 @@ def test_aires_ddp_reports_each_ranks_exchange_beside_the_model(workload_dir: Pa
     received = sum(r["measured"]["exchange"] for r in ranks)
     assert received > 0
     assert received == pytest.approx(2 * result.extra["exchange_model_bytes"], abs=1)
+    # The exchange's ceiling: the measured broadcast rate, and the busiest rank's bytes at it.
+    assert result.extra["broadcast_GBps"] > 0
+    busiest = max(r["measured"]["exchange"] for r in ranks)
+    assert result.extra["exchange_floor_s"] == pytest.approx(
+        busiest / (result.extra["broadcast_GBps"] * 1e9))
 
 
 def test_the_two_orders_are_different_arithmetic(workload_dir: Path) -> None:
@@ -169,8 +174,12 @@ def test_product_widths_follow_the_product_order() -> None:
 def test_cuda_device_gets_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
     # torch.cuda.set_per_process_memory_fraction (and others) reject an index-less "cuda".
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     config = MethodConfig(method="naive", workload="w", gpu_budget=None, device="cuda")
     assert config.torch_device() == torch.device("cuda", 3)
+    # Before CUDA is initialised the current device is 0, and asking would initialise it.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert config.torch_device() == torch.device("cuda", 0)
     assert replace(config, device="cuda:1").torch_device() == torch.device("cuda", 1)
     assert replace(config, device="cpu").torch_device() == torch.device("cpu")
     with pytest.raises(ValueError, match="device"):

@@ -47,10 +47,10 @@ def initial_state(name: str) -> dict[str, torch.Tensor]:
     return GCN(12, 16, 5, device="cpu", **options).to(dtype).state_dict()
 
 
-def run(name: str, state: dict[str, torch.Tensor], distributed: bool) -> dict:
+def run(name: str, state: dict[str, torch.Tensor], distributed: bool, device: str = "cpu") -> dict:
     """Train configuration ``name`` from ``state``: losses, last gradients, logits, plan."""
     options, ei, x, y, mask = inputs(name)
-    model = GCN(12, 16, 5, device="cpu", distributed=distributed, **options)
+    model = GCN(12, 16, 5, device=device, distributed=distributed, **options)
     model.to(CONFIGS[name][1]).load_state_dict(state)
     losses, grads = train(model, x, ei, y, mask, EPOCHS)
     stats = model.stats
@@ -72,6 +72,11 @@ def run(name: str, state: dict[str, torch.Tensor], distributed: bool) -> dict:
 
 def rank_runs(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
     return {name: run(name, state, distributed=True) for name, state in states.items()}
+
+
+def gpu_rank_run(name: str, state: dict[str, torch.Tensor]) -> dict:
+    """Configuration ``name`` on this rank's GPU (``launch`` made it current)."""
+    return run(name, state, distributed=True, device=f"cuda:{torch.cuda.current_device()}")
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +140,19 @@ def test_exchanged_bytes_equal_the_model(runs, name: str) -> None:
         )
     total = sum(rank[name]["measured"]["exchange"] for rank in ranks)
     assert total == (RANKS - 1) * n * ranks[0][name]["pass_columns"] * item
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_ranks_equal_the_one_gpu_run() -> None:
+    """Two GPUs over NCCL: the losses, gradients and logits of the 1-GPU run, in float32."""
+    state = initial_state("float32")
+    single = run("float32", state, distributed=False, device="cuda:0")
+    ranks = launch(gpu_rank_run, RANKS, ("float32", state), device="cuda")
+    rtol = RTOL[torch.float32]
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx(single["losses"], rel=rtol)
+        for got, want in zip(rank["grads"], single["grads"], strict=True):
+            assert torch.allclose(got, want, rtol=rtol * 10, atol=rtol * 1e-2)
+        assert torch.allclose(rank["logits"], single["logits"], rtol=rtol * 10, atol=rtol * 1e-2)
+        assert rank["measured"] == rank["predicted"]
