@@ -55,8 +55,9 @@ TOP_KEYS = frozenset(
     {"device", "date", "git_commit", "command", "dataset", "gpu_budget_bytes", "mode",
      "ceilings", "methods"}
 )
-#: Keys added after results were committed: checked when present.
-LATER_KEYS = frozenset({"order", "disk_cold"})
+#: Keys added after results were committed, or by hand to a committed result (why its
+#: ``git_commit`` was corrected): checked when present.
+LATER_KEYS = frozenset({"order", "disk_cold", "git_commit_note"})
 #: A budget sweep (``--budgets``) adds these.
 SWEEP_KEYS = frozenset({"budget_scope", "sweep"})
 DATASET_KEYS = frozenset({"name", "nodes", "edges", "features"})
@@ -111,6 +112,8 @@ def validate(doc: Any) -> None:
         _check(isinstance(doc[key], str), key, f"must be a string, got {doc[key]!r}")
     _check(doc["git_commit"] is None or isinstance(doc["git_commit"], str), "git_commit",
            f"must be a string or null, got {doc['git_commit']!r}")
+    _check(isinstance(doc.get("git_commit_note", ""), str), "git_commit_note",
+           f"must be a string, got {doc.get('git_commit_note')!r}")
     budget = doc["gpu_budget_bytes"]
     _check(budget is None or (_is_int(budget) and budget > 0), "gpu_budget_bytes",
            f"must be a positive int or null, got {budget!r}")
@@ -290,6 +293,41 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
+    """Epoch time against budget, one line per method, ending where the method stops running
+    (its failed budgets marked ``x`` on the axis): at a GPU's memory, what runs and how fast.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
+    for name, runs in doc["sweep"].items():
+        ok = [(r["budget_bytes"], float(np.median(r["epoch_s"]))) for r in runs
+              if r["status"] == "ok" and r["epoch_s"]]
+        failed = [r["budget_bytes"] for r in runs if r["status"] != "ok"]
+        line = ax.plot([b / 2**30 for b, _ in ok], [t for _, t in ok], marker="o", label=name)
+        if failed:  # on the x axis itself: x in data, y in axes units
+            ax.plot([b / 2**30 for b in failed], [0.0] * len(failed), "x",
+                    color=line[0].get_color(), clip_on=False, transform=ax.get_xaxis_transform())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # methods differ by orders of magnitude (uvm seconds, in-core ms)
+    ax.set_xlabel("GPU budget (GiB, whole process)" if doc.get("budget_scope") == "process"
+                  else "budget (GiB)")
+    ax.set_ylabel("epoch time (s), median")
+    dataset = doc["dataset"]
+    ax.set_title(f"{dataset['name']}: {dataset['nodes']:,} nodes; x: did not run at that budget",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.report RESULT.json [--plot OUT.png]``: check, tabulate and plot a result.
 
@@ -310,43 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(doc))
     if args.plot:
-        print(f"wrote {plot(doc, args.plot)}")
+        print(f"wrote {(plot_sweep if 'sweep' in doc else plot)(doc, args.plot)}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
-    """Epoch time against budget, one line per method, ending where the method stops running
-    (its failed budgets marked ``x`` on the axis): at a GPU's memory, what runs and how fast.
-
-    Raises:
-        ImportError: matplotlib is not installed.
-    """
-    plt = _pyplot()
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
-    for name, runs in doc["sweep"].items():
-        ok = [(r["budget_bytes"], float(np.median(r["epoch_s"]))) for r in runs
-              if r["status"] == "ok" and r["epoch_s"]]
-        failed = [r["budget_bytes"] for r in runs if r["status"] != "ok"]
-        line = ax.plot([b / 2**30 for b, _ in ok], [t for _, t in ok], marker="o", label=name)
-        if failed:
-            ax.plot([b / 2**30 for b in failed], [0.0] * len(failed), "x",
-                    color=line[0].get_color(), clip_on=False)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("GPU budget (GiB, whole process)" if doc.get("budget_scope") == "process"
-                  else "budget (GiB)")
-    ax.set_ylabel("epoch time (s), median")
-    dataset = doc["dataset"]
-    ax.set_title(f"{dataset['name']}: {dataset['nodes']:,} nodes; x: did not run at that budget",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
