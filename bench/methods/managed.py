@@ -11,7 +11,10 @@ library PyTorch itself runs on), so it builds with any C++ compiler and no CUDA 
   the GPU (``SetPreferredLocation`` CPU, ``SetAccessedBy`` the device): kernels read and write
   it over PCIe, nothing migrates (zero-copy). ``migrating``: no advice, the driver's default:
   pages move to the GPU on first touch and back under pressure. :func:`set_policy` re-advises
-  every block the shim holds.
+  every block the shim holds; switching to ``migrating`` also prefetches each block to the
+  device (``cuMemPrefetchAsync``), since a block advised host-preferred before stays mapped for
+  the GPU, is read over PCIe without a fault, and would never migrate (on the H200 such a
+  "migrating" run took 5 s an epoch with 352 MiB on the device).
 - **Safety.** Managed memory beyond what the GPU has free can hang a shared GPU when it is
   oversubscribed, so the shim holds at most ``limit`` bytes (the caller passes the free device
   memory) and a request past it raises PyTorch's out-of-memory error instead of allocating.
@@ -42,11 +45,13 @@ SHIM_SOURCE = r"""
 typedef int (*alloc_t)(unsigned long long*, size_t, unsigned int);
 typedef int (*free_t)(unsigned long long);
 typedef int (*advise_t)(unsigned long long, size_t, int, int);
+typedef int (*prefetch_t)(unsigned long long, size_t, int, void*);
 
 namespace {
 alloc_t alloc_managed = nullptr;
 free_t free_managed = nullptr;
 advise_t advise = nullptr;
+prefetch_t prefetch = nullptr;
 size_t limit = 0, held = 0, in_use = 0, peak = 0;
 int host_preferred = 1, device_id = 0;
 const int kBlocks = 1 << 16;
@@ -62,14 +67,15 @@ int apply(const Block& b) {
     return err ? err : advise(p, b.size, 5, device_id);  // accessed by: the device
   }
   int err = advise(p, b.size, 4, device_id);  // unset preferred location
-  return err ? err : advise(p, b.size, 6, device_id);  // unset accessed by
+  err = err ? err : advise(p, b.size, 6, device_id);  // unset accessed by
+  return err ? err : prefetch(p, b.size, device_id, nullptr);  // move it now, on stream 0
 }
 }  // namespace
 
 extern "C" {
-void aires_uvm_setup(void* a, void* f, void* adv, size_t lim, int device) {
+void aires_uvm_setup(void* a, void* f, void* adv, void* pre, size_t lim, int device) {
   alloc_managed = (alloc_t)a; free_managed = (free_t)f; advise = (advise_t)adv;
-  limit = lim; device_id = device;
+  prefetch = (prefetch_t)pre; limit = lim; device_id = device;
 }
 
 int aires_uvm_set_policy(int host) {
@@ -191,17 +197,17 @@ class Shim:
 
     Args:
         path: the library from :func:`build_shim`.
-        alloc, free, advise: addresses of ``cuMemAllocManaged``, ``cuMemFree_v2`` and
-            ``cuMemAdvise`` (or functions of the same signatures).
+        alloc, free, advise, prefetch: addresses of ``cuMemAllocManaged``, ``cuMemFree_v2``,
+            ``cuMemAdvise`` and ``cuMemPrefetchAsync`` (or functions of the same signatures).
         limit: bytes the shim may hold in all.
         device: the device the blocks are mapped for.
     """
 
-    def __init__(self, path: Path, alloc: int, free: int, advise: int, limit: int,
-                 device: int) -> None:
+    def __init__(self, path: Path, alloc: int, free: int, advise: int, prefetch: int,
+                 limit: int, device: int) -> None:
         self.path = path
         self.lib = ctypes.CDLL(str(path))
-        self.lib.aires_uvm_setup.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_size_t,
+        self.lib.aires_uvm_setup.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t,
                                                                      ctypes.c_int]
         self.lib.aires_uvm_stat.restype = ctypes.c_size_t
         self.lib.aires_uvm_try_malloc.restype = ctypes.c_void_p
@@ -209,18 +215,20 @@ class Shim:
                                                   ctypes.c_void_p]
         self.lib.aires_uvm_free.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int,
                                             ctypes.c_void_p]
-        self.lib.aires_uvm_setup(alloc, free, advise, limit, device)
+        self.lib.aires_uvm_setup(alloc, free, advise, prefetch, limit, device)
 
     @classmethod
     def for_device(cls, path: Path, limit: int, device: int) -> Shim:
         """The shim over the CUDA driver of this process (``libcuda.so.1``)."""
         cuda = ctypes.CDLL("libcuda.so.1")
         entry = [ctypes.cast(getattr(cuda, name), ctypes.c_void_p).value
-                 for name in ("cuMemAllocManaged", "cuMemFree_v2", "cuMemAdvise")]
+                 for name in ("cuMemAllocManaged", "cuMemFree_v2", "cuMemAdvise",
+                              "cuMemPrefetchAsync")]
         return cls(path, *entry, limit=limit, device=device)
 
     def set_policy(self, policy: str) -> None:
-        """Advise every block held, and every later one, by ``policy`` (:data:`POLICIES`).
+        """Advise every block held, and every later one, by ``policy`` (:data:`POLICIES`);
+        ``migrating`` also prefetches them to the device (queued on the default stream).
 
         Raises:
             ValueError: an unknown policy.
@@ -230,7 +238,8 @@ class Shim:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         err = self.lib.aires_uvm_set_policy(int(policy == "host-preferred"))
         if err:
-            raise RuntimeError(f"uvm: cuMemAdvise failed with CUresult {err}")
+            raise RuntimeError(f"uvm: cuMemAdvise or cuMemPrefetchAsync failed with CUresult "
+                               f"{err}")
 
     def preferred_location(self, ptr: int, nbytes: int) -> int:
         """The driver's preferred location of a managed range: ``-1`` the CPU, ``-2`` none,

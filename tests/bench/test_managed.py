@@ -14,10 +14,13 @@ ALLOC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong), ctype
 FREE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_ulonglong)
 ADVISE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_ulonglong, ctypes.c_size_t, ctypes.c_int,
                           ctypes.c_int)
+PREFETCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_ulonglong, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_void_p)
 
 
 class FakeDriver:
-    """``cuMemAllocManaged``, ``cuMemFree`` and ``cuMemAdvise`` over host buffers, recorded."""
+    """``cuMemAllocManaged``, ``cuMemFree``, ``cuMemAdvise`` and ``cuMemPrefetchAsync`` over
+    host buffers, recorded."""
 
     def __init__(self) -> None:
         self.buffers: dict[int, ctypes.Array] = {}
@@ -25,6 +28,8 @@ class FakeDriver:
         self.alloc = ALLOC(self._alloc)
         self.free = FREE(lambda ptr: 0)
         self.advise = ADVISE(self._advise)
+        self.prefetches: list[tuple[int, int, int]] = []
+        self.prefetch = PREFETCH(self._prefetch)
 
     def _alloc(self, out: ctypes._Pointer, size: int, flags: int) -> int:
         buffer = ctypes.create_string_buffer(size)
@@ -36,9 +41,13 @@ class FakeDriver:
         self.advice.append((ptr, size, advice, device))
         return 0
 
+    def _prefetch(self, ptr: int, size: int, device: int, stream: int | None) -> int:
+        self.prefetches.append((ptr, size, device))
+        return 0
+
     def shim(self, path: Path, limit: int, device: int = 3) -> Shim:
         address = [ctypes.cast(f, ctypes.c_void_p).value
-                   for f in (self.alloc, self.free, self.advise)]
+                   for f in (self.alloc, self.free, self.advise, self.prefetch)]
         return Shim(path, *address, limit=limit, device=device)
 
 
@@ -82,8 +91,11 @@ def test_policies_advise_every_block(tmp_path: Path, library: Path) -> None:
     ptr = shim.lib.aires_uvm_try_malloc(64, 0, None)
     # Preferred location the CPU (-1), accessed by device 3.
     assert driver.advice == [(ptr, 64, 3, -1), (ptr, 64, 5, 3)]
+    assert driver.prefetches == []  # host-preferred moves nothing
     driver.advice.clear()
     shim.set_policy("migrating")  # re-advises the blocks already held: unset both
     assert driver.advice == [(ptr, 64, 4, 3), (ptr, 64, 6, 3)]
+    # ... and moves them to the device: mapped for it before, they would never fault there.
+    assert driver.prefetches == [(ptr, 64, 3)]
     with pytest.raises(ValueError, match="policy must be one of"):
         shim.set_policy("pinned")

@@ -337,7 +337,8 @@ def test_uvm_policy_follows_the_budget(
     if policy == "migrating":
         assert result.peak_gpu_bytes <= budget
     else:
-        # Host-preferred: the managed blocks stay in host memory; what the device gained is
-        # the CUDA context's own (kernel modules, library handles), not the managed bytes.
+        # Host-preferred: the managed blocks stay in host memory, so the device gains less than
+        # their bytes over training (the kernels and handles loaded by the first pass are
+        # not counted: on the H200 those alone were 235 MB, over this workload's 67 MB).
         assert result.extra["managed_pass_bytes"] > budget
         assert result.peak_gpu_bytes < result.extra["managed_bytes"]
