@@ -188,6 +188,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     result = {
         "budget": budget,
         "setup_s": setup,
+        "setup_steps_s": model.setup_seconds,
         "nvme_page_cache_dropped": cold if on_disk else None,
         "epoch_s": statistics.median(times),
         "epochs_s": times,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ __all__ = ["GCN", "EpochStats", "dropout_mask"]
 #: ``tile_bytes``): the ranks' rows are cut on tile boundaries, so the nonzeros of two ranks
 #: differ by at most about one tile, ``1 / TILES_PER_RANK`` of a rank's share.
 TILES_PER_RANK = 8
+#: Row blocks of ``X`` filled into its panels at once at set-up (threads; each holds a block).
+FILL_WORKERS = 4
 
 
 def dropout_mask(r0: int, rows: int, cols: int, p: float, key: int, device: torch.device) -> Tensor:
@@ -275,6 +278,12 @@ class GCN(nn.Module):
     def plan(self, x: Any, adj: Any) -> Plan:
         """The placement the model uses for these inputs (planning it if needed)."""
         return self._prepare(x, adj).plan
+
+    @property
+    def setup_seconds(self) -> dict[str, float]:
+        """Seconds of each step of the last set-up (``plan``, ``engine``, ``features``; see
+        :class:`_State`), or ``{}`` before the first."""
+        return {} if self._state is None else dict(self._state.setup)
 
     def close(self) -> None:
         """Release the device arena, pinned tensors, NVMe files and the adjacency's scheduler."""
@@ -558,6 +567,9 @@ class _State:
     peak_used: int = 0
     marks: list[tuple[str, Any]] = field(default_factory=list)
     epoch: int = 0  # forward passes run; a loss's backward must follow its own
+    #: Seconds of each set-up step: opening Â's store and planning, the engine (arenas, and
+    #: placing Â's tiles, each read and checked), filling ``X``'s panels.
+    setup: dict[str, float] = field(default_factory=dict)
 
     @property
     def first(self) -> int:
@@ -571,6 +583,7 @@ class _State:
 
     @classmethod
     def build(cls, model: GCN, x: Any, adj: Any, key: tuple[int, int]) -> _State:
+        clock = time.perf_counter()
         sparse = isinstance(x, Tensor) and x.layout in (torch.sparse_csr, torch.sparse_coo)
         rows, cols = _shape(x)
         if cols != model.dims[0]:
@@ -620,6 +633,7 @@ class _State:
             agreed = exchange.minimum(plan.panel_cols)
             if agreed != plan.panel_cols:
                 plan = plan_for(agreed)
+        setup = {"plan": time.perf_counter() - clock}
         scratch = None
         directory = model.scratch_dir
         if directory is None:
@@ -636,11 +650,14 @@ class _State:
             scheduler_options=model.scheduler_options,
             exchange=exchange,
         )
+        setup["engine"] = time.perf_counter() - clock - setup["plan"]
         first = 0 if exchange is None else exchange.start
         if not sparse:
             _fill(engine.tensors["x"], x, plan.block_rows, dtype, first)
             engine.arenas.sync()
-        return cls(key, program, plan, engine, plan.rows, dtype, cuda, scratch, exchange)
+        setup["features"] = time.perf_counter() - clock - setup["plan"] - setup["engine"]
+        return cls(key, program, plan, engine, plan.rows, dtype, cuda, scratch, exchange,
+                   setup=setup)
 
     def mark(self, label: str) -> None:
         """The end of a pass: fold the device's used memory now into the peak, and time it."""
@@ -760,8 +777,11 @@ def _dense_part(program: Program, sparse_x: bool) -> Program:
 
 def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -> None:
     """Copy ``x``'s rows from ``first`` (torch, numpy or memmap rows) into the panels of ``t``,
-    a block at a time."""
-    for r0 in range(0, t.rows, block_rows):
+    a block at a time, :data:`FILL_WORKERS` blocks at once (the copies, reads and writes
+    release the GIL; at papers100M x0.3 one thread took 39 s for 17 GB), so at most that many
+    blocks are in host memory at a time."""
+
+    def one(r0: int) -> None:
         r1 = min(r0 + block_rows, t.rows)
         block = x[first + r0 : first + r1]
         block = block.detach().to("cpu") if isinstance(block, Tensor) else torch.from_numpy(
@@ -770,6 +790,11 @@ def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -
         block = block.to(dtype)
         for p, (c0, c1) in enumerate(t.panels):
             t.write_host(p, r0, block[:, c0:c1].contiguous())
+
+    starts = range(0, t.rows, block_rows)
+    with ThreadPoolExecutor(min(FILL_WORKERS, len(starts))) as pool:
+        for done in [pool.submit(one, r0) for r0 in starts]:
+            done.result()  # the first failure raises here
 
 
 def _labels(y: Tensor, mask: Tensor, rows: int, classes: int, device: torch.device) -> Tensor:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,19 @@ def test_bad_labels_are_refused_by_name(change, message) -> None:
     model = GCN(12, 16, 5, device="cpu").double()
     with pytest.raises(ValueError, match=message):
         model.loss(x, ei, y, mask)
+    model.close()
+
+
+def test_setup_reports_the_time_of_each_step() -> None:
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, device="cpu", **TIERED).double()
+    assert model.setup_seconds == {}
+    start = time.perf_counter()
+    model.loss(x, ei, y, mask)
+    wall = time.perf_counter() - start
+    steps = model.setup_seconds
+    assert list(steps) == ["plan", "engine", "features"]
+    assert all(s >= 0 for s in steps.values()) and sum(steps.values()) <= wall
     model.close()
 
 
