@@ -92,9 +92,18 @@ def gather_lists(
     """
     local = np.empty(len(indices), dtype=indices.dtype)
     slots, misses = [], []
+    # A chunk's distinct columns, sorted, and each entry's place among them, by marking a
+    # node-sized array: linear in the chunk and the nodes, where np.unique sorts the chunk
+    # (on products that sort was most of the feature cache's set-up).
+    present = np.zeros(len(slot), dtype=bool)
+    place = np.empty(len(slot), dtype=np.int64)
     for r0, r1 in chunks:
         s, e = int(indptr[r0]), int(indptr[r1])
-        columns, inverse = np.unique(indices[s:e], return_inverse=True)
+        present[indices[s:e]] = True
+        columns = np.flatnonzero(present)
+        present[columns] = False
+        place[columns] = np.arange(len(columns))
+        inverse = place[indices[s:e]]
         hit = slot[columns] >= 0
         order = np.argsort(~hit, kind="stable")
         rank = np.empty(len(order), dtype=np.int64)

@@ -73,3 +73,23 @@ def test_gather_lists_put_cached_rows_first() -> None:
     assert [m.tolist() for m in misses] == [[0, 2], []]
     # Chunk 0's block is [X3, X0, X2]; chunk 1's [X1, X3].
     assert local.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_gather_lists_agree_with_a_sort_on_random_chunks() -> None:
+    """Against the definition by ``np.unique``: each chunk's distinct columns, cached first
+    (in node order within each group), and every entry renumbered into that block."""
+    rng = np.random.default_rng(5)
+    n = 300
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 9, n))])
+    indices = rng.integers(0, n, indptr[-1]).astype(np.int32)
+    slot = np.where(rng.random(n) < 0.3, rng.permutation(n), -1)
+    chunks = [(0, 40), (40, 41), (41, 200), (200, n)]
+    local, slots, misses = gather_lists(indptr, indices, chunks, slot)
+    for k, (r0, r1) in enumerate(chunks):
+        s, e = indptr[r0], indptr[r1]
+        columns = np.unique(indices[s:e])
+        cached, other = columns[slot[columns] >= 0], columns[slot[columns] < 0]
+        np.testing.assert_array_equal(slots[k], slot[cached])
+        np.testing.assert_array_equal(misses[k], other)
+        block = np.concatenate([cached, other])
+        np.testing.assert_array_equal(block[local[s:e]], indices[s:e])
