@@ -34,10 +34,14 @@ activation (also on top, and in the peak). With
 ``"process"`` one untimed pass at a quarter of the budget measures what training needs beside
 the scheduler, and the scheduler gets the rest (less a margin).
 
-Disk: before every epoch (untimed) the tile file, the feature file and the model's NVMe-tier
-panel files are dropped from the page cache (:func:`bench.methods.cold.drop_page_cache`), so
-what the epoch reads from disk comes from the disk; ``disk_cold`` in the result says whether the
-drop took. Panels written and read back within one epoch may still be served by the cache.
+Disk: where the model's plan reads the disk (NVMe-tier panels, or tiles of ``Â`` on NVMe),
+before every epoch (untimed) the tile file and the panel files are dropped from the page cache
+(:func:`bench.methods.cold.drop_page_cache`, those files only), so what the epoch reads from
+disk comes from the disk; ``disk_cold`` in the result says whether the drop took. Panels
+written and read back within one epoch may still be served by the cache. The whole cache is
+not dropped: it holds the code of PyTorch and CUDA, which an epoch would then read back from
+disk (the products sweep of 2026-11-30 dropped it before every epoch of epochs that read no
+file, and AIRES's epochs there ran 72 to 166 ms at one budget).
 
 Statistics: after the timed epochs one more (untimed) product with the widest product's columns
 returns the scheduler's :class:`~aires.scheduler.RunStats`; bytes per epoch are that pass's
@@ -230,13 +234,18 @@ def run_model(
     store = tile_store(workload, config, 4096)
     y = torch.from_numpy(np.array(workload.y, dtype=np.int64))
     rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
-    files = [store.data_path, *_feature_file(workload), Path(scratch.name)]
+    files = [store.data_path, Path(scratch.name)]
     try:
+        plan = model.plan(workload.x, store)
+        # Only an epoch that reads the disk has pages to drop: the tile file's and the NVMe
+        # panels', both read by pread, so the rest of the cache (the libraries' code) stays.
+        reads_disk = bool(plan.disk_bytes or plan.adjacency_disk)
         if device.type == "cuda":
             reset_peak_memory_stats(device)
         log = train_loss(lambda: model.loss(workload.x, store, y, rows),
                          list(model.parameters()), config, device,
-                         before_epoch=lambda: drop_page_cache(files))
+                         before_epoch=(lambda: drop_page_cache(files, system=False))
+                         if reads_disk else None)
     except ValueError as error:
         raise _budget_error(error) from error
     stats = model.stats
@@ -246,18 +255,12 @@ def run_model(
                         passes_per_epoch=stats.passes, io_mode=stats.io_mode,
                         predicted_bytes=stats.predicted, measured_bytes=stats.measured,
                         peak_device_used=stats.peak_device_used,
-                        pass_columns=model.plan(workload.x, store).pass_columns)
+                        pass_columns=plan.pass_columns)
     result.bytes_h2d = stats.measured["h2d"]
     result.bytes_disk = stats.measured["disk_read"]
     model.close()
     scratch.cleanup()
     return result
-
-
-def _feature_file(workload: Workload) -> list[Path]:
-    """The file the features are read from, when they are memory-mapped from one."""
-    name = getattr(workload.x, "filename", None)
-    return [Path(name)] if name else []
 
 
 def tile_store(workload: Workload, config: MethodConfig, alignment: int) -> Any:
@@ -314,7 +317,7 @@ def _run_ablation(
         if device.type == "cuda":
             reset_peak_memory_stats(device)
         log = train(model, list(model.parameters()), workload, config, device,
-                    before_epoch=lambda: drop_page_cache([store.data_path]))
+                    before_epoch=lambda: drop_page_cache([store.data_path], system=False))
         stats = product_stats()
     except ValueError as error:
         raise _budget_error(error) from error

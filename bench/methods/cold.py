@@ -14,12 +14,17 @@ from pathlib import Path
 __all__ = ["drop_page_cache"]
 
 
-def drop_page_cache(paths: Iterable[Path]) -> bool:
+def drop_page_cache(paths: Iterable[Path], *, system: bool = True) -> bool:
     """Drop the pages of ``paths`` (files, or directories: every file below) from the page
-    cache: each file synced and ``posix_fadvise(DONTNEED)``, then every file system synced and
-    the whole cache dropped where the process may (``/proc/sys/vm/drop_caches``, root only).
+    cache: each file synced and ``posix_fadvise(DONTNEED)``, then, with ``system``, every file
+    system synced and the whole cache dropped where the process may
+    (``/proc/sys/vm/drop_caches``, root only). Pages a process has memory-mapped stay; so do
+    pages a GPU-direct read never put there.
 
-    Pages a process has memory-mapped stay; so do pages a GPU-direct read never put there.
+    The whole cache holds the code of every library the process runs (PyTorch's and CUDA's,
+    gigabytes): dropped before an epoch, it is read back from disk inside the epoch, page by
+    page. A method whose disk reads are all of ``paths`` by ``pread`` (not memory maps) should
+    pass ``system=False``.
 
     Returns:
         Whether every file's pages were dropped (each fadvise, or the global drop, took).
@@ -37,6 +42,8 @@ def drop_page_cache(paths: Iterable[Path]) -> bool:
                 os.close(fd)
         except (AttributeError, OSError):
             evicted = False
+    if not system:
+        return evicted
     os.sync()  # drop_caches drops clean pages only
     try:
         with open("/proc/sys/vm/drop_caches", "w") as control:

@@ -48,3 +48,17 @@ def test_a_drop_that_did_not_take_is_reported(
     monkeypatch.setattr(os, "posix_fadvise", failing)
     _no_global_drop(monkeypatch)
     assert drop_page_cache([tmp_path / "a.bin"]) is False
+
+
+def test_without_system_only_the_files_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``system=False`` never touches the whole cache (the libraries' code lives there)."""
+    (tmp_path / "a.bin").write_bytes(b"x" * 8192)
+    opened: list[str] = []
+    real_open = builtins.open
+    monkeypatch.setattr(cold, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(
+        p, *a, **k), raising=False)
+    monkeypatch.setattr(os, "sync", lambda: opened.append("sync"))
+    assert drop_page_cache([tmp_path], system=False) is True
+    assert opened == []
