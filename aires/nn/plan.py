@@ -50,8 +50,8 @@ __all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MAR
 #: (to 2 MiB segments for large ones) and the row-local stages' autograd temporaries vary a
 #: little with the block, so a plan that used the budget to the byte would run out of memory.
 MARGIN = 64 << 20
-#: Share of the device budget, less the margin, a row-local stage's working set may take (blocks of rows and
-#: their temporaries). Larger blocks mean fewer kernel launches per pass.
+#: Share of the device budget, less the margin, a row-local stage's working set may take
+#: (blocks of rows and their temporaries). Larger blocks mean fewer kernel launches per pass.
 ROWS_SHARE = 0.2
 #: Floats per row a row-local stage keeps on the device per unit of its widest layer, for the
 #: recomputed activations, their gradients and autograd's saved tensors.

@@ -24,8 +24,8 @@ leaves this method's process uncapped (:data:`CAPS_ITSELF`): the budget is the p
 ``peak_gpu_bytes`` is the device memory the managed data took (free memory after one untimed
 host-preferred pass, which loads the kernels and library handles but leaves the data in host
 memory, less free memory after training: the managed blocks are kept to the end, so whatever
-migrated is still counted); ``bytes_h2d`` is
-``None``: the driver moves the pages, and nothing here counts them.
+migrated is still counted); ``bytes_h2d`` is ``None``: the driver moves the pages, and nothing
+here counts them.
 """
 
 from __future__ import annotations

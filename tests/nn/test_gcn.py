@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GCNConv
 
+from aires.data._splitmix import stream_key
 from aires.nn import GCN, dropout_mask
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
-from aires.data._splitmix import stream_key
 from aires.tiling import TileStore
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -151,7 +151,7 @@ def test_tier_mix_uses_every_tier(device: str) -> None:
     budgets that do depend on the device's workspace sizes and what the process already holds,
     so the device room above the minimum is taken from a few sizes (on the H200, 6 MiB had put
     everything beside ``Â`` on NVMe): one of them must mix every tier."""
-    ei, x, y, mask = device_problem(device, True)
+    ei, x, _, _ = device_problem(device, True)
     rooms = [0] if device == "cpu" else [m << 20 for m in (2, 4, 6, 8, 12)]
     summaries = []
     for room in rooms:
