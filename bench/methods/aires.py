@@ -236,12 +236,12 @@ def run_model(
     rows = torch.from_numpy(np.array(workload.train_idx, dtype=np.int64))
     files = [store.data_path, Path(scratch.name)]
     try:
+        if device.type == "cuda":
+            reset_peak_memory_stats(device)  # set-up's peak (the plan below) counts too
         plan = model.plan(workload.x, store)
         # Only an epoch that reads the disk has pages to drop: the tile file's and the NVMe
         # panels', both read by pread, so the rest of the cache (the libraries' code) stays.
         reads_disk = bool(plan.disk_bytes or plan.adjacency_disk)
-        if device.type == "cuda":
-            reset_peak_memory_stats(device)
         log = train_loss(lambda: model.loss(workload.x, store, y, rows),
                          list(model.parameters()), config, device,
                          before_epoch=(lambda: drop_page_cache(files, system=False))
