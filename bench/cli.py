@@ -309,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.monotonic() - started - prepare_s:.1f} s", flush=True)
         runs: list[tuple[str, int | None]] = [(name, None) for name in args.methods]
         if args.budgets:
-            runs = [(name, budget) for budget in args.budgets for name in args.methods]
+            # Each method down its budgets, largest first: a method's line is whole before
+            # the next starts (under --time-limit, the first methods' lines are complete),
+            # and one out of memory is not run at the smaller budgets.
+            runs = [(name, budget) for name in args.methods
+                    for budget in sorted(args.budgets, reverse=True)]
         elif args.demo:
             budget = demo_budget(load_workload(workload_dir))
             runs += [(name, budget) for name in DEMO_BUDGET_METHODS]

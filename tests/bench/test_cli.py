@@ -138,6 +138,9 @@ def test_a_budget_sweep_writes_one_json_and_a_plot_and_records_failures(
     validate(doc)
     assert doc["order"] == "auto" and isinstance(doc["disk_cold"], bool)
     assert set(doc["sweep"]) == {"aires", "incore"}
+    # Each method down its budgets, largest first (a line is whole before the next starts).
+    assert list(doc["methods"]) == [f"{m}@{b}" for m in ("aires", "incore")
+                                    for b in ("4.00 MiB", "64.00 KiB", "32.00 KiB")]
     for name in ("aires", "incore"):
         runs = {r["budget_bytes"]: r for r in doc["sweep"][name]}
         assert set(runs) == {4 << 20, 64 << 10, 32 << 10}
