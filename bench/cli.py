@@ -45,7 +45,7 @@ from bench.methods import ABLATIONS, METHODS, MethodConfig, MethodResult, check_
 from bench.methods.config import ORDERS
 from bench.methods.workload import Workload, load_workload
 from bench.provenance import git_commit
-from bench.report import format_bytes, format_table, plot, plot_sweep, validate
+from bench.report import format_bytes, format_table, plot_result, validate
 
 __all__ = [
     "DEFAULT", "DEMO_BUDGET_SHARE", "MIN_METHOD_SECONDS", "banner", "demo_budget", "document",
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="every method's product order: AIRES's cost model per layer "
                         "(default), or PyG's A(HW) in every layer")
     parser.add_argument("--out", help="write the JSON here")
-    parser.add_argument("--plot", help="write the PNG bar chart here")
+    parser.add_argument("--plot", help="write the PNG here (with --budgets, epoch time against budget; else bars)")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"),
                         help="prepared workloads, tile stores, ceiling scratch file")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.plot:
                 Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    (plot_sweep if args.budgets else plot)(doc, args.plot)
+                    plot_result(doc, args.plot)
                 except ImportError as error:  # the JSON is the result; the plot can follow
                     print(f"\naires-bench: no plot: {error}; render it later with "
                           f"python -m bench.report {args.out or 'RESULT.json'} --plot "

@@ -46,6 +46,7 @@ __all__ = [
     "format_table",
     "main",
     "plot",
+    "plot_result",
     "plot_sweep",
     "speedups",
     "validate",
@@ -328,6 +329,12 @@ def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def plot_result(doc: dict[str, Any], path: str | Path) -> Path:
+    """The result's picture: a sweep's lines (:func:`plot_sweep`), else the bars
+    (:func:`plot`)."""
+    return (plot_sweep if "sweep" in doc else plot)(doc, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.report RESULT.json [--plot OUT.png]``: check, tabulate and plot a result.
 
@@ -338,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Check a benchmark JSON, print its table and "
                                      "optionally plot it.")
     parser.add_argument("result", help="benchmark JSON written by aires-bench --out")
-    parser.add_argument("--plot", help="write the PNG bar chart here")
+    parser.add_argument("--plot", help="write the PNG here (a sweep's lines, or bars)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         doc = json.loads(Path(args.result).read_text())
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(doc))
     if args.plot:
-        print(f"wrote {(plot_sweep if 'sweep' in doc else plot)(doc, args.plot)}")
+        print(f"wrote {plot_result(doc, args.plot)}")
     return 0
 
 
