@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="every method's product order: AIRES's cost model per layer "
                         "(default), or PyG's A(HW) in every layer")
     parser.add_argument("--out", help="write the JSON here")
-    parser.add_argument("--plot", help="write the PNG here (with --budgets, epoch time against budget; else bars)")
+    parser.add_argument("--plot", help="write the PNG here (with --budgets, epoch time "
+                        "against budget; else bars)")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "aires-bench"),
                         help="prepared workloads, tile stores, ceiling scratch file")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  running {label} ...", end=" ", flush=True)
             timeout = _seconds_left(args.timeout, deadline)
             proved = out_of_memory.get(name)
-            if args.budgets and proved is not None and budget is not None and budget < proved:
+            if proved is not None and budget < proved:
                 results[label] = MethodResult(
                     status="oom",
                     error=f"not run: out of memory at the larger budget {format_bytes(proved)}",
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[label] = run_method(
                     args, name, workload_dir, scratch, timeout, budget, label,
                 )
-                if results[label].status == "oom" and budget is not None:
-                    out_of_memory[name] = max(budget, out_of_memory.get(name, budget))
+                if args.budgets and results[label].status == "oom":
+                    out_of_memory.setdefault(name, budget)  # the largest: budgets descend
             print(f"{results[label].status} ({results[label].extra.get('wall_s', 0):.1f} s)",
                   flush=True)
             doc = document(args, argv, facts, dataset, ceilings, measured["disk_cold"],
