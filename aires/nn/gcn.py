@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -211,7 +211,7 @@ class GCN(nn.Module):
         self.to(self.device)
         self.stats = EpochStats()
         self._state: _State | None = None
-        self._labels: tuple[Any, ...] | None = None  # see _selected_labels
+        self._labels: _StagedLabels | None = None
         self._step = 0
 
     # ----------------------------------------------------------------- public surface
@@ -243,15 +243,13 @@ class GCN(nn.Module):
         """:func:`_labels` and how many rows they select, kept while ``y`` and ``mask`` are the
         same tensors at the same versions: on products (2.4M rows) a profile of one epoch
         on the H200 put some 100 ms of host time in building them, beside 63 ms of GPU work."""
-        versions = [getattr(t, "_version", None) for t in (y, mask)]
-        cached = self._labels
-        if cached is None or cached[0] is not y or cached[1] is not mask or cached[2] != [
-            *versions, rows
-        ]:
+        key = (getattr(y, "_version", None), getattr(mask, "_version", None), rows)
+        staged = self._labels
+        if staged is None or staged.y is not y or staged.mask is not mask or staged.key != key:
             labels = _labels(y, mask, rows, self.dims[-1], self.device)
-            cached = (y, mask, [*versions, rows], labels, max(int((labels >= 0).sum()), 1))
-            self._labels = cached
-        return cached[3], cached[4]
+            staged = _StagedLabels(y, mask, key, labels, max(int((labels >= 0).sum()), 1))
+            self._labels = staged
+        return staged.labels, staged.count
 
     def forward(self, x: Any, adj: Any) -> Tensor:
         """Logits ``(N, out_channels)`` in host memory (dropout applies in training mode)."""
@@ -551,6 +549,17 @@ def _sum_grads(exchange: Exchange, leaves: list[Tensor]) -> None:
         leaf.grad.copy_(part.view_as(leaf))
 
 
+class _StagedLabels(NamedTuple):
+    """What :meth:`GCN._selected_labels` keeps: the tensors it was given (held, so that their
+    identities stay theirs), their versions and the rows, and the labels and their count."""
+
+    y: Tensor
+    mask: Tensor
+    key: tuple[int | None, int | None, int]
+    labels: Tensor
+    count: int
+
+
 @dataclass
 class _State:
     """A model's placement for one pair of inputs: program, plan, engine, and peaks."""
@@ -792,7 +801,7 @@ def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -
             t.write_host(p, r0, block[:, c0:c1].contiguous())
 
     starts = range(0, t.rows, block_rows)
-    with ThreadPoolExecutor(min(FILL_WORKERS, len(starts))) as pool:
+    with ThreadPoolExecutor(max(1, min(FILL_WORKERS, len(starts)))) as pool:
         for done in [pool.submit(one, r0) for r0 in starts]:
             done.result()  # the first failure raises here
 
