@@ -16,8 +16,9 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
   filled in (the ``exchange`` hook) before its own tiles stream against it.
 
-Everything runs without autograd except the recomputation inside a backward row pass, which
-builds a graph for one block at a time and back-propagates it at once.
+Everything runs without autograd except a row pass's graph: a backward row pass recomputes a
+block's graph and back-propagates it at once, or, for a stage the plan keeps, back-propagates
+the graph its forward pass recorded (:meth:`Engine.rows_pass`'s ``stable`` blocks).
 """
 
 from __future__ import annotations
@@ -201,11 +202,15 @@ class Engine:
 
     # ----------------------------------------------------------------- row-local passes
 
-    def rows_pass(self, sources: list[str], targets: list[str], fn: BlockFn) -> None:
+    def rows_pass(
+        self, sources: list[str], targets: list[str], fn: BlockFn, *, stable: bool = False
+    ) -> None:
         """``targets = fn(sources)`` one row block at a time (see the module notes).
 
         ``fn(r0, r1, blocks)`` gets each source's rows ``[r0, r1)`` on the device and returns one
-        ``(r1 - r0, cols)`` block per target.
+        ``(r1 - r0, cols)`` block per target. ``stable``: ``fn`` keeps its blocks past the pass
+        (as autograd's saved tensors), so each is handed over as a copy of its own: a device
+        panel's bytes are reused by tensors that live later, a load buffer by the next blocks.
         """
         ins = [self.tensors[s] for s in sources]
         outs = [self.tensors[t] for t in targets]
@@ -213,7 +218,8 @@ class Engine:
         blocks = [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
         if not self.cuda:
             for r0, r1 in blocks:
-                results = fn(r0, r1, [self._read_cpu(t, r0, r1) for t in ins])
+                inputs = [self._read_cpu(t, r0, r1) for t in ins]
+                results = fn(r0, r1, [b.clone() for b in inputs] if stable else inputs)
                 for t, block in zip(outs, results, strict=True):
                     self._write_cpu(t, r0, block)
             return
@@ -226,6 +232,8 @@ class Engine:
             s = sets[b % 2]
             current.wait_event(s.loaded)
             inputs = [self._assemble(i, t, r0, r1, s) for i, t in enumerate(ins)]
+            if stable:
+                inputs = [b.clone() for b in inputs]
             if s.written is not None:
                 current.wait_event(s.written)
             results = fn(r0, r1, inputs)

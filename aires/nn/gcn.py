@@ -384,12 +384,23 @@ class GCN(nn.Module):
         keep = (uniform(counter, key) >= self.dropout).to(h.dtype) / (1.0 - self.dropout)
         return torch.sparse_csr_tensor(crow, col, h.values() * keep, h.shape)
 
-    def _forward(self, state: _State, *, training: bool, step: int) -> None:
-        """Every stage but the last."""
-        engine, params, first = state.engine, self._leaves(), state.first
+    def _forward(
+        self,
+        state: _State,
+        *,
+        training: bool,
+        step: int,
+        leaves: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """Every stage but the last; in a training epoch (``leaves``, the parameters the
+        backward pass differentiates), the stages the plan keeps record their graphs."""
+        engine, first = state.engine, state.first
+        params = self._leaves() if leaves is None else leaves
         for stage in state.program.stages[:-1]:
             if isinstance(stage, Aggregate):
                 engine.aggregate(stage.source, stage.target)
+            elif leaves is not None and stage.target in state.plan.kept:
+                self._kept_pass(state, stage, leaves, training, step)
             else:
 
                 def block(r0: int, r1: int, inputs: list[Tensor], ops=stage.ops) -> list[Tensor]:
@@ -397,6 +408,29 @@ class GCN(nn.Module):
 
                 engine.rows_pass([stage.source], [stage.target], block)
             state.mark(f"{type(stage).__name__.lower()} {stage.source}->{stage.target}")
+
+    def _kept_pass(
+        self,
+        state: _State,
+        stage: Rows,
+        leaves: list[tuple[Tensor, Tensor]],
+        training: bool,
+        step: int,
+    ) -> None:
+        """A ``Rows`` stage's forward pass that keeps each block's graph (autograd's saved
+        tensors, on the device) in ``state.saved`` for :meth:`_backward`, which then
+        back-propagates it instead of recomputing the block."""
+        needs, first = stage.source in state.program.needs_grad, state.first
+        saved = state.saved[stage.target] = {}
+
+        def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
+            with torch.enable_grad():
+                h = inputs[0].detach().requires_grad_(needs)
+                out = self._run_ops(stage.ops, h, first + r0, training, step, leaves)
+            saved[r0] = (out, h)
+            return [out.detach()]
+
+        state.engine.rows_pass([stage.source], [stage.target], block, stable=True)
 
     def _loss_and_backward_pass(
         self, state: _State, labels: Tensor, count: int, leaves: list[tuple[Tensor, Tensor]]
@@ -440,6 +474,19 @@ class GCN(nn.Module):
                 if stage.source not in program.needs_grad:
                     continue
                 engine.aggregate("d" + stage.target, "d" + stage.source)
+            elif stage.target in state.saved:
+                needs = stage.source in program.needs_grad
+                saved = state.saved.pop(stage.target)
+
+                def block(r0: int, r1: int, inputs: list[Tensor], saved=saved,
+                          needs=needs) -> list[Tensor]:
+                    out, h = saved.pop(r0)
+                    with torch.enable_grad():
+                        out.backward(inputs[0])
+                    return [h.grad] if needs else []
+
+                targets = ["d" + stage.source] if needs else []
+                engine.rows_pass(["d" + stage.target], targets, block)
             elif stage.target in program.needs_grad:
                 needs = stage.source in program.needs_grad
 
@@ -464,6 +511,7 @@ class GCN(nn.Module):
         state.engine.traffic.reset()
         state.peak_used = 0
         state.marks = []
+        state.saved = {}  # a pending loss's kept graphs: its backward can no longer run
         if state.cuda:
             torch.cuda.synchronize(self.device)
             reset_peak_memory_stats(self.device)
@@ -511,7 +559,7 @@ class _EpochLoss(torch.autograd.Function):
             for w, b in model._leaves()
         ]
         with torch.no_grad():
-            model._forward(state, training=model.training, step=model._step)
+            model._forward(state, training=model.training, step=model._step, leaves=leaves)
             loss = model._loss_and_backward_pass(state, labels, count, leaves)
         ctx.leaves = leaves
         ctx.start = start
@@ -576,6 +624,9 @@ class _State:
     peak_used: int = 0
     marks: list[tuple[str, Any]] = field(default_factory=list)
     epoch: int = 0  # forward passes run; a loss's backward must follow its own
+    #: The kept stages' graphs of the last training forward pass, by target, then by the first
+    #: row of the block: ``(output, input)`` (see :meth:`GCN._kept_pass`).
+    saved: dict[str, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     #: Seconds of each set-up step: opening Â's store and planning, the engine (arenas, and
     #: placing Â's tiles, each read and checked), filling ``X``'s panels.
     setup: dict[str, float] = field(default_factory=dict)

@@ -11,7 +11,11 @@ adjacency's tile table and the two budgets, and decides:
   overlap share bytes), pinned host memory, or NVMe;
 - how many of ``Â``'s tiles stay on the device and in pinned memory (the scheduler's budgets);
 - the rows of one block of each row-local pass: the widest pass's blocks take a share of the
-  budget (or what the rest leaves), and narrower passes fit more rows in the same bytes.
+  budget (or what the rest leaves), and narrower passes fit more rows in the same bytes;
+- whether the row-local stages keep their activations on the device for the backward pass
+  (autograd's saved tensors, as an in-core loop keeps them) or recompute them block by block:
+  keeping saves a forward pass of every such stage but holds its widest activation for the
+  whole graph, so it wins where the budget has that room to spare (the in-core regime).
 
 **Traffic model** (bytes per epoch; ``|T|`` the bytes of tensor ``T``, ``k_T`` its reads plus
 writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned memory / on NVMe,
@@ -79,6 +83,10 @@ MIN_BLOCK_ROWS = 64
 BLOCK_SECONDS = 0.3e-3
 #: Row-block buffers in flight (one being loaded, one computed and written back).
 BUFFERS = 2
+#: Activation floats per second a row-local stage's forward pass recomputes, for ranking
+#: keeping against recomputing: measured on the H200 on products (2.45M rows, hidden 256), the
+#: hidden stage's forward pass took 6.9 ms (``bench/results/profile-products-16GiB-h200x2.log``).
+RECOMPUTE_FLOATS_PER_SECOND = 90e9
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,9 @@ class Plan:
             parameters, margin): at most the budget.
         breakdown: ``gpu_bytes`` by part.
         host_bytes: pinned bytes the plan holds.
+        kept: targets of the row-local stages whose activations the forward pass keeps on the
+            device for the backward pass (the others are recomputed block by block).
+        recompute_floats: activation floats the backward pass recomputes per epoch.
     """
 
     rows: int
@@ -181,6 +192,8 @@ class Plan:
     gpu_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
     host_bytes: int = 0
+    kept: frozenset[str] = frozenset()
+    recompute_floats: int = 0
 
     def rows_for(self, names: list[str]) -> int:
         """Rows per block of the row-local pass over ``names`` (its sources, then its targets):
@@ -195,20 +208,25 @@ class Plan:
         """One line per tier, for logs."""
         gpu = [n for n, t in self.tensors.items() if all(x == "gpu" for x in t.tiers)]
         disk = [n for n, t in self.tensors.items() if "disk" in t.tiers]
+        kept = f" (activations of {sorted(self.kept)} kept)" if self.kept else ""
         return (
             f"panels of {self.panel_cols} columns, {self.passes} aggregation passes per epoch, "
-            f"blocks of {self.block_rows} rows; on the device: {gpu or 'none'} and "
+            f"blocks of {self.block_rows} rows{kept}; on the device: {gpu or 'none'} and "
             f"{format_bytes(self.adjacency_resident)} of Â; on NVMe: {disk or 'none'} and "
             f"{format_bytes(self.adjacency_disk)} of Â; predicted per epoch: {self.predicted}"
         )
 
 
-def epoch_steps(program: Program) -> list[tuple[str, list[tuple[str, str]], int]]:
+def epoch_steps(
+    program: Program, kept: frozenset[str] = frozenset()
+) -> list[tuple[str, list[tuple[str, str]], int]]:
     """The steps of a training epoch, each ``(kind, [(tensor, "r" | "w"), ...], width)``.
 
     Kinds: ``"rows"``, ``"aggregate"``, ``"loss"`` (the last ``Rows`` stage, forward and backward
     in one pass), ``"rows_backward"``, ``"aggregate_backward"``. Gradients are named ``d`` + the
-    tensor. ``width``: a row-local step's widest activation (0 for an aggregation).
+    tensor. ``width``: a row-local step's widest activation (0 for an aggregation). The
+    backward step of a stage whose target is in ``kept`` reads its saved activations, not its
+    source.
     """
     steps: list[tuple[str, list[tuple[str, str]], int]] = []
     needs = program.needs_grad
@@ -226,11 +244,30 @@ def epoch_steps(program: Program) -> list[tuple[str, list[tuple[str, str]], int]
                 steps.append(("aggregate_backward",
                               [("d" + stage.target, "r"), ("d" + stage.source, "w")], 0))
         elif stage.target in needs:
-            acc = [(stage.source, "r"), ("d" + stage.target, "r")]
+            acc = [("d" + stage.target, "r")]
+            if stage.target not in kept:
+                acc.insert(0, (stage.source, "r"))
             if stage.source in needs:
                 acc.append(("d" + stage.source, "w"))
             steps.append(("rows_backward", acc, _width(stage)))
     return steps
+
+
+def keepable(program: Program) -> list[Rows]:
+    """The row-local stages the backward pass runs again (all but the loss stage, whose
+    forward and backward are one pass), of dense sources (a sparse ``x`` is outside the
+    planner's tensors): those whose activations may be kept."""
+    return [s for s in program.stages[:-1] if isinstance(s, Rows)
+            and s.target in program.needs_grad and s.source in program.widths]
+
+
+def _kept_floats(stage: Rows, widths: dict[str, int]) -> int:
+    """Floats per row a kept stage holds for its backward pass: autograd's saved tensors (its
+    widest activation, a ReLU's output or a linear's input; a dropout's mask and masked
+    output), a copy of the stage's input (``Engine.rows_pass``'s ``stable`` blocks) and its
+    output (the tensor ``backward`` is called on)."""
+    dropouts = sum(op.kind == "dropout" for op in stage.ops)
+    return _width(stage) * (1 + 2 * dropouts) + widths[stage.source] + stage.out_cols
 
 
 def _width(stage: Rows) -> int:
@@ -305,25 +342,27 @@ def plan_epoch(
     """
     bandwidths = bandwidths or Bandwidths()
     direct_disk = not cuda if direct_disk is None else direct_disk
-    steps = epoch_steps(program)
     widest = max(a.cols for a in program.aggregates)
     widths = sorted({math.ceil(widest / k) for k in range(1, widest + 1)}, reverse=True)
     if panel_cols is not None:
         widths = [min(panel_cols, widest)]
-    problem = _Problem(program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget,
+    problem = _Problem(program, rows, item, tile_nbytes, adjacency_reserve, gpu_budget,
                        host_budget, param_bytes, cuda, direct_disk,
                        rows if source_rows is None else source_rows)
     best: Plan | None = None
     minimum = None
     for w in widths:
         for share in ADJACENCY_SHARES:
-            try:
-                plan = _plan(problem, w, share)
-            except _TooSmall as small:
-                minimum = small.need if minimum is None else min(minimum, small.need)
-                continue
-            if best is None or _seconds(plan, nnz, bandwidths) < _seconds(best, nnz, bandwidths):
-                best = plan
+            for keep in (False, True) if keepable(program) else (False,):
+                try:
+                    plan = _plan(problem, w, share, keep)
+                except _TooSmall as small:
+                    if not keep:  # keeping is optional: the minimum recomputes
+                        minimum = small.need if minimum is None else min(minimum, small.need)
+                    continue
+                if best is None or (_seconds(plan, nnz, bandwidths)
+                                    < _seconds(best, nnz, bandwidths)):
+                    best = plan
     if best is None:
         raise ValueError(
             f"gpu_budget={gpu_budget} bytes ({format_bytes(gpu_budget)}) is below the minimum "
@@ -335,9 +374,12 @@ def plan_epoch(
 def _seconds(plan: Plan, nnz: int, bandwidths: Bandwidths) -> float:
     """A plan's predicted epoch: its transfers plus its aggregation passes' compute (a narrow
     panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time) plus its
-    row blocks' fixed costs (small blocks save device memory but pay launches per block)."""
+    row blocks' fixed costs (small blocks save device memory but pay launches per block) plus
+    the activations its backward pass recomputes (keeping them saves that but holds them)."""
     compute = nnz * (plan.pass_columns + PASS_COLUMNS * plan.passes) / bandwidths.spmm
-    return bandwidths.seconds(plan.predicted) + compute + plan.blocks * BLOCK_SECONDS
+    recompute = plan.recompute_floats / RECOMPUTE_FLOATS_PER_SECOND
+    return (bandwidths.seconds(plan.predicted) + compute + plan.blocks * BLOCK_SECONDS
+            + recompute)
 
 
 class _TooSmall(Exception):
@@ -350,7 +392,6 @@ class _Problem:
     """What every candidate plan is made for (:func:`plan_epoch`'s arguments)."""
 
     program: Program
-    steps: list[tuple[str, list[tuple[str, str]]]]
     rows: int
     item: int
     tile_nbytes: list[int]
@@ -363,12 +404,16 @@ class _Problem:
     source_rows: int
 
 
-def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
-    """The plan with panels of ``w`` columns, ``adjacency_share`` of the room first to ``Â``."""
-    (program, steps, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
+def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan:
+    """The plan with panels of ``w`` columns, ``adjacency_share`` of the room first to ``Â``,
+    and every :func:`keepable` stage's activations kept (``keep``) or recomputed."""
+    (program, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
      param_bytes, cuda, direct_disk, source_rows) = (
         getattr(problem, f.name) for f in dataclasses.fields(problem)
     )
+    keeps = keepable(program)
+    kept = frozenset(s.target for s in keeps) if keep else frozenset()
+    steps = epoch_steps(program, kept)
     widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
     reads: dict[str, int] = {}
     writes: dict[str, int] = {}
@@ -404,17 +449,24 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
     gathered = source_rows != rows
     least_rows = min(rows, MIN_BLOCK_ROWS)
     margin = MARGIN if cuda else 0
-    others = fixed_params + adjacency_min + input_bytes + margin
+    kept_bytes = sum(rows * _kept_floats(s, widths) * item for s in keeps) if keep else 0
+    others = fixed_params + adjacency_min + input_bytes + margin + kept_bytes
     if others + least_rows * row_floats * item > gpu_budget:
         raise _TooSmall(others + least_rows * row_floats * item)
     rows_room = min(int((gpu_budget - margin) * ROWS_SHARE), gpu_budget - others)
     block_rows = _whole_pages(max(least_rows, min(rows, rows_room // (row_floats * item))))
     rows_bytes = block_rows * row_floats * item
-    room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin
+    room = gpu_budget - fixed_params - adjacency_min - rows_bytes - margin - kept_bytes
     pass_rows = {
         names: _whole_pages(max(least_rows, min(rows, rows_bytes // (_row_floats(*p) * item))))
         for names, p in row_passes.items()
     }
+    for stage in keeps if keep else ():
+        # A kept stage's backward blocks are its forward blocks: each has its saved tensors.
+        forward = (stage.source, stage.target)
+        backward = next(names for names in row_passes
+                        if names[0] == "d" + stage.target)
+        pass_rows[forward] = pass_rows[backward] = min(pass_rows[forward], pass_rows[backward])
     blocks = sum(math.ceil(rows / r) for r in pass_rows.values())
 
     items: list[_Item] = []
@@ -573,6 +625,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         "adjacency": adjacency_gpu,  # the scheduler's cap: its slots, workspace and resident tiles
         "arena": arena_bytes,
         "row_blocks": rows_bytes,
+        "kept": kept_bytes,
         "margin": margin,
     }
     return Plan(
@@ -598,6 +651,8 @@ def _plan(problem: _Problem, w: int, adjacency_share: float) -> Plan:
         gpu_bytes=sum(breakdown.values()),
         breakdown=breakdown,
         host_bytes=pinned,
+        kept=kept,
+        recompute_floats=sum(rows * _width(s) for s in keeps if s.target not in kept),
     )
 
 

@@ -7,14 +7,16 @@ cross-entropy loss over the training rows, is cut into two kinds of stage:
   tiles (``aires.scheduler``) against one column panel of ``source`` at a time.
 - :class:`Rows`: a chain of row-local operations (dropout, ``@ W``, ``+ b``, ReLU, and finally the
   loss). Any row block of its output depends only on the same rows of its input, so it runs one
-  row block at a time, and its backward is the same chain recomputed per block under autograd.
+  row block at a time, and its backward is the same chain recomputed per block under autograd
+  (or, where the plan has the room, the graph its forward pass kept).
 
 Each layer takes the product order ``(Â Z) W`` or ``Â (Z W)`` given for it, so the aggregations
 run on whichever of ``F_in`` and ``F_out`` is narrower. Only the inputs of ``Rows`` stages (the
 aggregations' outputs, and ``X``) are kept for the backward pass: a ``Rows`` stage's wide
 intermediates (a 256-wide hidden layer, say) live in one row block on the device and are
 recomputed in the backward pass instead of being stored, which is what keeps the bytes an epoch
-moves close to the narrow tensors' sizes.
+moves close to the narrow tensors' sizes; a budget with room to spare keeps them on the device
+instead (:attr:`aires.nn.plan.Plan.kept`), as an in-core loop does.
 
 Backward runs the stages in reverse: a ``Rows`` stage recomputes its block and back-propagates
 the gradient of its output (or the loss) into the gradient of its input and the parameters; an

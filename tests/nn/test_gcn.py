@@ -196,6 +196,28 @@ def test_dropout_masks_survive_blocking_and_tiers(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_kept_activations_train_as_pyg(device: str, dropout: float) -> None:
+    """Where the budget has room the hidden stages keep their graphs for the backward pass
+    instead of recomputing them: the losses and gradients are PyG's all the same."""
+    ei, x, y, mask = device_problem(device, False)
+    dtype = x.dtype
+    torch.manual_seed(4)
+    model = GCN(12, 16, 5, num_layers=3, dropout=dropout, device=device, seed=5).to(dtype)
+    assert model.plan(x, ei).kept == {"t1", "t2"}
+    ref, ref_grads = reference_losses(
+        model, x, ei, y, mask, epochs=3,
+        dropout_keys=lambda step, site: stream_key(5, f"dropout:{step}:{site}"),
+    )
+    losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert losses == pytest.approx(ref, rel=rtol)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got.to(want.dtype), want, rtol=rtol * 10, atol=rtol * 1e-2)
+    model.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order", ["aggregate_first", "transform_first"])
 def test_sparse_features_match_dense(device: str, order: str) -> None:
     """Sparse X: SpGEMM aggregation (aggregate first) or sparse row blocks (transform first)."""
@@ -292,6 +314,27 @@ def test_measured_peak_is_within_the_process_budget(room: int) -> None:
     train(model, x, ei, y, mask, epochs=2)
     assert max_memory_allocated() <= budget
     assert 0 < model.stats.peak_allocated <= budget
+    model.close()
+
+
+@pytest.mark.gpu
+def test_measured_peak_is_within_the_budget_that_first_keeps_activations() -> None:
+    """The smallest budget (in 16 MiB steps) at which the plan keeps the 256-wide hidden
+    activations for the backward pass: the allocator's peak stays under it."""
+    ei, x, y, mask = problem(n=CUDA_NODES, dtype=torch.float32)
+    held = torch.cuda.memory_allocated()
+    budget = minimum_gpu_bytes(x, ei, **TIERED_CUDA) + held
+    for _ in range(128):
+        model = GCN(12, 256, 5, device="cuda", gpu_budget=budget, **TIERED_CUDA)
+        if model.plan(x, ei).kept:
+            break
+        model.close()
+        budget += 16 << 20
+    else:
+        raise AssertionError("no budget up to 2 GiB above the minimum kept the activations")
+    reset_peak_memory_stats()
+    train(model, x, ei, y, mask, epochs=2)
+    assert max_memory_allocated() <= budget
     model.close()
 
 

@@ -12,9 +12,9 @@ from aires.nn.plan import _row_floats, epoch_steps
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
 
-def _plan(budget: int, host: int = 64 << 30):
+def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5):
     model = GCN(100, 256, 47, device="cpu")
-    program = build_program(model.dims, model.orders(ROWS, NNZ, None), 0.5)
+    program = build_program(model.dims, model.orders(ROWS, NNZ, None), dropout)
     tiles = [TILE] * ((NNZ + ROWS) * 8 // TILE)
     plan = plan_epoch(
         program, rows=ROWS, item=4, tile_nbytes=tiles,
@@ -57,3 +57,20 @@ def test_a_pass_not_in_the_epoch_takes_the_widest_blocks() -> None:
 def test_smaller_budgets_move_more_bytes() -> None:
     moved = [_plan(gib << 30)[1].predicted.h2d for gib in (16, 4, 2, 1)]
     assert moved == sorted(moved) and moved[0] == 0 < moved[-1]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_hidden_activations_are_kept_where_the_budget_has_room(dropout: float) -> None:
+    """At 16 GiB products fits with its 256-wide hidden activation kept for the backward pass
+    (no recomputation, as an in-core loop); at 2 GiB that room holds tensors instead."""
+    program, plan = _plan(16 << 30, dropout=dropout)
+    assert plan.kept == {"t1"} and plan.recompute_floats == 0
+    assert plan.gpu_bytes <= 16 << 30 and plan.breakdown["kept"] >= ROWS * 256 * 4
+    assert plan.predicted.h2d == 0
+    # The backward step reads the kept graph, not the stage's input, in the forward's blocks.
+    backward = next(acc for kind, acc, _ in epoch_steps(program, plan.kept)
+                    if kind == "rows_backward")
+    assert [name for name, _ in backward] == ["dt1"]
+    assert plan.rows_for(["s0", "t1"]) == plan.rows_for(["dt1"])
+    _, tight = _plan(2 << 30, dropout=dropout)
+    assert tight.kept == frozenset() and tight.recompute_floats == ROWS * 256
