@@ -74,11 +74,15 @@ VARIANTS = {
     "split": "AIRES, half the tiles pinned, half on NVMe (cold), both paths",
     "host-fresh": "as host, a fresh device buffer per tile instead of the slot ring",
     "host-serial": "as host, each tile copied then computed, no overlap",
+    "host-unchecked": "as host, tiles not checked (what the checks cost, beside host)",
+    "nvme-unchecked": "as nvme, reads not checked (what the checks cost, beside nvme)",
 }
 #: Scheduler switches of the ablation variants (``bench.methods.aires`` uses the same names).
 OPTIONS: dict[str, dict[str, bool]] = {
     "host-fresh": {"prealloc": False},
     "host-serial": {"overlap": False},
+    "host-unchecked": {"checks": False},
+    "nvme-unchecked": {"checks": False},
 }
 GRAPH500 = (0.57, 0.19, 0.19, 0.05)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -359,9 +363,9 @@ def budgets(
     direct = device.type != "cuda" or store.io_mode != "posix"
     staging = 0 if direct else workers * slot
     disk_gpu = (3 + workers) * slot + reserve
-    if variant in ("host", "host-fresh", "host-serial"):
+    if variant in ("host", "host-fresh", "host-serial", "host-unchecked"):
         return {"gpu_budget": 3 * slot + reserve, "host_budget": total, "dual": False}
-    if variant == "nvme":
+    if variant in ("nvme", "nvme-unchecked"):
         return {"gpu_budget": disk_gpu, "host_budget": staging, "dual": False}
     if variant == "dual":
         # The disk slots only where pinned tiles may travel the disk path (not over a GPU's
@@ -406,7 +410,7 @@ def bench_spmm(
             **kw,
             **options,
         )
-        on_disk = variant in ("nvme", "dual", "split")
+        on_disk = variant in ("nvme", "nvme-unchecked", "dual", "split")
         before = partial(drop_caches, cold_files, system=args.drop_caches) if on_disk else None
         base = peak_start(device)
         try:
@@ -608,6 +612,12 @@ def verdicts(res: dict[str, Any]) -> dict[str, Any]:
         out["dual_faster_than_host_and_nvme"] = slowest < min(
             min(spmm["host"]["ms"]), min(spmm["nvme"]["ms"])
         )
+    for path, checked in (("host", host), ("nvme", nvme)):
+        unchecked = med(f"{path}-unchecked")
+        if checked is not None and unchecked is not None:
+            # Issue 15: every tile checked on its way, at most 5% over not checking it.
+            out[f"{path}_checks_cost"] = checked / unchecked - 1
+            out[f"{path}_checks_target_5pct"] = checked <= 1.05 * unchecked
     if split is not None and nvme is not None:
         out["split_over_nvme"] = split / nvme
         out["split_faster_than_nvme"] = max(spmm["split"]["ms"]) < min(spmm["nvme"]["ms"])

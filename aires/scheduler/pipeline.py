@@ -222,6 +222,9 @@ class Scheduler:
         overlap: Overlap loads with computes. ``False`` (ablation) loads a tile, waits,
             computes it, waits, then moves to the next: no copy/compute overlap and no
             concurrency between the host and disk paths.
+        checks: Check every tile that reaches a computation (at placement, and on every disk
+            read). ``False`` (ablation, to measure what the checks cost: ``bench.spmm``'s
+            ``-unchecked`` variants) skips them.
         reserve_bytes: Device bytes to keep for the output and kernel workspace from the
             start, e.g. :func:`spmm_reserve` for the first call, so that a budget that is too
             small is refused here with the minimum that call really needs.
@@ -249,6 +252,7 @@ class Scheduler:
         dual: bool = True,
         prealloc: bool = True,
         overlap: bool = True,
+        checks: bool = True,
         reserve_bytes: int = 0,
     ) -> None:
         for attr in ("tiles", "shape", "read_bytes", "tile_arrays", "io_mode"):
@@ -270,7 +274,8 @@ class Scheduler:
             if host_budget is None
             else parse_size(host_budget, "host_budget", allow_zero=True)
         )
-        for name, flag in (("dual", dual), ("prealloc", prealloc), ("overlap", overlap)):
+        for name, flag in (("dual", dual), ("prealloc", prealloc), ("overlap", overlap),
+                           ("checks", checks)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if self._cuda:
@@ -293,6 +298,7 @@ class Scheduler:
         self._steals = dual and not self.dispatcher.shared_link
         self._prealloc = prealloc
         self._overlap = overlap
+        self._checks = checks
         self._tiles = list(store.tiles)
         self._nbytes = [int(t.nbytes) for t in self._tiles]
         self._nnz = sum(int(t.nnz) for t in self._tiles)
@@ -708,7 +714,7 @@ class Scheduler:
         self._ring_next = 0
         self._prefetched = []
         if p.n_disk:
-            self._disk = DiskPath(self.store, dev, bounce, self.dispatcher)
+            self._disk = DiskPath(self.store, dev, bounce, self.dispatcher, checks=self._checks)
             self._pool = ThreadPoolExecutor(p.n_disk, thread_name_prefix="aires-disk")
 
     def _begin_call(self) -> None:
@@ -738,10 +744,10 @@ class Scheduler:
                 # The store's own POSIX path to the GPU pins a bounce buffer outside
                 # host_budget; placement happens once, so a pageable copy does.
                 host = np.empty(view.numel(), dtype=np.uint8)
-                self.store.read_bytes(tile, host, verify=True)
+                self.store.read_bytes(tile, host, verify=self._checks)
                 view.copy_(torch.from_numpy(host))
             else:
-                self.store.read_bytes(tile, view, verify=True)
+                self.store.read_bytes(tile, view, verify=self._checks)
         except TileCorruptError as error:
             raise error.came_by(via) from error
 

@@ -311,6 +311,7 @@ class DiskPath:
         dispatcher: Receives the measured read throughput.
         crc_every_read: Check every read by CRC-32 (``True``) or only first reads, later ones
             by word sum (``False``); ``None``: CRC where reads land in host memory.
+        checks: ``False`` (an ablation, see :class:`~aires.scheduler.Scheduler`): no check.
     """
 
     def __init__(
@@ -321,8 +322,10 @@ class DiskPath:
         dispatcher: Dispatcher,
         *,
         crc_every_read: bool | None = None,
+        checks: bool = True,
     ) -> None:
         self.store = store
+        self.checks = checks
         self.bounce = list(bounce) if bounce is not None else None
         self.dispatcher = dispatcher
         cuda = device.type == "cuda"
@@ -345,8 +348,8 @@ class DiskPath:
     def _read(self, tile: int, target: torch.Tensor) -> None:
         """Read ``tile`` into ``target`` and check it (see the class notes)."""
         try:
-            if self.crc_every_read:
-                self.store.read_bytes(tile, target, verify=True)
+            if self.crc_every_read or not self.checks:
+                self.store.read_bytes(tile, target, verify=self.checks)
                 return
             expected = self._sums.get(tile)
             self.store.read_bytes(tile, target, verify=expected is None)

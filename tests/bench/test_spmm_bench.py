@@ -43,6 +43,11 @@ def test_smoke_runs_every_variant_and_writes_json(tmp_path: Path) -> None:
     assert res["graph"]["reused"] is False
     assert saved["spmm"]["host-fresh"]["options"] == {"prealloc": False}
     assert saved["spmm"]["host-serial"]["options"] == {"overlap": False}
+    for path in ("host", "nvme"):
+        assert saved["spmm"][f"{path}-unchecked"]["options"] == {"checks": False}
+        cost = saved["targets"][f"{path}_checks_cost"]
+        med = [saved["spmm"][v]["median_ms"] for v in (path, f"{path}-unchecked")]
+        assert cost == pytest.approx(med[0] / med[1] - 1)
     again = main(
         [
             "--smoke",

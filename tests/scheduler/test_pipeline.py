@@ -239,6 +239,7 @@ ABLATIONS = {
     "fresh": {"prealloc": False},
     "serial": {"overlap": False},
     "fresh-serial": {"prealloc": False, "overlap": False},
+    "unchecked": {"checks": False},
 }
 
 
@@ -359,7 +360,7 @@ def test_first_and_last_host_tiles_run_in_row_parts(
 
 
 def test_option_types_are_checked(store: TileStore) -> None:
-    for name in ("dual", "prealloc", "overlap"):
+    for name in ("dual", "prealloc", "overlap", "checks"):
         with pytest.raises(TypeError, match=f"{name} must be a bool, got 1"):
             Scheduler(store, gpu_budget="1MiB", device="cpu", **{name: 1})
 
@@ -794,6 +795,16 @@ def test_a_disk_tile_corrupted_after_placement_is_caught_on_its_next_read(
         sched.spmm(x)
     flip_byte(store, disk[-1], where=0.1)  # repaired: the same product again
     np.testing.assert_allclose(sched.spmm(x).cpu().numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_unchecked_ablation_checks_nothing(store: TileStore, device: str) -> None:
+    """``checks=False`` (what ``bench.spmm``'s ``-unchecked`` variants time against the checked
+    ones) reads a corrupted tile without a word: the checks above are what catch it."""
+    flip_byte(store, 0)
+    for tier in CORRUPT:
+        scheduler_for(store, tier, device=device, checks=False).spmm(
+            dense_x(store.shape[1], device=device))
 
 
 @pytest.mark.gpu
