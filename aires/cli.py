@@ -184,6 +184,8 @@ def _run_train(args: argparse.Namespace) -> int:
         f"(val {summary['val_accuracy']:.4f}, final loss {summary['history'][-1]['loss']:.4f}); "
         f"{summary['epoch_seconds'] * 1e3:.2f} ms per epoch on {summary['device']}"
         f"{_processes(summary['processes'])} after a {summary['setup_seconds']:.2f} s first epoch"
+        + ("" if summary["ready_seconds"] is None else
+           f" (begun {summary['ready_seconds']:.2f} s after the process started)")
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
@@ -247,6 +249,7 @@ def _train_rank(args: argparse.Namespace) -> dict[str, Any] | None:
         "val_accuracy": result.val_accuracy,
         "epoch_seconds": result.epoch_seconds,
         "setup_seconds": result.setup_seconds,
+        "ready_seconds": result.ready_seconds,
         "device": result.device,
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
         "args": {k: v for k, v in vars(args).items() if k != "func"},

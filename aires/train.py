@@ -11,11 +11,13 @@ layers, where only the adjacency is out of core (what a PyG user gets by swappin
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,6 +159,9 @@ class TrainResult:
         epoch_seconds: median time of a training step (forward, backward, optimiser) over the
             epochs after the first (the first one tiles the graph).
         setup_seconds: time of the first epoch, which includes tiling the graph.
+        ready_seconds: the process's age when the first epoch's computation began, after
+            start-up, reading the graph and the model's set-up (planning, the arenas, ``X``
+            in its tiers); ``None`` where the process's start time is unknown (not Linux).
         device: the device the model ran on.
     """
 
@@ -166,6 +171,7 @@ class TrainResult:
     val_accuracy: float
     epoch_seconds: float
     setup_seconds: float
+    ready_seconds: float | None
     device: str
 
 
@@ -307,8 +313,11 @@ def train(
         disable=not progress,
         unit="epoch",
     )
+    ready = None
     for epoch in bar:
         _sync(device)
+        if epoch == 1:
+            ready = process_age()
         start = time.perf_counter()
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -342,8 +351,22 @@ def train(
         val_accuracy=score(logits, "val"),
         epoch_seconds=statistics.median(steady),
         setup_seconds=history[0].seconds,
+        ready_seconds=None if ready is None else ready + sum(model.setup_seconds.values()),
         device=str(device),
     )
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (from Linux's ``/proc``), or ``None`` elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return None
+    # Field 22 is the start time in clock ticks after boot; fields 3 on follow the ")" that
+    # closes the command's name (which may itself hold spaces).
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

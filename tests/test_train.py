@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from aires.data import Graph, load_planetoid, synthetic
 from aires.nn import GCN as WholeModelGCN
-from aires.train import GCN, TrainResult, adjacency_t, row_normalize, train
+from aires.train import GCN, TrainResult, adjacency_t, process_age, row_normalize, train
 
 TILE = 4096
 
@@ -128,6 +129,16 @@ def test_train_result_and_history(tiny: Graph) -> None:
     assert result.history[-1].loss < result.history[0].loss
     assert 0.0 <= result.test_accuracy <= 1.0 and result.device == "cpu"
     assert not result.model.training
+    # Begun after the model's set-up and before this line, in this process's life.
+    assert sum(result.model.setup_seconds.values()) < result.ready_seconds < process_age()
+
+
+def test_process_age_counts_from_the_process_start() -> None:
+    code = "import time; time.sleep(0.5); from aires.train import process_age; print(process_age())"
+    start = time.perf_counter()
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    assert 0.5 <= age <= time.perf_counter() - start + 0.05
 
 
 def test_zero_host_budget_streams_every_tile_from_disk(tiny: Graph) -> None:
