@@ -940,6 +940,8 @@ class Scheduler:
                 rec.wall_end = time.perf_counter()
         else:
             rec.end = rec.mark()
+        if self._disk is not None:
+            self._disk.verify()
 
     def _prefetch(self) -> None:
         """Queue the next call's first host tiles into the ring slots that free first.
@@ -998,6 +1000,7 @@ class Scheduler:
                 run(tile, buf, ready, "stream")
                 self._disk_free[0] = None
             rec.wall_end = time.perf_counter()
+            self._disk.verify()
         rec.end = rec.mark(stream)
 
     def _load_host(

@@ -176,6 +176,29 @@ def test_disk_path_checks_first_reads_by_crc_and_later_ones_by_word_sum(
 
 
 @pytest.mark.gpu
+def test_reads_into_gpu_memory_queue_their_sums_and_the_call_compares_them(
+    make_store: Callable[..., TileStore],
+) -> None:
+    """A read into GPU memory after the first is summed on the device without the worker
+    waiting: the read returns the sum's event, and :meth:`DiskPath.verify` (the end of the
+    scheduler's call) raises for a tile changed since its first read, naming it."""
+    store = make_store()
+    dev = torch.device("cuda")
+    path = DiskPath(store, dev, None, Dispatcher(1e9), crc_every_read=False)
+    slot = torch.zeros(store.max_tile_nbytes, dtype=torch.uint8, device=dev)
+    rec = Recorder("spmm", dev, store.io_mode, len(store))
+    nbytes = store.tile_info(2).nbytes
+    assert path.fetch(0, 2, nbytes, slot, None, rec) is None  # the first read: checked now
+    assert path.fetch(0, 2, nbytes, slot, None, rec) is not None
+    path.verify()
+    flip_byte(store, 2)
+    path.fetch(0, 2, nbytes, slot, None, rec).synchronize()
+    with pytest.raises(TileCorruptError, match=r"tile 2 of .*word sum.*\(read by the disk path"):
+        path.verify()
+    path.verify()  # the sums were compared once
+
+
+@pytest.mark.gpu
 def test_gpu_paths_are_bit_exact() -> None:
     dev = torch.device("cuda")
     rec = Recorder("spmm", dev, "posix", 1)
