@@ -233,23 +233,22 @@ class GCN(nn.Module):
         tensors.
         """
         state = self._prepare(x, adj)
-        labels, count = self._selected_labels(y, mask, state.all_rows)
-        labels = labels[state.first : state.first + state.rows]
+        staged = self._selected_labels(y, mask, state.all_rows)
         self._step += 1
         params = [t for pair in self._leaves() for t in pair]
-        return _EpochLoss.apply(self, state, labels, count, *params)
+        return _EpochLoss.apply(self, state, staged, *params)
 
-    def _selected_labels(self, y: Tensor, mask: Tensor, rows: int) -> tuple[Tensor, int]:
-        """:func:`_labels` and how many rows they select, kept while ``y`` and ``mask`` are the
-        same tensors at the same versions: on products (2.4M rows) a profile of one epoch
-        on the H200 put some 100 ms of host time in building them, beside 63 ms of GPU work."""
+    def _selected_labels(self, y: Tensor, mask: Tensor, rows: int) -> _StagedLabels:
+        """:func:`_labels`, kept while ``y`` and ``mask`` are the same tensors at the same
+        versions: on products (2.4M rows) a profile of one epoch on the H200 put some 100 ms
+        of host time in building them, beside 63 ms of GPU work."""
         key = (getattr(y, "_version", None), getattr(mask, "_version", None), rows)
         staged = self._labels
         if staged is None or staged.y is not y or staged.mask is not mask or staged.key != key:
-            labels = _labels(y, mask, rows, self.dims[-1], self.device)
-            staged = _StagedLabels(y, mask, key, labels, max(int((labels >= 0).sum()), 1))
+            selected, labels = _labels(y, mask, rows, self.dims[-1], self.device)
+            staged = _StagedLabels(y, mask, key, selected, labels)
             self._labels = staged
-        return staged.labels, staged.count
+        return staged
 
     def forward(self, x: Any, adj: Any) -> Tensor:
         """Logits ``(N, out_channels)`` in host memory (dropout applies in training mode)."""
@@ -433,30 +432,40 @@ class GCN(nn.Module):
         state.engine.rows_pass([stage.source], [stage.target], block, stable=True)
 
     def _loss_and_backward_pass(
-        self, state: _State, labels: Tensor, count: int, leaves: list[tuple[Tensor, Tensor]]
+        self, state: _State, staged: _StagedLabels, leaves: list[tuple[Tensor, Tensor]]
     ) -> Tensor:
         """The loss stage, forward and backward in one pass: the loss, and ``d source``.
 
-        ``labels`` holds this process's rows' labels, ``-1`` on the rows outside the loss;
-        ``count`` is the number of rows in the loss over the whole graph."""
+        Only the rows in the loss go through the stage: each block picks them out of its
+        input (their positions and labels are staged in host memory, so finding a block's
+        share waits for no device), and ``d source`` is zero on the others. The stage's ops
+        are row-local and hold no dropout (each layer's dropout comes before its
+        aggregation), so rows picked out of order give the same numbers."""
         last = state.program.stages[-1]
         needs = last.source in state.program.needs_grad
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        step, training, first = self._step, self.training, state.first
+        step, training, first, count = self._step, self.training, state.first, staged.count
+        bounds = torch.tensor([0, 0], dtype=torch.int64)
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
             nonlocal total
-            with torch.enable_grad():
-                h = inputs[0].detach().requires_grad_(needs)
-                logits = self._run_ops(last.ops, h, first + r0, training, step, leaves)
-                target = labels[r0:r1].to(self.device, non_blocking=True)
-                # Rows outside the loss are labelled -1 and ignored: indexing by a mask would
-                # wait for the device to count the selected rows, once per block.
-                part = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") / count
-                total = total + part.detach().double()
-                if part.requires_grad:
-                    part.backward()
-            return [h.grad] if needs else []
+            h = inputs[0].detach()
+            grad = torch.zeros_like(h) if needs else None
+            bounds[0], bounds[1] = first + r0, first + r1
+            a, b = torch.searchsorted(staged.rows, bounds).tolist()
+            if a < b:
+                rows = staged.rows[a:b].to(self.device, non_blocking=True) - (first + r0)
+                target = staged.labels[a:b].to(self.device, non_blocking=True)
+                with torch.enable_grad():
+                    picked = h.index_select(0, rows).requires_grad_(needs)
+                    logits = self._run_ops(last.ops, picked, first + r0, training, step, leaves)
+                    part = F.cross_entropy(logits, target, reduction="sum") / count
+                    total = total + part.detach().double()
+                    if part.requires_grad:
+                        part.backward()
+                if needs:
+                    grad.index_copy_(0, rows, picked.grad)
+            return [grad] if needs else []
 
         targets = ["d" + last.source] if needs else []
         state.engine.rows_pass([last.source], targets, block)
@@ -548,7 +557,7 @@ class _EpochLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, model: GCN, state: _State, labels: Tensor, count: int, *params: Tensor
+        ctx: Any, model: GCN, state: _State, staged: _StagedLabels, *params: Tensor
     ) -> Tensor:
         ctx.model, ctx.state = model, state
         start = model._begin(state)
@@ -560,7 +569,7 @@ class _EpochLoss(torch.autograd.Function):
         ]
         with torch.no_grad():
             model._forward(state, training=model.training, step=model._step, leaves=leaves)
-            loss = model._loss_and_backward_pass(state, labels, count, leaves)
+            loss = model._loss_and_backward_pass(state, staged, leaves)
         ctx.leaves = leaves
         ctx.start = start
         return loss.to(params[0].dtype)
@@ -583,7 +592,7 @@ class _EpochLoss(torch.autograd.Function):
         for w, b in leaves:
             for leaf in (w, b):
                 grads.append(None if leaf.grad is None else leaf.grad * grad)
-        return (None, None, None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def _sum_grads(exchange: Exchange, leaves: list[Tensor]) -> None:
@@ -599,13 +608,19 @@ def _sum_grads(exchange: Exchange, leaves: list[Tensor]) -> None:
 
 class _StagedLabels(NamedTuple):
     """What :meth:`GCN._selected_labels` keeps: the tensors it was given (held, so that their
-    identities stay theirs), their versions and the rows, and the labels and their count."""
+    identities stay theirs), their versions and the rows, and the selected rows (ascending)
+    with their labels (:func:`_labels`)."""
 
     y: Tensor
     mask: Tensor
     key: tuple[int | None, int | None, int]
+    rows: Tensor
     labels: Tensor
-    count: int
+
+    @property
+    def count(self) -> int:
+        """Rows in the loss (at least one, the mean's divisor)."""
+        return max(int(self.rows.numel()), 1)
 
 
 @dataclass
@@ -857,9 +872,11 @@ def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -
             done.result()  # the first failure raises here
 
 
-def _labels(y: Tensor, mask: Tensor, rows: int, classes: int, device: torch.device) -> Tensor:
-    """The labels of the rows ``mask`` selects and ``-1`` elsewhere, in host memory (pinned for
-    a GPU); a selected label outside ``[0, classes)`` is a ``ValueError`` here, not a device
+def _labels(
+    y: Tensor, mask: Tensor, rows: int, classes: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The rows ``mask`` selects, ascending, and their labels, in host memory (pinned for a
+    GPU); a selected label outside ``[0, classes)`` is a ``ValueError`` here, not a device
     assertion in the loss."""
     if not isinstance(y, Tensor) or y.dim() != 1 or y.numel() != rows:
         raise ValueError(f"y must be a ({rows},) tensor of labels, got "
@@ -873,9 +890,11 @@ def _labels(y: Tensor, mask: Tensor, rows: int, classes: int, device: torch.devi
     else:
         keep = torch.zeros(rows, dtype=torch.bool)
         keep[mask.detach().cpu().long()] = True
-    labels = torch.where(keep, y.detach().cpu().long(), -1)
-    selected = labels[keep]
-    if selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= classes):
-        bad = int(selected.min()) if int(selected.min()) < 0 else int(selected.max())
+    selected = keep.nonzero().flatten()
+    labels = y.detach().cpu().long()[selected]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
         raise ValueError(f"y holds label {bad} on a selected row; out_channels is {classes}")
-    return labels.pin_memory() if device.type == "cuda" else labels
+    if device.type == "cuda":
+        return selected.pin_memory(), labels.pin_memory()
+    return selected, labels

@@ -374,11 +374,11 @@ def test_labels_are_staged_once_and_again_after_an_in_place_change() -> None:
     ei, x, y, mask = problem()
     model = GCN(12, 16, 5, device="cpu").double().eval()
     first = model.loss(x, ei, y, mask).item()
-    staged = model._labels[3]
-    assert model.loss(x, ei, y, mask).item() == first and model._labels[3] is staged
+    staged = model._labels.labels
+    assert model.loss(x, ei, y, mask).item() == first and model._labels.labels is staged
     y[mask] = (y[mask] + 1) % 5
     changed = model.loss(x, ei, y, mask).item()
-    assert model._labels[3] is not staged and changed != first
+    assert model._labels.labels is not staged and changed != first
     fresh = GCN(12, 16, 5, device="cpu").double().eval()
     fresh.load_state_dict(model.state_dict())
     assert changed == fresh.loss(x, ei, y.clone(), mask.clone()).item()
