@@ -977,10 +977,11 @@ class Scheduler:
         self._collect(block=False)
         rec.start = rec.mark(stream)
 
-        def run(tile: int, buf: torch.Tensor, ready: Any, phase: str) -> None:
+        def run(tile: int, buf: torch.Tensor, ready: Any, phase: str,
+                fn: Callable[[int, torch.Tensor], None] = compute) -> None:
             if ready is not None:
                 ready.synchronize()
-            self._compute(tile, buf, ready, compute, rec, phase, stream)
+            self._compute(tile, buf, ready, fn, rec, phase, stream)
             if self._cuda:
                 torch.cuda.synchronize(self.device)  # the compute and any write-back it queued
 
@@ -997,7 +998,7 @@ class Scheduler:
             assert self._disk is not None
             for tile in p.disk:
                 buf, ready = self._load_disk(0, tile, rec)
-                run(tile, buf, ready, "stream")
+                run(tile, buf, ready, "stream", self._disk.checked(0, compute))
                 self._disk_free[0] = None
             rec.wall_end = time.perf_counter()
             self._disk.verify()
@@ -1059,10 +1060,11 @@ class Scheduler:
         if self._cuda:
             # A new thread starts on device 0: work on the scheduler's device.
             torch.cuda.set_device(self.device)
+        checked = self._disk.checked(worker, compute)
         while (tile := queues.take_disk()) is not None:
             try:
                 buf, ready = self._load_disk(worker, tile, rec)
-                end = self._compute(tile, buf, ready, compute, rec, "stream", stream)
+                end = self._compute(tile, buf, ready, checked, rec, "stream", stream)
             except BaseException:
                 queues.stop = True
                 raise

@@ -26,7 +26,7 @@ import mmap
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -301,11 +301,12 @@ class DiskPath:
     tile reaches a computation. A KvikIO read into GPU memory would have to copy the tile back
     to the host for its CRC, so there a tile's first read does that, and takes the
     :func:`word_sum` of the checked bytes on the device; every later read of the tile is summed
-    on the device, on a stream of its own that the tile's compute waits for, and
-    :meth:`verify` (at the end of the call) compares the sums with the first reads' at once.
-    A mismatch is then the error, raised by the call instead of returning its product. (The
-    worker waiting for each sum had cost the products SpMM 21% on the H200: a sum queued
-    behind a running SpMM kernel waits for it, and the worker's next read with it.)
+    on the device just before the tile's compute, on the compute's stream
+    (:meth:`queue_check`), and :meth:`verify` (at the end of the call) compares the sums with
+    the first reads' at once. A mismatch is then the error, raised by the call instead of
+    returning its product. (A worker waiting for each sum had cost the products SpMM 21% on
+    the H200, and sums on a stream of their own that the computes waited for 6%: such a sum
+    waits for the SpMM kernels running when it is queued.)
 
     Args:
         store: The tile store (``read_bytes``, ``tiles``).
@@ -347,36 +348,40 @@ class DiskPath:
         )
         self._sums: dict[int, int] = {}
         self._queued: list[tuple[int, torch.Tensor]] = []  # later reads' sums, on the device
+        self._unchecked: dict[int, tuple[int, int]] = {}  # worker -> (tile, bytes) to sum
         self._bounce_free: list[Any] = [None] * (len(self.bounce) if self.bounce else 0)
 
-    def _read(self, tile: int, target: torch.Tensor) -> Any:
-        """Read ``tile`` into ``target`` and check it, or queue its check (see the class
-        notes). Returns the event of a queued sum, which the tile's compute must wait for (its
-        slot's next read waits for that compute), or ``None``."""
+    def _read(self, worker: int, tile: int, target: torch.Tensor) -> None:
+        """Read ``tile`` into ``target`` and check it, or leave its check to
+        :meth:`queue_check` (see the class notes)."""
         try:
             if self.crc_every_read or not self.checks:
                 self.store.read_bytes(tile, target, verify=self.checks)
-                return None
+                return
             first = tile not in self._sums
             self.store.read_bytes(tile, target, verify=first)
-            if self._check_stream is None:
-                got = word_sum(target)  # the CPU: in host memory, and crc_every_read was off
-            else:
+            if self._check_stream is None:  # the CPU: host memory, and crc_every_read is off
+                got = word_sum(target)
+                if first:
+                    self._sums[tile] = got
+                else:
+                    self._compare(tile, got)
+            elif first:
                 with torch.cuda.stream(self._check_stream):
-                    if first:
-                        self._sums[tile] = word_sum(target)
-                        return None
-                    self._queued.append((tile, target.view(torch.int64).sum()))
-                    done = torch.cuda.Event()
-                    done.record(self._check_stream)
-                    return done
-            if first:
-                self._sums[tile] = got
+                    self._sums[tile] = word_sum(target)
             else:
-                self._compare(tile, got)
-            return None
+                self._unchecked[worker] = (tile, target.numel())
         except TileCorruptError as error:
             raise error.came_by(self.via) from error
+
+    def queue_check(self, worker: int, slot: torch.Tensor) -> None:
+        """Queue the sum of the tile worker ``worker`` last read into ``slot``, if its check
+        was left to this, on the current stream: call it where the tile's compute is queued,
+        just before it (:meth:`verify` compares the sums)."""
+        pending = self._unchecked.pop(worker, None)
+        if pending is not None:
+            tile, nbytes = pending
+            self._queued.append((tile, slot[:nbytes].view(torch.int64).sum()))
 
     def _compare(self, tile: int, got: int) -> None:
         expected = self._sums[tile]
@@ -388,6 +393,18 @@ class DiskPath:
                 path=data_path,
                 tile=tile,
             )
+
+    def checked(
+        self, worker: int, compute: Callable[[int, torch.Tensor], None]
+    ) -> Callable[[int, torch.Tensor], None]:
+        """``compute(tile, slot)`` for worker ``worker``'s tiles, each preceded by
+        :meth:`queue_check`."""
+
+        def run(tile: int, slot: torch.Tensor) -> None:
+            self.queue_check(worker, slot)
+            compute(tile, slot)
+
+        return run
 
     def verify(self) -> None:
         """Compare the sums queued by this call's reads with the tiles' first reads' (one
@@ -417,14 +434,15 @@ class DiskPath:
             if after is not None:
                 after.synchronize()
             t0 = time.perf_counter()
-            ready = self._read(tile, slot[:nbytes])
+            self._read(worker, tile, slot[:nbytes])
             t1 = time.perf_counter()
+            ready = None
         else:
             bounce = self.bounce[worker]
             if self._bounce_free[worker] is not None:
                 self._bounce_free[worker].synchronize()
             t0 = time.perf_counter()
-            self._read(tile, bounce[:nbytes])
+            self._read(worker, tile, bounce[:nbytes])
             t1 = time.perf_counter()
             if self.stream is None:
                 slot[:nbytes].copy_(bounce[:nbytes])

@@ -63,9 +63,10 @@ def device_problem(device: str, tiered: bool):
     return problem(n=CUDA_NODES if tiered else 400, dtype=torch.float32)
 
 
-def minimum_gpu_bytes(x, ei, **kwargs) -> int:
+def minimum_gpu_bytes(x, ei, hidden: int = 16, num_layers: int = 3, **kwargs) -> int:
     """The model's minimum working set, as a budget below it reports."""
-    model = GCN(x.shape[1], 16, 5, num_layers=3, device="cuda", gpu_budget=1 << 20, **kwargs)
+    model = GCN(x.shape[1], hidden, 5, num_layers=num_layers, device="cuda", gpu_budget=1 << 20,
+                **kwargs)
     with pytest.raises(ValueError, match="minimum working set") as error:
         model.plan(x, ei)
     return int(re.search(r"minimum working set of (\d+) bytes", str(error.value))[1])
@@ -323,7 +324,7 @@ def test_measured_peak_is_within_the_budget_that_first_keeps_activations() -> No
     activations for the backward pass: the allocator's peak stays under it."""
     ei, x, y, mask = problem(n=CUDA_NODES, dtype=torch.float32)
     held = torch.cuda.memory_allocated()
-    budget = minimum_gpu_bytes(x, ei, **TIERED_CUDA) + held
+    budget = minimum_gpu_bytes(x, ei, hidden=256, num_layers=2, **TIERED_CUDA) + held
     for _ in range(128):
         model = GCN(12, 256, 5, device="cuda", gpu_budget=budget, **TIERED_CUDA)
         if model.plan(x, ei).kept:

@@ -179,8 +179,8 @@ def test_disk_path_checks_first_reads_by_crc_and_later_ones_by_word_sum(
 def test_reads_into_gpu_memory_queue_their_sums_and_the_call_compares_them(
     make_store: Callable[..., TileStore],
 ) -> None:
-    """A read into GPU memory after the first is summed on the device without the worker
-    waiting: the read returns the sum's event, and :meth:`DiskPath.verify` (the end of the
+    """A read into GPU memory after the first is summed on the device where its compute is
+    queued, without the worker waiting, and :meth:`DiskPath.verify` (the end of the
     scheduler's call) raises for a tile changed since its first read, naming it."""
     store = make_store()
     dev = torch.device("cuda")
@@ -188,11 +188,16 @@ def test_reads_into_gpu_memory_queue_their_sums_and_the_call_compares_them(
     slot = torch.zeros(store.max_tile_nbytes, dtype=torch.uint8, device=dev)
     rec = Recorder("spmm", dev, store.io_mode, len(store))
     nbytes = store.tile_info(2).nbytes
-    assert path.fetch(0, 2, nbytes, slot, None, rec) is None  # the first read: checked now
-    assert path.fetch(0, 2, nbytes, slot, None, rec) is not None
+    seen = []
+    compute = path.checked(0, lambda tile, buf: seen.append(tile))
+    for _ in range(2):  # the first read is checked at once, the second by its queued sum
+        path.fetch(0, 2, nbytes, slot, None, rec)
+        compute(2, slot)
     path.verify()
     flip_byte(store, 2)
-    path.fetch(0, 2, nbytes, slot, None, rec).synchronize()
+    path.fetch(0, 2, nbytes, slot, None, rec)
+    compute(2, slot)
+    assert seen == [2, 2, 2]
     with pytest.raises(TileCorruptError, match=r"tile 2 of .*word sum.*\(read by the disk path"):
         path.verify()
     path.verify()  # the sums were compared once
