@@ -142,6 +142,14 @@ class Dispatcher:
 
 #: Host page size: page-locking works in whole pages.
 PAGE = mmap.PAGESIZE
+#: Transparent huge page size (x86-64 and arm64 with 4 KiB pages).
+HUGE_PAGE = 2 << 20
+#: Buffers from this size on are mapped in huge pages and faulted in by several threads
+#: before they are locked: papers100M x0.3's 48 GiB host arena took 16.2 s to lock on the
+#: H200 machine as torch.empty memory, faulted in 4 KiB at a time by the driver's one thread.
+LARGE_PINNED = 256 << 20
+#: Threads that fault a large buffer in.
+FAULT_THREADS = 8
 
 
 def pinned_nbytes(nbytes: int, device: torch.device) -> int:
@@ -163,7 +171,7 @@ def pinned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.empty(int(nbytes), dtype=torch.uint8)
     size = pinned_nbytes(nbytes, device)
-    block = aligned_empty(size, PAGE)
+    block = host_pages(size) if size >= LARGE_PINNED else aligned_empty(size, PAGE)
     cudart = torch.cuda.cudart()
     error = int(cudart.cudaHostRegister(block.data_ptr(), size, 0))
     if error:
@@ -174,6 +182,30 @@ def pinned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
     # Not at exit: the CUDA context may be gone by then, and the process's pages go with it.
     weakref.finalize(out, _unregister, cudart, block.data_ptr(), device).atexit = False
     return out
+
+
+def host_pages(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of zeroed anonymous memory in transparent huge pages where the kernel gives
+    them (``MADV_HUGEPAGE``), already faulted in by :data:`FAULT_THREADS` threads, so that
+    locking it (:func:`pinned_empty`) finds every page present: one fault per 2 MiB instead
+    of 512, spread over cores. Starts at a multiple of :data:`HUGE_PAGE`."""
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(area, dtype=torch.uint8)  # keeps ``area`` mapped while it lives
+    skip = -raw.data_ptr() % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            area.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # no transparent huge pages here: 4 KiB pages, faulted the same way
+            pass
+    block = raw[skip : skip + nbytes]
+    step = round_up(-(-nbytes // FAULT_THREADS), HUGE_PAGE)
+    threads = [threading.Thread(target=block[at : at + step].fill_, args=(0,))
+               for at in range(0, nbytes, step)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return block
 
 
 def _unregister(cudart: Any, ptr: int, device: torch.device) -> None:
