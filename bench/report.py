@@ -294,9 +294,26 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def sweep_lines(doc: dict[str, Any]) -> list[tuple[str, list[tuple[float, float]], list[float]]]:
+    """Per method of a sweep: its legend label, ``(budget GiB, median epoch s)`` where it ran,
+    and the budgets (GiB) where it ran out of memory (or was refused for memory). A method with
+    budgets that neither ran nor ran out of memory (timed out, or not reached under
+    ``--time-limit``) says so in its label: those are not measured, not failed."""
+    lines = []
+    for name, runs in doc["sweep"].items():
+        ok = [(r["budget_bytes"] / 2**30, float(np.median(r["epoch_s"]))) for r in runs
+              if r["status"] == "ok" and r["epoch_s"]]
+        oom = [r["budget_bytes"] / 2**30 for r in runs if r["status"] == "oom"]
+        unmeasured = len(runs) - len(ok) - len(oom)
+        label = name if not unmeasured else f"{name} ({unmeasured} not measured)"
+        lines.append((label, ok, oom))
+    return lines
+
+
 def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
     """Epoch time against budget, one line per method, ending where the method stops running
-    (its failed budgets marked ``x`` on the axis): at a GPU's memory, what runs and how fast.
+    (budgets where it ran out of memory marked ``x`` on the axis; see :func:`sweep_lines`): at
+    a GPU's memory, what runs and how fast.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -304,22 +321,19 @@ def plot_sweep(doc: dict[str, Any], path: str | Path) -> Path:
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
-    for name, runs in doc["sweep"].items():
-        ok = [(r["budget_bytes"], float(np.median(r["epoch_s"]))) for r in runs
-              if r["status"] == "ok" and r["epoch_s"]]
-        failed = [r["budget_bytes"] for r in runs if r["status"] != "ok"]
-        line = ax.plot([b / 2**30 for b, _ in ok], [t for _, t in ok], marker="o", label=name)
-        if failed:  # on the x axis itself: x in data, y in axes units
-            ax.plot([b / 2**30 for b in failed], [0.0] * len(failed), "x",
-                    color=line[0].get_color(), clip_on=False, transform=ax.get_xaxis_transform())
+    for label, ok, oom in sweep_lines(doc):
+        line = ax.plot([b for b, _ in ok], [t for _, t in ok], marker="o", label=label)
+        if oom:  # on the x axis itself: x in data, y in axes units
+            ax.plot(oom, [0.0] * len(oom), "x", color=line[0].get_color(), clip_on=False,
+                    transform=ax.get_xaxis_transform())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # methods differ by orders of magnitude (uvm seconds, in-core ms)
     ax.set_xlabel("GPU budget (GiB, whole process)" if doc.get("budget_scope") == "process"
                   else "budget (GiB)")
     ax.set_ylabel("epoch time (s), median")
     dataset = doc["dataset"]
-    ax.set_title(f"{dataset['name']}: {dataset['nodes']:,} nodes; x: did not run at that budget",
-                 fontsize=9)
+    ax.set_title(f"{dataset['name']}: {dataset['nodes']:,} nodes; x: out of memory at that "
+                 "budget", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from bench.report import LEGEND, format_bytes, format_table, main, plot, speedups, validate
+from bench.report import (
+    LEGEND,
+    format_bytes,
+    format_table,
+    main,
+    plot,
+    speedups,
+    sweep_lines,
+    validate,
+)
 
 
 @pytest.fixture
@@ -127,3 +136,21 @@ def test_report_command_tabulates_and_plots(
     result.write_text(json.dumps(doc))
     assert main([str(result)]) == 2
     assert "missing keys ['mode']" in capsys.readouterr().err
+
+
+def test_a_sweep_line_marks_out_of_memory_and_names_what_was_not_measured() -> None:
+    """Out of memory is a result (``x`` on the axis); a run that timed out or was never reached
+    under ``--time-limit`` is not, and the method's label says how many such budgets it has."""
+    def run(gib: int, status: str, epochs: list[float]) -> dict[str, Any]:
+        return {"budget_bytes": gib << 30, "status": status, "epoch_s": epochs}
+
+    doc = {"sweep": {
+        "aires": [run(16, "ok", [2.0, 3.0, 4.0]), run(8, "ok", [5.0])],
+        "incore": [run(16, "ok", [1.0]), run(8, "oom", [])],
+        "uvm": [run(16, "error", []), run(8, "oom", [])],
+    }}
+    assert sweep_lines(doc) == [
+        ("aires", [(16.0, 3.0), (8.0, 5.0)], []),
+        ("incore", [(16.0, 1.0)], [8.0]),
+        ("uvm (1 not measured)", [], [8.0]),
+    ]
