@@ -115,6 +115,20 @@ def train(model: GCN, x, adj, y, mask, epochs: int):
     return losses, grads
 
 
+def assert_trains_as_pyg(model: GCN, x, ei, y, mask, device: str, seed: int) -> None:
+    """Three epochs of ``model`` (dropout masks from ``seed``) give PyG's losses and weight
+    gradients under the same masks."""
+    ref, ref_grads = reference_losses(
+        model, x, ei, y, mask, epochs=3,
+        dropout_keys=lambda step, site: stream_key(seed, f"dropout:{step}:{site}"),
+    )
+    losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
+    rtol = 1e-10 if x.dtype == torch.float64 else 1e-5
+    assert losses == pytest.approx(ref, rel=rtol)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got.to(want.dtype), want, rtol=rtol * 10, atol=rtol * 1e-2)
+
+
 def options(device: str, tiered: bool, x=None, ei=None) -> dict:
     if not tiered:
         return {}
@@ -186,13 +200,7 @@ def test_dropout_masks_survive_blocking_and_tiers(device: str) -> None:
     torch.manual_seed(3)
     model = GCN(12, 16, 5, num_layers=2, dropout=0.5, device=device, seed=7,
                 **options(device, True, x, ei)).to(dtype)
-    ref, ref_grads = reference_losses(
-        model, x, ei, y, mask, epochs=3,
-        dropout_keys=lambda step, site: stream_key(7, f"dropout:{step}:{site}"),
-    )
-    losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
-    rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert losses == pytest.approx(ref, rel=rtol)
+    assert_trains_as_pyg(model, x, ei, y, mask, device, seed=7)
     model.close()
 
 
@@ -206,15 +214,7 @@ def test_kept_activations_train_as_pyg(device: str, dropout: float) -> None:
     torch.manual_seed(4)
     model = GCN(12, 16, 5, num_layers=3, dropout=dropout, device=device, seed=5).to(dtype)
     assert model.plan(x, ei).kept == {"t1", "t2"}
-    ref, ref_grads = reference_losses(
-        model, x, ei, y, mask, epochs=3,
-        dropout_keys=lambda step, site: stream_key(5, f"dropout:{step}:{site}"),
-    )
-    losses, grads = train(model, x.to(device), ei, y, mask, epochs=3)
-    rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert losses == pytest.approx(ref, rel=rtol)
-    for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got.to(want.dtype), want, rtol=rtol * 10, atol=rtol * 1e-2)
+    assert_trains_as_pyg(model, x, ei, y, mask, device, seed=5)
     model.close()
 
 
