@@ -14,7 +14,8 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   output panel straight into its tier (the arena, or pinned memory by the scheduler's own
   write-back stream; NVMe panels through a pinned staging panel). A rank of a distributed
   epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
-  filled in (the ``exchange`` hook) before its own tiles stream against it.
+  filled in (the ``exchange`` hook) before its own tiles stream against it, unless it holds
+  the source whole (``Plan.whole``: the input ``x``, which every rank is given).
 
 Everything runs without autograd except a row pass's graph: a backward row pass recomputes a
 block's graph and back-propagates it at once, or, for a stage the plan keeps, back-propagates
@@ -104,7 +105,7 @@ class Engine:
         self.tensors: dict[str, PanelTensor | SparseRows] = {
             name: PanelTensor(
                 name,
-                plan.rows,
+                t.rows,
                 t.cols,
                 plan.panels(t.cols),
                 t.tiers,
@@ -184,7 +185,7 @@ class Engine:
         return len(calls)
 
     def _panel_on_device(self, src: PanelTensor, p: int) -> torch.Tensor:
-        ex = self.exchange
+        ex = None if src.name in self.plan.whole else self.exchange
         if src.tiers[p] == "gpu" and ex is None:
             return src.device_panel(p)
         rows, start = (src.rows, 0) if ex is None else (ex.rows, ex.start)

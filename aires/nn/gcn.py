@@ -684,7 +684,7 @@ class _State:
         def reserve(w: int) -> int:
             return spmm_reserve(store, w, dtype, device=model.device, out="host")
 
-        def plan_for(panel_cols: int | None) -> Plan:
+        def plan_for(panel_cols: int | None, whole_x: bool | None = None) -> Plan:
             return plan_epoch(
                 _dense_part(program, sparse),
                 rows=int(store.shape[0]),
@@ -699,15 +699,18 @@ class _State:
                 direct_disk=not cuda or store.io_mode != "posix",
                 panel_cols=panel_cols,
                 source_rows=None if exchange is None else rows,
+                whole_x=whole_x,
             )
 
         plan = plan_for(model.panel_cols)
         if exchange is not None:
             # Every rank runs the same passes over the same panels: the narrowest width any
-            # rank chose fits every rank (a narrower panel needs less of each budget).
+            # rank chose fits every rank (a narrower panel needs less of each budget), and
+            # x is held whole by all ranks (its aggregation skips the exchange) or by none.
             agreed = exchange.minimum(plan.panel_cols)
-            if agreed != plan.panel_cols:
-                plan = plan_for(agreed)
+            whole = bool(exchange.minimum(int("x" in plan.whole)))
+            if agreed != plan.panel_cols or whole != ("x" in plan.whole):
+                plan = plan_for(agreed, whole)
         setup = {"plan": time.perf_counter() - clock}
         scratch = None
         directory = model.scratch_dir
@@ -726,7 +729,7 @@ class _State:
             exchange=exchange,
         )
         setup["engine"] = time.perf_counter() - clock - setup["plan"]
-        first = 0 if exchange is None else exchange.start
+        first = 0 if exchange is None or "x" in plan.whole else exchange.start
         if not sparse:
             _fill(engine.tensors["x"], x, plan.block_rows, dtype, first)
             engine.arenas.sync()

@@ -26,8 +26,12 @@ writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned 
     disk read  = sum over NVMe panels of reads * |panel| + p * |Â|_d
     disk write = sum over NVMe panels of writes * |panel|
     exchange   = (source_rows - rows) * item * the columns of all passes (a rank's receipts)
+                 but those over a tensor the rank holds whole
 
-Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
+A rank of a distributed epoch holds its own rows of every tensor, but may hold the input ``x``
+(which every rank is given whole) for all rows: its aggregation then needs no exchange, at the
+price of the other ranks' rows in this rank's tiers, and of reading them there. Both are
+planned and ranked. Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
 saved per byte held (``k_T`` for a panel, ``p`` for the adjacency), trying every panel width
 and both fill orders (tensors first, adjacency first), and keeps the plan with the least
 predicted transfer time at the given bandwidths. Every run reports this prediction beside the
@@ -37,6 +41,7 @@ bytes it measured (:class:`~aires.blocks.Traffic`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,11 +110,14 @@ class Bandwidths:
     disk_read: float = 1.5e9
     disk_write: float = 1.5e9
     spmm: float = 2.5e12
+    exchange: float = 20e9
 
     def seconds(self, traffic: Traffic) -> float:
-        """The transfer floor: both PCIe directions at once, the disk on top."""
+        """The transfer floor: both PCIe directions at once, the disk and the exchange
+        between ranks (``exchange``: a prior for NCCL between two GPUs over PCIe) on top."""
         return max(traffic.h2d / self.h2d, traffic.d2h / self.d2h) + (
             traffic.disk_read / self.disk_read + traffic.disk_write / self.disk_write
+            + traffic.exchange / self.exchange
         )
 
 
@@ -124,6 +132,7 @@ class TensorPlan:
         offsets: per panel, its byte offset in its tier's arena.
         reads, writes: whole-tensor reads and writes per epoch.
         first, last: the steps of the epoch it lives between (``x``: all of them).
+        rows: its rows (the plan's, or the whole graph's for a tensor in ``Plan.whole``).
     """
 
     name: str
@@ -134,6 +143,7 @@ class TensorPlan:
     writes: int
     first: int
     last: int
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,11 @@ class Plan:
         kept: targets of the row-local stages whose activations the forward pass keeps on the
             device for the backward pass (the others are recomputed block by block).
         recompute_floats: activation floats the backward pass recomputes per epoch.
+        whole: tensors a rank of a distributed epoch holds for all the graph's rows (``x``
+            where that is cheaper than exchanging its aggregation's panels; only an
+            aggregation reads it then, see :func:`plan_epoch`).
+        exchanged_columns: the columns of the aggregation passes whose input panels a rank
+            of a distributed epoch completes from the others (all but those of ``whole``).
     """
 
     rows: int
@@ -194,6 +209,8 @@ class Plan:
     host_bytes: int = 0
     kept: frozenset[str] = frozenset()
     recompute_floats: int = 0
+    whole: frozenset[str] = frozenset()
+    exchanged_columns: int = 0
 
     def rows_for(self, names: list[str]) -> int:
         """Rows per block of the row-local pass over ``names`` (its sources, then its targets):
@@ -316,6 +333,7 @@ def plan_epoch(
     bandwidths: Bandwidths | None = None,
     panel_cols: int | None = None,
     source_rows: int | None = None,
+    whole_x: bool | None = None,
 ) -> Plan:
     """The plan with the least predicted transfer time, or a ``ValueError`` naming the minimum.
 
@@ -339,6 +357,9 @@ def plan_epoch(
             every tensor but multiplies its tiles by whole panels of ``source_rows`` (all
             ``N``), received from the other ranks into the input-panel buffer, which every
             aggregation then needs; the bytes received are the ``exchange`` traffic.
+        whole_x: whether such a rank holds ``x`` for all rows (``Plan.whole``): ``None``
+            tries both where ``x`` is aggregated as it is; the ranks must then agree, and plan
+            again with their common choice forced.
     """
     bandwidths = bandwidths or Bandwidths()
     direct_disk = not cuda if direct_disk is None else direct_disk
@@ -351,11 +372,23 @@ def plan_epoch(
                        rows if source_rows is None else source_rows)
     best: Plan | None = None
     minimum = None
+    # Only a dense x that is aggregated as it is can be held whole (a sparse one is outside
+    # the planner's tensors; one behind a row-local stage is exchanged as that stage's output).
+    # build_program reads x by an aggregation or by a row-local stage, never both, so a whole
+    # x is read for all rows, by its aggregation alone.
+    can_hold = source_rows is not None and source_rows != rows and "x" in program.widths and any(
+        a.source == "x" for a in program.aggregates) and not any(
+        isinstance(s, Rows) and s.source == "x" for s in program.stages)
+    holds = [frozenset(), frozenset({"x"})] if can_hold else [frozenset()]
+    if whole_x is not None:
+        holds = [frozenset({"x"}) if whole_x and can_hold else frozenset()]
     for w in widths:
         for share in ADJACENCY_SHARES:
-            for keep in (False, True) if keepable(program) else (False,):
+            for keep, whole in itertools.product(
+                (False, True) if keepable(program) else (False,), holds
+            ):
                 try:
-                    plan = _plan(problem, w, share, keep)
+                    plan = _plan(problem, w, share, keep, whole)
                 except _TooSmall as small:
                     if not keep:  # keeping is optional: the minimum recomputes
                         minimum = small.need if minimum is None else min(minimum, small.need)
@@ -404,9 +437,12 @@ class _Problem:
     source_rows: int
 
 
-def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan:
+def _plan(
+    problem: _Problem, w: int, adjacency_share: float, keep: bool, whole: frozenset[str]
+) -> Plan:
     """The plan with panels of ``w`` columns, ``adjacency_share`` of the room first to ``Â``,
-    and every :func:`keepable` stage's activations kept (``keep``) or recomputed."""
+    every :func:`keepable` stage's activations kept (``keep``) or recomputed, and the tensors
+    ``whole`` held for all the graph's rows (see ``Plan.whole``)."""
     (program, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
      param_bytes, cuda, direct_disk, source_rows) = (
         getattr(problem, f.name) for f in dataclasses.fields(problem)
@@ -427,13 +463,15 @@ def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan
             span[name] = [min(lo, k), max(hi, k)]
     span["x"] = [0, len(steps) - 1]
     agg_steps = [k for k, (kind, _, _) in enumerate(steps) if kind.startswith("aggregate")]
-    passes = pass_columns = 0
+    passes = pass_columns = exchanged_columns = 0
     for kind, acc, _ in steps:
         if kind.startswith("aggregate"):
             # A sparse source (outside ``widths``) is one SpGEMM pass over all its columns.
             source = acc[0][0]
             passes += math.ceil(widths[source] / w) if source in widths else 1
             pass_columns += widths.get(source, 0)
+            exchanged_columns += 0 if source in whole else widths.get(source, 0)
+    tensor_rows = {name: source_rows if name in whole else rows for name in widths}
 
     # Row-local working set: the passes' blocks share one room, sized for the widest pass
     # (``io``: the columns it moves in and out per row) at ``ROWS_SHARE`` of the budget or
@@ -474,7 +512,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan
         if name not in span:
             continue
         for p, c0 in enumerate(range(0, cols, w)):
-            nbytes = rows * (min(c0 + w, cols) - c0) * item
+            nbytes = tensor_rows[name] * (min(c0 + w, cols) - c0) * item
             items.append(
                 _Item(name, p, nbytes, reads.get(name, 0) + writes.get(name, 0), *span[name])
             )
@@ -488,7 +526,9 @@ def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan
         out = []
         for k in agg_steps:
             src = steps[k][1][0][0]
-            if gathered or any((i.name, i.panel) not in on_gpu for i in items if i.name == src):
+            if (gathered and src not in whole) or any(
+                (i.name, i.panel) not in on_gpu for i in items if i.name == src
+            ):
                 out.append((k, src))
         return out
 
@@ -606,7 +646,7 @@ def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan
             any_disk |= tier == "disk"
             tiers.append(tier)
             offs.append({"gpu": offsets, "host": host_offsets, "disk": disk_offsets}[tier][key])
-            nbytes = rows * (min(c0 + w, cols) - c0) * item
+            nbytes = tensor_rows[name] * (min(c0 + w, cols) - c0) * item
             r, wr = reads.get(name, 0), writes.get(name, 0)
             if tier != "gpu":
                 traffic.h2d += r * nbytes
@@ -615,10 +655,10 @@ def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan
                 traffic.disk_read += r * nbytes
                 traffic.disk_write += wr * nbytes
         tensors[name] = TensorPlan(name, cols, tuple(tiers), tuple(offs), reads.get(name, 0),
-                                   writes.get(name, 0), *span[name])
+                                   writes.get(name, 0), *span[name], tensor_rows[name])
     traffic.h2d += passes * (adjacency_host + adjacency_disk)
     traffic.disk_read += passes * adjacency_disk
-    traffic.exchange = (source_rows - rows) * pass_columns * item
+    traffic.exchange = (source_rows - rows) * exchanged_columns * item
     pinned = host_arena + adjacency_host + (staging if any_disk else 0)
     breakdown = {
         "parameters": fixed_params,
@@ -653,6 +693,8 @@ def _plan(problem: _Problem, w: int, adjacency_share: float, keep: bool) -> Plan
         host_bytes=pinned,
         kept=kept,
         recompute_floats=sum(rows * _width(s) for s in keeps if s.target not in kept),
+        whole=whole,
+        exchanged_columns=exchanged_columns,
     )
 
 

@@ -255,7 +255,8 @@ def run_model(
                         passes_per_epoch=stats.passes, io_mode=stats.io_mode,
                         predicted_bytes=stats.predicted, measured_bytes=stats.measured,
                         peak_device_used=stats.peak_device_used,
-                        pass_columns=plan.pass_columns)
+                        pass_columns=plan.pass_columns,
+                        exchanged_columns=plan.exchanged_columns)
     result.bytes_h2d = stats.measured["h2d"]
     result.bytes_disk = stats.measured["disk_read"]
     model.close()

@@ -9,8 +9,8 @@ and streams its own tiles.
 
 Reported: rank 0's result (its epochs end at the same collectives as every rank's), the ranks'
 measured and predicted bytes per path (``per_rank``; ``exchange`` is what each received), and
-the balanced model of the exchange, ``(P - 1) / P`` of every aggregated panel
-(``exchange_model_bytes``), and the exchange's ceiling: the broadcast bandwidth between the
+the balanced model of the exchange, ``(P - 1) / P`` of every aggregated panel but those of
+``x`` when the ranks hold it whole (``exchange_model_bytes``), and the exchange's ceiling: the broadcast bandwidth between the
 ranks, measured after training over the same backend (``broadcast_GBps``), and the seconds an
 epoch's exchange takes at it (``exchange_floor_s``; the exchange is not overlapped with
 compute, so this is time the epoch spends on it).
@@ -60,8 +60,8 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         processes=nproc,
         per_rank=[{"measured": r.extra["measured_bytes"], "predicted": r.extra["predicted_bytes"]}
                   for r in results],
-        exchange_model_bytes=(nproc - 1) * workload.num_nodes * result.extra["pass_columns"]
-        * item // nproc,
+        exchange_model_bytes=(nproc - 1) * workload.num_nodes
+        * result.extra["exchanged_columns"] * item // nproc,
     )
     return result
 

@@ -21,13 +21,17 @@ RANKS = 2
 #: name -> (GCN keyword arguments, dtype, dense graph?). The budgets force tiers on each rank:
 #: ``adjacency``: Â's tiles on the device, in pinned memory and on NVMe (a graph dense enough
 #: that Â outgrows the device budget); ``panels``: the tensors' panels on all three tiers, with
-#: dropout (masks by global row); ``float32``: what a GPU runs, at its tolerance.
+#: dropout (masks by global row); ``whole-x``: each rank holds ``x`` for all rows, in pinned
+#: memory, and aggregates it without an exchange; ``float32``: what a GPU runs, at its
+#: tolerance.
 CONFIGS = {
     "adjacency": ({"num_layers": 3, "gpu_budget": 176 << 10, "host_budget": 24 << 10,
                    "tile_bytes": "4KiB", "panel_cols": 4}, torch.float64, True),
     "panels": ({"num_layers": 3, "gpu_budget": 260 << 10, "host_budget": 24 << 10,
                 "tile_bytes": "4KiB", "panel_cols": 4, "dropout": 0.5, "seed": 3},
                torch.float64, False),
+    "whole-x": ({"num_layers": 2, "gpu_budget": 160 << 10, "host_budget": 256 << 10,
+                 "tile_bytes": "4KiB", "panel_cols": 4}, torch.float64, False),
     "float32": ({"num_layers": 2, "tile_bytes": "4KiB"}, torch.float32, False),
 }
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -64,6 +68,8 @@ def run(name: str, state: dict[str, torch.Tensor], distributed: bool, device: st
         "adjacency": (plan.adjacency_resident, plan.adjacency_host, plan.adjacency_disk),
         "rows": plan.rows,
         "pass_columns": plan.pass_columns,
+        "whole": plan.whole,
+        "x_tiers": plan.tensors["x"].tiers,
         "logits": model.eval()(x, ei),
     }
     model.close()
@@ -127,19 +133,30 @@ def test_budgets_force_every_tier_on_every_rank(runs) -> None:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_exchanged_bytes_equal_the_model(runs, name: str) -> None:
-    """Each rank receives the other ranks' rows of every aggregated panel: measured equals the
-    plan's prediction, and over the ranks ``(P - 1) N`` rows of every aggregated column."""
+    """Each rank receives the other ranks' rows of every aggregated panel but those of ``x``
+    when it holds ``x`` whole: measured equals the plan's prediction, and over the ranks
+    ``(P - 1) N`` rows of every such column (``x`` has 12)."""
     _, ranks = runs
     item = CONFIGS[name][1].itemsize
     n = sum(rank[name]["rows"] for rank in ranks)
     assert n == 400
     for rank in ranks:
         assert rank[name]["measured"] == rank[name]["predicted"]
-        assert rank[name]["measured"]["exchange"] == (
-            (n - rank[name]["rows"]) * rank[name]["pass_columns"] * item
-        )
+        columns = rank[name]["pass_columns"] - (12 if "x" in rank[name]["whole"] else 0)
+        assert rank[name]["measured"]["exchange"] == (n - rank[name]["rows"]) * columns * item
     total = sum(rank[name]["measured"]["exchange"] for rank in ranks)
-    assert total == (RANKS - 1) * n * ranks[0][name]["pass_columns"] * item
+    assert total == (RANKS - 1) * n * columns * item
+
+
+def test_every_rank_holds_x_whole_where_it_is_aggregated_as_it_is(runs) -> None:
+    """With room, the ranks hold ``x`` for all rows and aggregate it without an exchange,
+    all of them alike; behind dropout its aggregation is of a row-local stage's output, which
+    each rank has for its own rows only."""
+    _, ranks = runs
+    for rank in ranks:
+        assert rank["float32"]["whole"] == rank["whole-x"]["whole"] == {"x"}
+        assert set(rank["whole-x"]["x_tiers"]) == {"host"}
+        assert rank["panels"]["whole"] == frozenset()
 
 
 @pytest.mark.gpu
