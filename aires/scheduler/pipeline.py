@@ -104,6 +104,8 @@ LAG = 2
 STAGES = 2
 #: Calls whose marks wait to be reduced to stats (each holds a few CUDA events per tile).
 MAX_PENDING = 4
+#: Tiles read, checked and placed at once when a scheduler allocates its tiers.
+PLACE_WORKERS = 8
 #: Row parts the first host-path tile of a dense product is copied and computed in: the compute
 #: of a part starts while the next part is still on the bus, so the compute starts a part's copy
 #: after the first copy instead of a tile's, and the ring's first slot is free sooner.
@@ -680,19 +682,21 @@ class Scheduler:
         # Placed tiles are CRC-checked once, as they are read into their tier; from there only
         # DMA (host) or nothing (resident) stands between them and every compute.
         io = "POSIX" if self.io_mode in ("cpu", "posix") else f"KvikIO {self.io_mode}"
+        jobs: list[tuple[int, torch.Tensor, str]] = []
         if p.resident:
             block = torch.empty(p.resident_bytes, dtype=torch.uint8, device=dev)
             keep.append(block)
-            for tile, view in zip(p.resident, _split(block, p.resident, self._nbytes), strict=True):
-                self._place_tile(tile, view, f"placement in device memory (phase 1, {io} read)")
-                resident[tile] = view
+            resident = dict(zip(p.resident, _split(block, p.resident, self._nbytes), strict=True))
+            via = f"placement in device memory (phase 1, {io} read)"
+            jobs += [(tile, view, via) for tile, view in resident.items()]
         if p.host:
             block = pinned_empty(p.host_bytes, dev)
             keep.append(block)
-            views_host = _split(block, p.host, self._nbytes, p.pinned_page)
-            for tile, view in zip(p.host, views_host, strict=True):
-                self._place_tile(tile, view, "placement in host memory (phase 2, POSIX read)")
-                host[tile] = view
+            host = dict(zip(p.host, _split(block, p.host, self._nbytes, p.pinned_page),
+                            strict=True))
+            via = "placement in host memory (phase 2, POSIX read)"
+            jobs += [(tile, view, via) for tile, view in host.items()]
+        self._place_tiles(jobs)
         bounce = None
         if p.n_disk and not p.direct_disk:
             block = pinned_empty(p.staging_host_bytes, dev)
@@ -736,6 +740,23 @@ class Scheduler:
             if t is not None and t.is_cuda
         }
         return sum(-(-n // 512) * 512 for n in storages.values())
+
+    def _place_tiles(self, jobs: list[tuple[int, torch.Tensor, str]]) -> None:
+        """:meth:`_place_tile` for every ``(tile, view, via)``, :data:`PLACE_WORKERS` at once:
+        the reads, checksums and copies release the GIL, and one thread placed papers100M
+        x0.3's 8 GB of tiles at the speed of one CRC-32. The first failure raises."""
+        if not jobs:
+            return
+
+        def place(tile: int, view: torch.Tensor, via: str) -> None:
+            if self._cuda:
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            self._place_tile(tile, view, via)
+
+        with ThreadPoolExecutor(min(PLACE_WORKERS, len(jobs)),
+                                thread_name_prefix="aires-place") as pool:
+            for done in [pool.submit(place, *job) for job in jobs]:
+                done.result()
 
     def _place_tile(self, tile: int, view: torch.Tensor, via: str) -> None:
         """Read ``tile`` into ``view``, CRC-checked; a bad tile's error names ``via``."""
