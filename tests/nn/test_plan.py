@@ -12,16 +12,17 @@ from aires.nn.plan import _row_floats, epoch_steps
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
 
-def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5):
+def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 1):
+    """Products' plan at ``budget`` (with ``ranks``: one rank's, its share of the rows)."""
     model = GCN(100, 256, 47, device="cpu")
     program = build_program(model.dims, model.orders(ROWS, NNZ, None), dropout)
-    tiles = [TILE] * ((NNZ + ROWS) * 8 // TILE)
+    tiles = [TILE] * ((NNZ + ROWS) * 8 // TILE // ranks)
     plan = plan_epoch(
-        program, rows=ROWS, item=4, tile_nbytes=tiles,
+        program, rows=ROWS // ranks, item=4, tile_nbytes=tiles,
         adjacency_reserve=lambda w: (2 * 200_000 + 100) * w * 4 + (16 << 20),
         gpu_budget=budget, host_budget=host,
-        param_bytes=sum(p.numel() * 4 for p in model.parameters()), cuda=True, nnz=NNZ,
-        direct_disk=True,
+        param_bytes=sum(p.numel() * 4 for p in model.parameters()), cuda=True,
+        nnz=NNZ // ranks, direct_disk=True, source_rows=ROWS if ranks > 1 else None,
     )
     return program, plan
 
@@ -74,3 +75,15 @@ def test_the_hidden_activations_are_kept_where_the_budget_has_room(dropout: floa
     assert plan.rows_for(["s0", "t1"]) == plan.rows_for(["dt1"])
     _, tight = _plan(2 << 30, dropout=dropout)
     assert tight.kept == frozenset() and tight.recompute_floats == ROWS * 256
+
+
+@pytest.mark.parametrize("gib", [16, 2])
+def test_a_rank_of_two_holds_x_whole_and_exchanges_only_the_hidden_panels(gib: int) -> None:
+    """Without dropout products aggregates ``x`` as it is: a rank of two holds all its rows
+    (on the device, or in pinned memory at 2 GiB) rather than receive the other half, so it
+    receives only the other half of the two 47-column aggregations (forward and backward)."""
+    _, plan = _plan(gib << 30, dropout=0.0, ranks=2)
+    assert plan.whole == {"x"} and plan.tensors["x"].rows == ROWS
+    assert plan.exchanged_columns == plan.pass_columns - 100 == 2 * 47
+    assert plan.predicted.exchange == (ROWS - ROWS // 2) * 2 * 47 * 4
+    assert plan.gpu_bytes <= gib << 30
