@@ -28,14 +28,16 @@ writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned 
     exchange   = (source_rows - rows) * item * the columns of all passes (a rank's receipts)
                  but those over a tensor the rank holds whole
 
-A rank of a distributed epoch holds its own rows of every tensor, but may hold the input ``x``
-(which every rank is given whole) for all rows: its aggregation then needs no exchange, at the
-price of the other ranks' rows in this rank's tiers, and of reading them there. Both are
-planned and ranked. Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
+Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
 saved per byte held (``k_T`` for a panel, ``p`` for the adjacency), trying every panel width
 and both fill orders (tensors first, adjacency first), and keeps the plan with the least
 predicted transfer time at the given bandwidths. Every run reports this prediction beside the
 bytes it measured (:class:`~aires.blocks.Traffic`).
+
+A rank of a distributed epoch holds its own rows of every tensor, but may hold the input ``x``
+(which every rank is given whole) for all rows: its aggregation then needs no exchange, at the
+price of the other ranks' rows in this rank's tiers, and of reading them there. Both are
+planned and ranked.
 """
 
 from __future__ import annotations

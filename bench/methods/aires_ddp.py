@@ -8,12 +8,12 @@ speed-up at the same per-GPU budget. The tile store is built here once; every ra
 and streams its own tiles.
 
 Reported: rank 0's result (its epochs end at the same collectives as every rank's), the ranks'
-measured and predicted bytes per path (``per_rank``; ``exchange`` is what each received), and
-the balanced model of the exchange, ``(P - 1) / P`` of every aggregated panel but those of
-``x`` when the ranks hold it whole (``exchange_model_bytes``), and the exchange's ceiling: the broadcast bandwidth between the
-ranks, measured after training over the same backend (``broadcast_GBps``), and the seconds an
-epoch's exchange takes at it (``exchange_floor_s``; the exchange is not overlapped with
-compute, so this is time the epoch spends on it).
+measured and predicted bytes per path (``per_rank``; ``exchange`` is what each received), the
+balanced model of the exchange, ``(P - 1) / P`` of every aggregated panel but those of ``x``
+when the ranks hold it whole (``exchange_model_bytes``), and the exchange's ceiling: the
+broadcast bandwidth between the ranks, measured after training over the same backend
+(``broadcast_GBps``), and the seconds an epoch's exchange takes at it (``exchange_floor_s``;
+the exchange is not overlapped with compute, so this is time the epoch spends on it).
 """
 
 from __future__ import annotations
