@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.methods.chunks import csr_tensor
+from bench.methods.chunks import csr_tensor, on_device
 from bench.methods.config import MethodConfig
 from bench.methods.result import MethodResult, OverBudgetError
 from bench.methods.training import layer_dims, layer_orders, stacked_forward, train
@@ -55,9 +55,10 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
             "the incore baseline needs PyTorch Geometric (pip install aires[pyg])"
         ) from error
     index = np.int32 if max(workload.nnz, workload.num_nodes) < 2**31 else np.int64
+    x = on_device(workload.x, np.float32, device)  # the largest first: out of memory at once
     adj_t = csr_tensor(
         *(
-            torch.from_numpy(np.asarray(a).astype(dtype)).to(device)
+            on_device(a, dtype, device)
             for a, dtype in (
                 (workload.adj_indptr, index),
                 (workload.adj_indices, index),
@@ -66,7 +67,6 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         ),
         workload.num_nodes,
     )
-    x = torch.from_numpy(np.array(workload.x, dtype=np.float32)).to(device)
     dims = layer_dims(workload, config)
     convs = torch.nn.ModuleList(
         GCNConv(i, o, normalize=False) for i, o in zip(dims[:-1], dims[1:])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.methods.chunks import csr_tensor, on_device
 from bench.methods.config import MethodConfig
 from bench.methods.incore import check_data_budget
 from bench.methods.result import MethodResult
@@ -34,14 +35,13 @@ def incore_forward(
     workload: Workload, config: MethodConfig, device: torch.device
 ) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
     """The tuned in-core forward over the whole graph, and its parameters."""
-    a = workload.scipy_adjacency()
-    adj = torch.sparse_csr_tensor(
-        torch.from_numpy(np.asarray(a.indptr, dtype=np.int64)),
-        torch.from_numpy(np.asarray(a.indices, dtype=np.int64)),
-        torch.from_numpy(np.asarray(a.data, dtype=np.float32)),
-        a.shape,
-    ).to(device)
-    x = torch.from_numpy(np.array(workload.x, dtype=np.float32)).to(device)
+    x = on_device(workload.x, np.float32, device)  # the largest first: out of memory at once
+    adj = csr_tensor(
+        on_device(workload.adj_indptr, np.int64, device),
+        on_device(workload.adj_indices, np.int64, device),
+        on_device(workload.adj_data, np.float32, device),
+        workload.num_nodes,
+    )
     dims = layer_dims(workload, config)
     orders = layer_orders(workload, config)
     params = [t.to(device).requires_grad_() for pair in initial_parameters(dims, config.seed)

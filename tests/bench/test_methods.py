@@ -14,7 +14,8 @@ import torch
 
 from bench.methods import ABLATIONS, METHODS, MethodConfig, check_method
 from bench.methods.aires import PYG_ORDER, VARIANTS, missing_options, product_widths
-from bench.methods.chunks import csr_row_chunks, dense_row_chunks
+from bench.methods import chunks
+from bench.methods.chunks import csr_row_chunks, dense_row_chunks, on_device
 from bench.methods.incore_tuned import incore_forward
 from bench.methods.result import MethodResult, OverBudgetError, is_out_of_memory
 from bench.methods.run import run_method
@@ -238,6 +239,19 @@ def test_row_chunks_cover_rows_within_budget() -> None:
         cost = (indptr[r1] - indptr[r0]) * 8 + (r1 - r0) * 8
         assert cost <= 100 or r1 - r0 == 1  # only a single oversized row may exceed
     assert dense_row_chunks(10, 4, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+@pytest.mark.parametrize("shape", [(10, 3), (10,), (0, 3)])
+def test_on_device_copies_a_memory_map_a_chunk_at_a_time(
+    tmp_path: Path, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the in-core baselines move to the device: cast, whole, across chunk boundaries."""
+    monkeypatch.setattr(chunks, "COPY_CHUNK_BYTES", 16)  # 1 to 4 rows a chunk
+    data = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.int64, shape=shape)
+    data[...] = np.arange(data.size).reshape(shape)
+    out = on_device(data, np.int32, torch.device("cpu"))
+    assert out.dtype == torch.int32 and tuple(out.shape) == shape
+    assert torch.equal(out, torch.from_numpy(np.asarray(data, dtype=np.int32)))
 
 
 # --------------------------------------------------------------------------- GPU
