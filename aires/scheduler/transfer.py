@@ -312,12 +312,18 @@ def word_sum(buf: torch.Tensor) -> int:
         buf: contiguous uint8 tensor, 8-byte aligned, a multiple of 8 bytes long (tiles and
             slots are: their lengths and offsets are multiples of the store's alignment).
     """
+    return int(queued_word_sum(buf)) % (1 << 64)
+
+
+def queued_word_sum(buf: torch.Tensor) -> torch.Tensor:
+    """:func:`word_sum` as a 0-d int64 tensor on ``buf``'s device, queued on the current stream
+    without waiting for it (two's complement: the same bits as the sum mod 2**64)."""
     if buf.numel() % 8 or buf.data_ptr() % 8:
         raise ValueError(
             f"buf must be 8-byte aligned and a multiple of 8 bytes long, got {buf.numel()} "
             f"bytes at address {buf.data_ptr():#x}"
         )
-    return int(buf.view(torch.int64).sum()) % (1 << 64)
+    return buf.view(torch.int64).sum()
 
 
 class DiskPath:
@@ -413,7 +419,7 @@ class DiskPath:
         pending = self._unchecked.pop(worker, None)
         if pending is not None:
             tile, nbytes = pending
-            self._queued.append((tile, slot[:nbytes].view(torch.int64).sum()))
+            self._queued.append((tile, queued_word_sum(slot[:nbytes])))
 
     def _compare(self, tile: int, got: int) -> None:
         expected = self._sums[tile]
