@@ -42,7 +42,7 @@ from aires.data._splitmix import stream_key, uniform
 from aires.distributed import Exchange, RowRangeStore, rank_zero_first
 from aires.gcn_conv import choose_order, tile_adjacency
 from aires.nn.engine import Engine
-from aires.nn.plan import Plan, plan_epoch
+from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, Rows, build_program
 from aires.scheduler import resolve_device, spmm_reserve
 from aires.scheduler.placement import default_gpu_budget, default_host_budget
@@ -104,6 +104,8 @@ class EpochStats:
         stages: ``(stage, seconds)`` for each pass, in order (device time between the ends of
             consecutive passes on the compute stream).
         plan: the plan's one-line summary.
+        exchange_bandwidth: bytes per second of the exchange between ranks, measured at set-up
+            (:meth:`~aires.distributed.Exchange.bandwidth`) and planned with; 0 for one process.
     """
 
     seconds: float = 0.0
@@ -116,6 +118,7 @@ class EpochStats:
     nvme: str = ""
     stages: list[tuple[str, float]] = field(default_factory=list)
     plan: str = ""
+    exchange_bandwidth: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -544,6 +547,7 @@ class GCN(nn.Module):
             "direct" if state.engine.arenas.direct else "page cache",
             stages=state.stage_seconds(),
             plan=state.plan.summary(),
+            exchange_bandwidth=state.exchange_rate,
         )
 
 
@@ -645,6 +649,8 @@ class _State:
     #: Seconds of each set-up step: opening Â's store and planning, the engine (arenas, and
     #: placing Â's tiles, each read and checked), filling ``X``'s panels.
     setup: dict[str, float] = field(default_factory=dict)
+    #: Bytes per second of the exchange, measured at set-up and planned with (0: one process).
+    exchange_rate: float = 0.0
 
     @property
     def first(self) -> int:
@@ -674,8 +680,13 @@ class _State:
         program = build_program(model.dims, model.orders(rows, int(store.nnz), x_nnz),
                                 model.dropout)
         exchange = _exchange(model, store)
+        bandwidths, rate = None, 0.0
         if exchange is not None:
             store = RowRangeStore(store, exchange.start, exchange.stop)
+            # What a panel's exchange costs decides whether a rank holds x whole: over NVLink
+            # receiving half of x beats reading all of it over PCIe, over PCIe it does not.
+            rate = exchange.bandwidth()
+            bandwidths = Bandwidths(exchange=rate)
         cuda = model.device.type == "cuda"
         gpu, host = _budgets(model)
         item = torch.empty((), dtype=dtype).element_size()
@@ -697,6 +708,7 @@ class _State:
                 cuda=cuda,
                 nnz=int(store.nnz),
                 direct_disk=not cuda or store.io_mode != "posix",
+                bandwidths=bandwidths,
                 panel_cols=panel_cols,
                 source_rows=None if exchange is None else rows,
                 whole_x=whole_x,
@@ -735,7 +747,7 @@ class _State:
             engine.arenas.sync()
         setup["features"] = time.perf_counter() - clock - setup["plan"] - setup["engine"]
         return cls(key, program, plan, engine, plan.rows, dtype, cuda, scratch, exchange,
-                   setup=setup)
+                   setup=setup, exchange_rate=rate)
 
     def mark(self, label: str) -> None:
         """The end of a pass: fold the device's used memory now into the peak, and time it."""

@@ -116,7 +116,9 @@ class Bandwidths:
 
     def seconds(self, traffic: Traffic) -> float:
         """The transfer floor: both PCIe directions at once, the disk and the exchange
-        between ranks (``exchange``: a prior for NCCL between two GPUs over PCIe) on top."""
+        between ranks on top (``exchange``: a prior for NCCL between two GPUs over PCIe; a
+        distributed model plans with the rate it measures, :meth:`Exchange.bandwidth
+        <aires.distributed.Exchange.bandwidth>`)."""
         return max(traffic.h2d / self.h2d, traffic.d2h / self.d2h) + (
             traffic.disk_read / self.disk_read + traffic.disk_write / self.disk_write
             + traffic.exchange / self.exchange

@@ -10,15 +10,19 @@ and streams its own tiles.
 Reported: rank 0's result (its epochs end at the same collectives as every rank's), the ranks'
 measured and predicted bytes per path (``per_rank``; ``exchange`` is what each received), the
 balanced model of the exchange, ``(P - 1) / P`` of every aggregated panel but those of ``x``
-when the ranks hold it whole (``exchange_model_bytes``), and the exchange's ceiling: the
-broadcast bandwidth between the ranks, measured after training over the same backend
-(``broadcast_GBps``), and the seconds an epoch's exchange takes at it (``exchange_floor_s``;
-the exchange is not overlapped with compute, so this is time the epoch spends on it).
+when the ranks hold it whole (``exchange_model_bytes``), and the ceilings that bound the epoch:
+
+- the exchange's: the broadcast bandwidth between the ranks that the model measured at set-up
+  and planned with (``broadcast_GBps``), and the seconds an epoch's exchange takes at it
+  (``exchange_floor_s``; the exchange is not overlapped with compute);
+- the copies': pinned host to device and back, both directions at once on every rank at once,
+  as an epoch copies (``concurrent_copy_GBps``, per rank: ``h2d``, ``d2h``; on a GPU only),
+  where the ranks share the host's memory and links, and the seconds the busiest rank's bytes
+  take at them (``copy_floor_s``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import torch
@@ -29,12 +33,12 @@ from bench.methods.config import MethodConfig
 from bench.methods.result import MethodResult
 from bench.methods.workload import Workload, load_workload
 
-__all__ = ["BROADCAST_BYTES", "CPU_RANKS", "broadcast_bandwidth", "ranks", "run"]
+__all__ = ["COPY_BYTES", "CPU_RANKS", "concurrent_copy_bandwidth", "ranks", "run"]
 
 #: Processes on a CPU, where there are no GPUs to count: enough to exercise the exchange.
 CPU_RANKS = 2
-#: Bytes of the broadcast that measures the exchange's bandwidth (a GPU's, a CPU's).
-BROADCAST_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+#: Bytes of each direction's copy that measures the ranks' concurrent copy bandwidth.
+COPY_BYTES = 1 << 30
 
 
 def ranks(device: torch.device) -> int:
@@ -55,6 +59,7 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
     item = 4  # the workload's features are float32
     received = max(r.extra["measured_bytes"]["exchange"] for r in results)
     bandwidth = result.extra.get("broadcast_GBps")
+    copies = [r.extra.get("concurrent_copy_GBps") for r in results]
     result.extra.update(
         exchange_floor_s=received / (bandwidth * 1e9) if bandwidth else None,
         processes=nproc,
@@ -62,6 +67,11 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
                   for r in results],
         exchange_model_bytes=(nproc - 1) * workload.num_nodes
         * result.extra["exchanged_columns"] * item // nproc,
+        concurrent_copy_GBps=copies if all(copies) else None,
+        copy_floor_s=max(
+            max(r.extra["measured_bytes"]["h2d"] / (c["h2d"] * 1e9),
+                r.extra["measured_bytes"]["d2h"] / (c["d2h"] * 1e9))
+            for r, c in zip(results, copies, strict=True)) if all(copies) else None,
     )
     return result
 
@@ -78,23 +88,34 @@ def _rank(config: MethodConfig) -> MethodResult:
     # the rank ran out of memory, by its message).
     result = run_model(load_workload(config.workload), config, device, distributed=True)
     if result.status == "ok":
-        result.extra["broadcast_GBps"] = broadcast_bandwidth(device)
+        result.extra["broadcast_GBps"] = result.extra["exchange_bandwidth"] / 1e9
+        if device.type == "cuda":
+            result.extra["concurrent_copy_GBps"] = concurrent_copy_bandwidth(device)
     return result
 
 
-def broadcast_bandwidth(device: torch.device, repeats: int = 5) -> float:
-    """GB/s of one rank's broadcast to the others (median of ``repeats``): what the exchange,
-    one broadcast per owner, moves at."""
-    buf = torch.empty(BROADCAST_BYTES[device.type], dtype=torch.uint8, device=device)
-    dist.broadcast(buf, src=0)  # warm-up: NCCL sets up its channels on the first call
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def concurrent_copy_bandwidth(device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """GB/s of this rank's pinned copies to and from ``device``, both directions at once on
+    their own streams, started by every rank together (median of ``repeats``): the bandwidth
+    the ranks' epochs share."""
+    host = [torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    dev = [torch.empty(COPY_BYTES, dtype=torch.uint8, device=device) for _ in range(2)]
+    streams = [torch.cuda.Stream(device) for _ in range(2)]
+    times: dict[str, list[float]] = {"h2d": [], "d2h": []}
+    for i in range(repeats + 1):  # the first pass maps the pages and wakes the links
+        torch.cuda.synchronize(device)
         dist.barrier()
-        start = time.perf_counter()
-        dist.broadcast(buf, src=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return buf.numel() / sorted(times)[len(times) // 2] / 1e9
+        events = []
+        for stream, (dst, src) in zip(streams, ((dev[0], host[0]), (host[1], dev[1])),
+                                      strict=True):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record()
+                dst.copy_(src, non_blocking=True)
+                stop.record()
+            events.append((start, stop))
+        torch.cuda.synchronize(device)
+        if i:
+            for key, (start, stop) in zip(("h2d", "d2h"), events, strict=True):
+                times[key].append(start.elapsed_time(stop) / 1e3)
+    return {key: COPY_BYTES / sorted(t)[len(t) // 2] / 1e9 for key, t in times.items()}

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from aires.nn import GCN, build_program, plan_epoch
+from aires.nn import GCN, Bandwidths, build_program, plan_epoch
 from aires.nn.plan import _row_floats, epoch_steps
 
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
 
-def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 1):
+def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 1,
+          bandwidths: Bandwidths | None = None):
     """Products' plan at ``budget`` (with ``ranks``: one rank's, its share of the rows)."""
     model = GCN(100, 256, 47, device="cpu")
     program = build_program(model.dims, model.orders(ROWS, NNZ, None), dropout)
@@ -23,6 +24,7 @@ def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 
         gpu_budget=budget, host_budget=host,
         param_bytes=sum(p.numel() * 4 for p in model.parameters()), cuda=True,
         nnz=NNZ // ranks, direct_disk=True, source_rows=ROWS if ranks > 1 else None,
+        bandwidths=bandwidths,
     )
     return program, plan
 
@@ -87,3 +89,19 @@ def test_a_rank_of_two_holds_x_whole_and_exchanges_only_the_hidden_panels(gib: i
     assert plan.exchanged_columns == plan.pass_columns - 100 == 2 * 47
     assert plan.predicted.exchange == (ROWS - ROWS // 2) * 2 * 47 * 4
     assert plan.gpu_bytes <= gib << 30
+
+
+def test_over_nvlink_a_rank_receives_x_rather_than_read_all_of_it_over_pcie() -> None:
+    """At the exchange rate measured between two H200s (338 GB/s over NVLink, seven times a
+    PCIe copy), a rank of two at 2 GiB, where x lives in pinned memory, reads its own half of
+    x and receives the other; where x fits on the device (16 GiB) it still holds x whole,
+    which costs no transfer at all."""
+    nvlink = Bandwidths(exchange=338e9)
+    _, pcie = _plan(2 << 30, dropout=0.0, ranks=2)
+    _, plan = _plan(2 << 30, dropout=0.0, ranks=2, bandwidths=nvlink)
+    assert plan.whole == frozenset() and plan.tensors["x"].rows == ROWS // 2
+    assert plan.exchanged_columns == plan.pass_columns
+    assert plan.predicted.h2d < pcie.predicted.h2d
+    assert plan.predicted.exchange > pcie.predicted.exchange
+    _, roomy = _plan(16 << 30, dropout=0.0, ranks=2, bandwidths=nvlink)
+    assert roomy.whole == {"x"} and roomy.predicted.h2d == 0
