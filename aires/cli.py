@@ -240,6 +240,7 @@ def _train_rank(args: argparse.Namespace) -> dict[str, Any] | None:
         progress=not args.quiet and rank == 0,
         distributed=dist.is_initialized(),
     )
+    steps = result.model.setup_seconds  # the rest of ready_seconds is start-up and reading
     result.model.close()
     if rank != 0:
         return None
@@ -250,6 +251,7 @@ def _train_rank(args: argparse.Namespace) -> dict[str, Any] | None:
         "epoch_seconds": result.epoch_seconds,
         "setup_seconds": result.setup_seconds,
         "ready_seconds": result.ready_seconds,
+        "setup_steps_s": steps,
         "device": result.device,
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
         "args": {k: v for k, v in vars(args).items() if k != "func"},

@@ -47,6 +47,9 @@ def test_train_tiny_synthetic(graphs: Path, capsys: pytest.CaptureFixture[str]) 
     record = json.loads(out.read_text())
     assert len(record["history"]) == 3 and 0 <= record["test_accuracy"] <= 1
     assert record["args"]["tile_bytes"] == 16 * 1024
+    # The set-up's steps, part of the time to the first epoch.
+    assert set(record["setup_steps_s"]) == {"plan", "engine", "features"}
+    assert 0 < sum(record["setup_steps_s"].values()) < record["ready_seconds"]
 
 
 def test_train_synthetic_prefix_and_scale(

@@ -165,7 +165,8 @@ def prepare(
         chunk_size: entries of the adjacency handled at once by the degree pass (>= 1; does not
             change any byte of the result).
         threads: workers normalising and packing tiles (default: every core).
-        device: where the generator runs (default CUDA when present).
+        device: where the generator runs and the symmetry of Â is hashed (default CUDA when
+            present).
 
     Returns:
         The opened :class:`Prepared`.
@@ -431,6 +432,7 @@ def _build_prepared(
         symmetric=True,
         extra={"normalisation": "gcn_norm", "prepared_key": key},
         threads=threads,
+        hash_device=device if device.type == "cuda" else None,
     )
     adjacency_bytes = store.data_path.stat().st_size
     store.close()

@@ -30,6 +30,7 @@ from aires.checks import check_positive_int
 from aires.progress import progress_bar
 from aires.tiling._layout import pack_tile, tile_views
 from aires.tiling._manifest import DATA_NAME, MANIFEST_NAME, Manifest, load_manifest
+from aires.tiling._symmetry import entry_hashes, tile_hashes_on
 from aires.tiling.plan import DEFAULT_ALIGNMENT, DEFAULT_TILE_BYTES, TilePlan, plan_tiles
 from aires.tiling.reader import DEFAULT_THREADS, IoMode, KvikioReader, PosixReader, io_mode
 from aires.tiling.tile import TileCSR, TileInfo, scipy_values
@@ -37,6 +38,9 @@ from aires.tiling.tile import TileCSR, TileInfo, scipy_values
 __all__ = ["TileCorruptError", "TileStore", "build_store"]
 
 _BUILD_THREADS = 4  # packing + CRC + pwrite run in parallel; more gains nothing at disk speed
+#: Tiles hashed on the GPU at once: one takes milliseconds there, and each holds its bytes and
+#: a few int64 temporaries per entry (some 300 MB for a 64 MiB tile) of device memory.
+_DEVICE_HASHES = 4
 
 
 class TileCorruptError(ValueError):
@@ -497,12 +501,15 @@ def _build(
     symmetric: bool | None,
     extra: dict[str, Any],
     threads: int = _BUILD_THREADS,
+    hash_device: torch.device | None = None,
 ) -> TileStore:
     """Plan, write and install the store of ``src``.
 
     ``src.indices`` and ``src.data`` need only support slicing: :mod:`aires.data.prepare`
     passes views that compute the normalised adjacency tile by tile, with ``threads`` workers,
-    as CPU work scales with cores where plain packing is held to disk speed.
+    as CPU work scales with cores where plain packing is held to disk speed. ``hash_device``:
+    a GPU that computes the symmetry hashes (:mod:`aires.tiling._symmetry`) instead of the
+    workers.
     """
     _check_destination(path, overwrite)
     try:
@@ -524,7 +531,8 @@ def _build(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         checksums, entries = _write_tiles(
-            src, plan, tmp / DATA_NAME, progress, path.name, threads, hash_entries=bool(symmetric)
+            src, plan, tmp / DATA_NAME, progress, path.name, threads,
+            hash_entries=bool(symmetric), hash_device=hash_device,
         )
         if symmetric and entries[0] != entries[1]:
             raise ValueError(
@@ -569,6 +577,7 @@ def _write_tiles(
     threads: int,
     *,
     hash_entries: bool = False,
+    hash_device: torch.device | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Write every tile of ``plan`` to a new ``data_path`` with ``threads`` workers, fsync it.
 
@@ -576,12 +585,15 @@ def _write_tiles(
     at most ``2 * workers`` tiles are queued and each worker reuses one scratch buffer.
 
     Returns:
-        The CRC-32s, and with ``hash_entries`` the :func:`_entry_hashes` of the whole matrix
-        (sums mod 2**64 of the tiles'; ``(0, 0)`` without).
+        The CRC-32s, and with ``hash_entries`` the :func:`~aires.tiling._symmetry.entry_hashes`
+        of the whole matrix (on ``hash_device`` where given, :data:`_DEVICE_HASHES` tiles at a
+        time, its cached memory released at the end): sums mod 2**64 of the tiles';
+        ``(0, 0)`` without.
     """
     checksums = np.zeros(len(plan), dtype=np.int64)
     hashes = np.zeros((len(plan), 2), dtype=np.uint64)
     scratch = threading.local()
+    on_device = threading.Semaphore(_DEVICE_HASHES)
     largest = int(plan.nbytes.max()) if len(plan) else 0
     fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
@@ -591,7 +603,13 @@ def _write_tiles(
             buf = scratch.buf = np.empty(largest, dtype=np.uint8)
         tile = _pack_checked(buf, src, plan, i)
         checksums[i] = zlib.crc32(tile)
-        if hash_entries:
+        if hash_entries and hash_device is not None:
+            with on_device:
+                hashes[i] = tile_hashes_on(
+                    tile, int(plan.row_start[i]), int(plan.row_stop[i] - plan.row_start[i]),
+                    int(plan.nnz_stop[i] - plan.nnz_start[i]), plan.index_dtype,
+                    plan.value_dtype, hash_device)
+        elif hash_entries:
             hashes[i] = _tile_entry_hashes(buf, src, plan, i)
         done, offset = 0, int(plan.offset[i])
         try:
@@ -637,86 +655,21 @@ def _write_tiles(
         os.fsync(fd)
     finally:
         os.close(fd)
+        if hash_device is not None and hash_device.type == "cuda":
+            torch.cuda.empty_cache()  # the process may train next, under a budget
     total = hashes.sum(axis=0, dtype=np.uint64)  # wraps mod 2**64, like the per-tile sums
     return checksums, (int(total[0]), int(total[1]))
 
 
-# Odd 64-bit constants (golden ratio and splitmix64's) for _entry_hashes.
-_K_ROW, _K_COL, _K_VALUE = (
-    np.uint64(0x9E3779B97F4A7C15),
-    np.uint64(0xC2B2AE3D27D4EB4F),
-    np.uint64(0x165667B19E3779F9),
-)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, elementwise and in place on uint64 (wrapping arithmetic)."""
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
-
-
-#: Entries hashed at a time: the chunk's temporaries stay in cache (whole tiles cost 56 ns an
-#: entry on this repository's CPU machine), and the chunks are few enough that a build's
-#: threads seldom contend for the GIL, which each of a chunk's ~45 numpy calls takes. At 32K
-#: entries, 32 threads hashed at 16.7 ns an entry in aggregate there against 7.8 for two; at
-#: 256K, 6.5 against 4.8. (At 32K a 32-thread build on the H200 machine tiled at 272 MB/s,
-#: no faster than this 2-core machine's 266 MB/s.)
-_HASH_CHUNK = 1 << 18
-
-
-def _entry_hashes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> tuple[int, int]:
-    """Order-independent hashes of the entries ``(row, col, value)`` and ``(col, row, value)``.
-
-    Each is a sum mod 2**64 of a mixed hash per entry, so tiles hash independently and add up;
-    a matrix is symmetric exactly when its entries equal its transpose's as multisets, which
-    (but for a 2**-64 chance) is when the two sums agree. Zero values are left out (an
-    explicit zero is no entry) and ``-0.0`` counts as ``0.0``. In place where it can be, a
-    cache-sized chunk at a time: this runs over every entry of a build.
-    """
-    forward = transpose = 0
-    for a in range(0, len(values), _HASH_CHUNK):
-        f, t = _chunk_hashes(rows[a : a + _HASH_CHUNK], cols[a : a + _HASH_CHUNK],
-                             values[a : a + _HASH_CHUNK])
-        forward, transpose = (forward + f) % 2**64, (transpose + t) % 2**64
-    return forward, transpose
-
-
-def _chunk_hashes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> tuple[int, int]:
-    """:func:`_entry_hashes` of one chunk."""
-    v = values.astype(np.float64)
-    v += 0.0  # -0.0 becomes 0.0
-    keep = v != 0
-    if not keep.all():
-        rows, cols, v = rows[keep], cols[keep], v[keep]
-    bits = v.view(np.uint64)
-    bits *= _K_VALUE
-    r, c = rows.astype(np.uint64), cols.astype(np.uint64)
-    forward = r * _K_ROW
-    forward ^= c * _K_COL
-    forward ^= bits
-    transpose = c
-    transpose *= _K_ROW
-    r *= _K_COL
-    transpose ^= r
-    transpose ^= bits
-    return (
-        int(_mix(forward).sum(dtype=np.uint64)),
-        int(_mix(transpose).sum(dtype=np.uint64)),
-    )
-
-
 def _tile_entry_hashes(buf: np.ndarray, src: _Source, plan: TilePlan, i: int) -> tuple[int, int]:
-    """:func:`_entry_hashes` of tile ``i``, packed in ``buf``: its values as stored (cast)."""
+    """:func:`~aires.tiling._symmetry.entry_hashes` of tile ``i``, packed in ``buf``: its
+    values as stored (cast)."""
     lo, hi = int(plan.nnz_start[i]), int(plan.nnz_stop[i])
     r0, r1 = int(plan.row_start[i]), int(plan.row_stop[i])
     bounds = np.clip(np.asarray(src.indptr[r0 : r1 + 1], dtype=np.int64), lo, hi)
     rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(bounds))
     values = tile_views(buf, r1 - r0, hi - lo, plan.index_dtype, plan.value_dtype)[2]
-    return _entry_hashes(rows, np.asarray(src.indices[lo:hi]), values)
+    return entry_hashes(rows, np.asarray(src.indices[lo:hi]), values)
 
 
 def _pack_checked(buf: np.ndarray, src: _Source, plan: TilePlan, i: int) -> memoryview:
