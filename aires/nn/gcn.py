@@ -56,8 +56,9 @@ __all__ = ["GCN", "EpochStats", "dropout_mask"]
 #: ``tile_bytes``): the ranks' rows are cut on tile boundaries, so the nonzeros of two ranks
 #: differ by at most about one tile, ``1 / TILES_PER_RANK`` of a rank's share.
 TILES_PER_RANK = 8
-#: Row blocks of ``X`` filled into its panels at once at set-up (threads; each holds a block).
-FILL_WORKERS = 4
+#: Row blocks of ``X`` filled into its panels at once at set-up (threads; each holds a block
+#: where ``X`` must be converted, and otherwise reads its rows from the page cache).
+FILL_WORKERS = 8
 
 
 def dropout_mask(r0: int, rows: int, cols: int, p: float, key: int, device: torch.device) -> Tensor:
@@ -879,7 +880,7 @@ def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -
         )
         block = block.to(dtype)
         for p, (c0, c1) in enumerate(t.panels):
-            t.write_host(p, r0, block[:, c0:c1].contiguous())
+            t.write_host(p, r0, block[:, c0:c1])  # a strided copy: no contiguous piece first
 
     starts = range(0, t.rows, block_rows)
     with ThreadPoolExecutor(max(1, min(FILL_WORKERS, len(starts)))) as pool:

@@ -256,8 +256,9 @@ def run_model(
                         predicted_bytes=stats.predicted, measured_bytes=stats.measured,
                         peak_device_used=stats.peak_device_used,
                         pass_columns=plan.pass_columns,
-                        exchanged_columns=plan.exchanged_columns,
-                        exchange_bandwidth=stats.exchange_bandwidth)
+                        exchanged_columns=plan.exchanged_columns)
+    if distributed:
+        result.extra["exchange_bandwidth"] = stats.exchange_bandwidth
     result.bytes_h2d = stats.measured["h2d"]
     result.bytes_disk = stats.measured["disk_read"]
     model.close()
