@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -872,13 +873,14 @@ def _fill(t: Any, x: Any, block_rows: int, dtype: torch.dtype, first: int = 0) -
     release the GIL; at papers100M x0.3 one thread took 39 s for 17 GB), so at most that many
     blocks are in host memory at a time."""
 
+    if not isinstance(x, Tensor):
+        with warnings.catch_warnings():  # a read-only memmap's view: it is only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.from_numpy(np.asarray(x))
+
     def one(r0: int) -> None:
         r1 = min(r0 + block_rows, t.rows)
-        block = x[first + r0 : first + r1]
-        block = block.detach().to("cpu") if isinstance(block, Tensor) else torch.from_numpy(
-            np.ascontiguousarray(block)
-        )
-        block = block.to(dtype)
+        block = x[first + r0 : first + r1].detach().to("cpu").to(dtype)
         for p, (c0, c1) in enumerate(t.panels):
             t.write_host(p, r0, block[:, c0:c1])  # a strided copy: no contiguous piece first
 
