@@ -18,10 +18,9 @@ the default process group is used.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
-
-import time
 
 import torch
 import torch.distributed as dist

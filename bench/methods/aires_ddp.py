@@ -68,12 +68,18 @@ def run(workload: Workload, config: MethodConfig) -> MethodResult:
         exchange_model_bytes=(nproc - 1) * workload.num_nodes
         * result.extra["exchanged_columns"] * item // nproc,
         concurrent_copy_GBps=copies if all(copies) else None,
-        copy_floor_s=max(
-            max(r.extra["measured_bytes"]["h2d"] / (c["h2d"] * 1e9),
-                r.extra["measured_bytes"]["d2h"] / (c["d2h"] * 1e9))
-            for r, c in zip(results, copies, strict=True)) if all(copies) else None,
+        copy_floor_s=_copy_floor(results, copies) if all(copies) else None,
     )
     return result
+
+
+def _copy_floor(results: list[MethodResult], copies: list[dict[str, float]]) -> float:
+    """Seconds the busiest rank's copies take at the ranks' concurrent rates, its two
+    directions overlapped."""
+    return max(
+        max(r.extra["measured_bytes"][way] / (rates[way] * 1e9) for way in ("h2d", "d2h"))
+        for r, rates in zip(results, copies, strict=True)
+    )
 
 
 def _rank(config: MethodConfig) -> MethodResult:

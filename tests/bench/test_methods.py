@@ -14,7 +14,7 @@ import torch
 
 from bench.methods import ABLATIONS, METHODS, MethodConfig, check_method
 from bench.methods.aires import PYG_ORDER, VARIANTS, missing_options, product_widths
-from bench.methods import chunks
+from bench.methods import aires_ddp, chunks
 from bench.methods.chunks import csr_row_chunks, dense_row_chunks, on_device
 from bench.methods.incore_tuned import incore_forward
 from bench.methods.result import MethodResult, OverBudgetError, is_out_of_memory
@@ -85,6 +85,16 @@ def test_aires_ddp_reports_each_ranks_exchange_beside_the_model(workload_dir: Pa
     busiest = max(r["measured"]["exchange"] for r in ranks)
     assert result.extra["exchange_floor_s"] == pytest.approx(
         busiest / (result.extra["broadcast_GBps"] * 1e9))
+
+
+def test_the_copy_floor_is_the_busiest_ranks_slower_direction() -> None:
+    """Each rank's copies run both ways at once, so its floor is its slower direction at the
+    rates the ranks measured together; the epoch waits for the busiest rank."""
+    ranks = [MethodResult(status="ok", extra={"measured_bytes": {"h2d": h2d, "d2h": d2h}})
+             for h2d, d2h in ((90e9, 40e9), (80e9, 60e9))]
+    rates = [{"h2d": 50.0, "d2h": 50.0}, {"h2d": 40.0, "d2h": 20.0}]
+    assert aires_ddp._copy_floor(ranks, rates) == pytest.approx(3.0)  # rank 1's 60 GB at 20
+    assert aires_ddp._copy_floor(ranks[:1], rates[:1]) == pytest.approx(1.8)
 
 
 def test_the_two_orders_are_different_arithmetic(workload_dir: Path) -> None:
