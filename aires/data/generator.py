@@ -46,7 +46,9 @@ from aires.data.storage import (
 )
 from aires.progress import progress_bar
 
-__all__ = ["Preset", "PRESETS", "GENERATOR_VERSION", "default_cache_dir", "synthetic"]
+__all__ = [
+    "Preset", "PRESETS", "GENERATOR_VERSION", "default_cache_dir", "feature_rows", "synthetic",
+]
 
 #: Bumped whenever the same parameters would give different bytes (invalidates caches).
 GENERATOR_VERSION = 1
@@ -111,6 +113,7 @@ def synthetic(
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    features: bool = True,
 ) -> Graph:
     """A synthetic RMAT graph, generated once and then opened from disk (memmap-backed).
 
@@ -128,6 +131,9 @@ def synthetic(
             does not change the result.
         device: ``"cuda"``/``"cpu"``; default CUDA when available.
         progress: show progress bars (tqdm, on stderr).
+        features: write the features; ``False`` leaves them out (the graph has none, and its
+            disk peak is the edges' alone), for a caller that writes them elsewhere later with
+            :func:`feature_rows` (dense features only).
 
     Returns:
         The graph; ``provenance["generation"]`` holds timings and counts of the run that made it.
@@ -180,6 +186,11 @@ def synthetic(
         "features": "dense" if feature_density is None else "sparse",
         "feature_density": None if feature_density is None else float(feature_density),
     }
+    if not features:
+        if feature_density is not None:
+            raise ValueError("features=False leaves out dense features only; "
+                             f"feature_density={feature_density!r} asks for sparse ones")
+        params["features"] = "none"
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     label = f"{spec.name}-x{scale:g}-s{seed}" + (
         "" if feature_density is None else f"-sparse{feature_density:g}"
@@ -199,16 +210,18 @@ def synthetic(
             return open_graph(path)
     chunk = chunk_size or (_CHUNK_CUDA if dev.type == "cuda" else _CHUNK_CPU)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(path.parent, num_nodes, num_edges, spec.num_features, feature_density)
+    _check_disk(path.parent, num_nodes, num_edges, spec.num_features if features else 0,
+                feature_density)
     try:
         with GraphWriter(path, overwrite=overwrite) as writer:
             stats = _generate(
-                writer, spec, num_nodes, num_edges, seed, feature_density, chunk, dev, progress
+                writer, spec, num_nodes, num_edges, seed, feature_density, chunk, dev, progress,
+                features,
             )
             writer.commit(
                 name=label,
                 num_nodes=num_nodes,
-                num_features=spec.num_features,
+                num_features=spec.num_features if features else 0,
                 num_classes=spec.num_classes,
                 symmetric=True,
                 provenance={
@@ -267,6 +280,7 @@ def _generate(
     chunk: int,
     device: torch.device,
     progress: bool,
+    features: bool = True,
 ) -> dict[str, Any]:
     """Fill ``writer`` with the graph; returns the run's statistics."""
     phases: dict[str, float] = {}
@@ -304,11 +318,12 @@ def _generate(
         y[sampler.permute(raw).cpu().numpy()] = (raw * spec.num_classes // n).cpu().numpy()
     _write_split(writer, spec, n, seed, chunk, device, progress)
     lap("labels")
-    if density is None:
+    if features and density is None:
         _write_dense_features(writer, y, spec, seed, chunk, device, progress)
-    else:
+        lap("features")
+    elif features:
         _write_sparse_features(writer, y, spec, seed, density, chunk, device, progress)
-    lap("features")
+        lap("features")
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -350,10 +365,12 @@ def _write_split(
         writer.put(name, np.concatenate(part))
 
 
-def _feature_rows(
-    spec: Preset, seed: int, device: torch.device
+def feature_rows(
+    preset: str | Preset, seed: int, device: torch.device
 ) -> Callable[[int, int, np.ndarray], torch.Tensor]:
-    """A function giving the dense feature rows ``[start, stop)`` from their labels."""
+    """A function giving the dense feature rows ``[start, stop)`` of ``preset`` at ``seed``,
+    at any scale, from those rows' labels: the bytes :func:`synthetic` writes (on ``device``)."""
+    spec = _resolve(preset)
     f = spec.num_features
     cells = torch.arange(spec.num_classes * f, device=device)
     centroids = (2 * uniform(cells, stream_key(seed, "centroids")) - 1).reshape(spec.num_classes, f)
@@ -378,7 +395,7 @@ def _write_dense_features(
 ) -> None:
     n = len(y)
     x = writer.array("x", (n, spec.num_features))
-    rows = _feature_rows(spec, seed, device)
+    rows = feature_rows(spec, seed, device)
     step = max(1, chunk // spec.num_features)
     for start in _chunks(n, step, "features", progress):
         stop = min(n, start + step)
@@ -398,7 +415,7 @@ def _write_sparse_features(
 ) -> None:
     """Two passes: count the kept entries per row, then fill indices and values."""
     n, f = len(y), spec.num_features
-    rows = _feature_rows(spec, seed, device)
+    rows = feature_rows(spec, seed, device)
     mask_key = stream_key(seed, "feature-mask")
     step = max(1, chunk // f)
 

@@ -42,6 +42,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ import torch
 from aires.checks import memory_available, parse_size
 from aires.data._normalise import NormalisedRows, RawCSR, degrees
 from aires.data.edgelist import convert_edge_list
-from aires.data.generator import GENERATOR_VERSION, PRESETS, synthetic
+from aires.data.generator import GENERATOR_VERSION, PRESETS, feature_rows, synthetic
 from aires.data.ogb import load_ogb
 from aires.data.storage import (
     FORMAT_VERSION,
@@ -319,15 +320,20 @@ def _synthetic_nodes(params: dict[str, Any]) -> int:
 
 
 def _synthetic_need(params: dict[str, Any]) -> int:
-    """Peak disk bytes of a synthetic preparation: the generator's peak, then ``Â``."""
+    """Peak disk bytes of a synthetic preparation, the largest of its stages: the generator's
+    (candidate pairs and row buckets beside the raw CSR), the tiles beside the raw CSR, then
+    the features beside the tiles, once the raw CSR is gone. At papers100M size (1.6 billion
+    edges, 57 GB of features) that is 99 GB, where features generated first made it 156."""
     n = _synthetic_nodes(params)
     m = max(1, round(params["preset"]["num_edges"] * params["scale"]))
-    f = params["preset"]["num_features"]
-    features = 4 * n * f
-    # The generator's peak (candidate pairs and row buckets) then raw CSR + tiles + features.
-    generating = features + 8 * n + 16 * m * 1.3 + 16 * m + 12 * 2 * m
-    tiling = features + 8 * n + 12 * 2 * m + _tile_bytes_estimate(n, 2 * m + n) + _CEILING_MAX
-    return int(max(generating, tiling))
+    features = FEATURE_DTYPES[params["feature_dtype"]].itemsize * n * params["preset"][
+        "num_features"]
+    raw = 8 * n + 12 * 2 * m  # labels and splits, the CSR (int64 indices, float32 values)
+    tiles = _tile_bytes_estimate(n, 2 * m + n)
+    generating = raw + 16 * m * 1.3 + 16 * m
+    tiling = raw + tiles + _CEILING_MAX
+    finishing = 8 * n + tiles + features
+    return int(max(generating, tiling, finishing))
 
 
 def _tile_bytes_estimate(n: int, nnz: int) -> int:
@@ -400,7 +406,9 @@ def _build_prepared(
             "undirected=True)"
         )
     csr = RawCSR(graph_dir)
-    n, f = csr.num_nodes, int(meta["num_features"])
+    generated = isinstance(source, Synthetic)
+    n = csr.num_nodes
+    f = params["preset"]["num_features"] if generated else int(meta["num_features"])
     out_dtype = FEATURE_DTYPES[feature_dtype]
     features_bytes = n * f * out_dtype.itemsize
     _check_resources(
@@ -437,13 +445,19 @@ def _build_prepared(
     adjacency_bytes = store.data_path.stat().st_size
     store.close()
     lap("tiles")
-    _write_features(graph_dir, tmp, n, f, feature_dtype, adopt=graph_dir == raw,
-                    progress=progress)
-    lap("features")
     _write_labels(graph_dir, tmp, n, adopt=graph_dir == raw)
-    shutil.rmtree(raw, ignore_errors=True)
     csr.close()
     lap("labels")
+    if generated:
+        # The raw adjacency goes first: at papers100M size it and X would not fit beside Â.
+        shutil.rmtree(raw, ignore_errors=True)
+        _write_features(graph_dir, tmp, n, f, feature_dtype, adopt=False, progress=progress,
+                        rows=_generated_rows(source, tmp, device))
+    else:
+        _write_features(graph_dir, tmp, n, f, feature_dtype, adopt=graph_dir == raw,
+                        progress=progress)
+        shutil.rmtree(raw, ignore_errors=True)
+    lap("features")
 
     x_bytes = n * f * out_dtype.itemsize
     one_copy = 8 * (csr.nnz_hat) + 8 * (n + 1) + x_bytes  # Â in CSR (int32, f32) plus X
@@ -506,8 +520,9 @@ def _source_graph(
 ) -> Path:
     """The on-disk graph to prepare: generated or converted into ``raw``, or a saved one."""
     if isinstance(source, Synthetic):
+        # No features yet: they are written once the raw adjacency is gone (_write_features).
         synthetic(source.preset, scale=source.scale, seed=source.seed, out=raw,
-                  device=device, progress=progress)
+                  device=device, progress=progress, features=False)
     elif kind == "ogb":
         load_ogb(Path(params["path"]), out=raw, progress=progress)
     elif kind == "edgelist":
@@ -549,12 +564,28 @@ def write_rate(tmp: Path, nbytes: int) -> float:
 # ------------------------------------------------------------------- features and labels
 
 
+def _generated_rows(
+    source: Synthetic, tmp: Path, device: torch.device
+) -> Callable[[int, int], np.ndarray]:
+    """Rows of the synthetic source's features, from the labels already in ``tmp``: the bytes
+    the generator would have written (:func:`~aires.data.generator.feature_rows`)."""
+    labels = np.load(tmp / "labels.npy", mmap_mode="r", allow_pickle=False)
+    make = feature_rows(source.preset, source.seed, device)
+
+    def rows(r0: int, r1: int) -> np.ndarray:
+        r1 = min(r1, len(labels))
+        return make(r0, r1, np.asarray(labels[r0:r1])).cpu().numpy()
+
+    return rows
+
+
 def _write_features(
     graph_dir: Path, tmp: Path, n: int, f: int, feature_dtype: str, *, adopt: bool,
-    progress: bool,
+    progress: bool, rows: Callable[[int, int], np.ndarray] | None = None,
 ) -> None:
     """``tmp/features.npy``: the source's dense float32 file renamed when it is ours and already
-    aligned float32; otherwise converted (or densified) row block by row block."""
+    aligned float32; otherwise converted (or densified) row block by row block, or made by
+    ``rows(r0, r1)`` (a generator's)."""
     if f == 0:
         return
     out_file = tmp / "features.npy"
@@ -564,19 +595,7 @@ def _write_features(
             os.rename(dense, out_file)
             return
     out = open_aligned_npy(out_file, FEATURE_DTYPES[feature_dtype], (n, f))
-    if dense.is_file():
-        source = np.load(dense, mmap_mode="r", allow_pickle=False)
-
-        def rows(r0: int, r1: int) -> np.ndarray:
-            block = np.array(source[r0:r1], dtype=np.float32)
-            release_pages(source)
-            return block
-    else:
-        graph = open_graph(graph_dir)
-
-        def rows(r0: int, r1: int) -> np.ndarray:
-            return graph.x[r0:r1].toarray()
-
+    rows = rows or _graph_rows(graph_dir)
     step = max(1, _DEFAULT_CHUNK // f)
     for r0 in progress_bar(range(0, n, step), desc="features", disable=not progress):
         block = torch.from_numpy(np.array(rows(r0, r0 + step), dtype=np.float32))
@@ -586,6 +605,22 @@ def _write_features(
             out[r0 : r0 + step] = block.numpy()
         release_pages(out)
     out.flush()  # msync: on disk before the directory is renamed into place, as GraphWriter does
+
+
+def _graph_rows(graph_dir: Path) -> Callable[[int, int], np.ndarray]:
+    """Rows of a graph directory's features: its dense file's, or its sparse ones densified."""
+    dense = graph_dir / "x.npy"
+    if dense.is_file():
+        source = np.load(dense, mmap_mode="r", allow_pickle=False)
+
+        def rows(r0: int, r1: int) -> np.ndarray:
+            block = np.array(source[r0:r1], dtype=np.float32)
+            release_pages(source)
+            return block
+
+        return rows
+    graph = open_graph(graph_dir)
+    return lambda r0, r1: graph.x[r0:r1].toarray()
 
 
 def _write_labels(graph_dir: Path, tmp: Path, n: int, *, adopt: bool) -> None:

@@ -97,6 +97,22 @@ def test_sparse_features_are_masked_dense_features(tmp_path: Path) -> None:
     assert np.array_equal(sparse.adj.indices, dense.adj.indices)  # features do not move edges
 
 
+def test_features_left_out_are_what_feature_rows_gives(tmp_path: Path) -> None:
+    """Without features the graph is the same graph; :func:`feature_rows` then gives the
+    features the generator writes, bit for bit (what a preparation writes after its tiles)."""
+    full = synthetic("tiny", seed=5, cache_dir=tmp_path / "a", progress=False)
+    bare = synthetic("tiny", seed=5, cache_dir=tmp_path / "b", progress=False, features=False)
+    assert bare.x is None and bare.num_features == 0
+    assert (full.adj != bare.adj).nnz == 0
+    assert torch.equal(full.y, bare.y) and torch.equal(full.train_idx, bare.train_idx)
+    rows = generator_module.feature_rows("tiny", 5, torch.device("cpu"))
+    n = full.num_nodes
+    got = torch.cat([rows(a, min(a + 77, n), full.y[a : a + 77].numpy()) for a in range(0, n, 77)])
+    assert torch.equal(got, full.x)
+    with pytest.raises(ValueError, match="features=False leaves out dense features only"):
+        synthetic("tiny", cache_dir=tmp_path / "c", feature_density=0.1, features=False)
+
+
 def test_labels_balanced_and_split_disjoint(tmp_path: Path) -> None:
     graph = synthetic("arxiv", scale=0.01, cache_dir=tmp_path, progress=False)
     counts = np.bincount(graph.y.numpy(), minlength=graph.num_classes)

@@ -159,6 +159,34 @@ def test_reuse_is_keyed_by_what_decides_the_bytes(tmp_path: Path) -> None:
     assert not (other_tiles.reused or other_seed.reused)
 
 
+def test_synthetic_features_are_written_after_the_raw_adjacency_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk holds at most two of the three large things at once: the generator's edges and
+    raw CSR, then the raw CSR and the tiles, then the tiles and the features."""
+    seen = []
+    write = prepare_module._write_features
+
+    def watched(graph_dir: Path, tmp: Path, *args, **kwargs) -> None:
+        seen.append((graph_dir.exists(), (tmp / "adjacency").is_dir()))
+        write(graph_dir, tmp, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_write_features", watched)
+    prepared = prepare(Synthetic("tiny", 1.0, 3), root=tmp_path, tile_bytes="8KiB",
+                       progress=False)
+    assert seen == [(False, True)]
+    assert prepared.features.shape == (prepared.num_nodes, 16)
+
+
+def test_papers100M_size_fits_the_two_gpu_machines_disk() -> None:
+    """Full papers100M (1.6 billion edges, 57 GB of features) needs some 99 GB at its peak, under
+    the 104 GB the two-GPU machine had free (features first, as before, needed 156 GB)."""
+    _, _, params = prepare_module._describe(Synthetic("papers100M", 1.0, 0))
+    params["feature_dtype"] = "float32"
+    need = prepare_module._synthetic_need(params)
+    assert 84e9 < need < 100e9  # at least the tiles and the features, together at the end
+
+
 _KILLED = """
 import os, signal, sys
 from aires.data import prepare as module
