@@ -574,7 +574,7 @@ def _generated_rows(
 
     def rows(r0: int, r1: int) -> np.ndarray:
         r1 = min(r1, len(labels))
-        return make(r0, r1, np.asarray(labels[r0:r1])).cpu().numpy()
+        return make(r0, r1, np.array(labels[r0:r1])).cpu().numpy()  # a writable copy
 
     return rows
 
