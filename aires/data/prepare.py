@@ -22,8 +22,10 @@ page cache holds it and the process's RSS does not); the degrees are one pass ov
 store is then written tile by tile, each tile's rows normalised from the raw CSR as it is packed
 (:func:`aires.tiling.store._build` with the views of :mod:`aires.data._normalise`, which compute
 entries on demand), so no normalised CSR is ever written besides the tiles. The raw adjacency a
-conversion wrote is deleted at the end, and the generator's or converter's feature file is
-adopted by a rename, not copied.
+conversion wrote is deleted at the end, and the converter's feature file is adopted by a rename,
+not copied. A synthetic graph's features are generated straight into the prepared directory
+after the tiles, once the raw adjacency is deleted, so the disk holds at most two of the three
+large things at once (:func:`_synthetic_need`).
 
 Reuse: the directory name holds a hash of everything that decides its bytes (source, preset,
 scale, seed, tile size, feature dtype, generator and format versions). It is built under
