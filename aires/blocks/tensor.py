@@ -56,11 +56,7 @@ class Arenas:
                  pin: Callable[[int], torch.Tensor]) -> Arenas:
         """The three arenas; ``pin(nbytes)`` allocates the host one (page-locked on a GPU)."""
         arenas = cls()
-        if device_bytes:
-            arenas.device = torch.empty(device_bytes, dtype=torch.uint8, device=device)
-        if host_bytes:
-            arenas.host = pin(host_bytes)
-        if disk_bytes:
+        if disk_bytes:  # checked first: locking a large host arena takes seconds
             if directory is None:
                 raise ValueError("NVMe panels need a directory")
             free = shutil.disk_usage(directory).free
@@ -70,6 +66,11 @@ class Arenas:
                     f"{directory}, which has {free} bytes ({format_bytes(free)}) free; give a "
                     f"larger host_budget or a scratch_dir on a larger disk"
                 )
+        if device_bytes:
+            arenas.device = torch.empty(device_bytes, dtype=torch.uint8, device=device)
+        if host_bytes:
+            arenas.host = pin(host_bytes)
+        if disk_bytes:
             arenas.path = Path(directory) / f"aires-panels-{os.getpid()}-{id(arenas)}.bin"
             arenas.fd = os.open(arenas.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(arenas.fd, disk_bytes)

@@ -109,3 +109,17 @@ def test_nvme_panels_larger_than_the_free_disk_are_refused_before_writing(tmp_pa
         Arenas.allocate(torch.device("cpu"), 0, 0, free + ALIGN, tmp_path,
                         lambda n: torch.empty(n, dtype=torch.uint8))
     assert not list(tmp_path.iterdir())
+
+
+def test_nvme_panels_beyond_the_free_disk_are_refused_before_any_pinning(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is checked before the host arena is locked (seconds for a large one), and the
+    error names both numbers and the directory; nothing is created there."""
+    need = 2 * shutil.disk_usage(tmp_path).free + (1 << 30)  # whatever else writes meanwhile
+    pinned = []
+    with pytest.raises(ValueError, match=rf"NVMe panels need {need} bytes .* in "
+                                         rf"{tmp_path}, which has \d+ bytes"):
+        Arenas.allocate(torch.device("cpu"), 0, 1 << 20, need, tmp_path,
+                        lambda n: pinned.append(n) or torch.empty(n, dtype=torch.uint8))
+    assert pinned == [] and list(tmp_path.iterdir()) == []
