@@ -318,11 +318,11 @@ def _generate(
         y[sampler.permute(raw).cpu().numpy()] = (raw * spec.num_classes // n).cpu().numpy()
     _write_split(writer, spec, n, seed, chunk, device, progress)
     lap("labels")
-    if features and density is None:
-        _write_dense_features(writer, y, spec, seed, chunk, device, progress)
-        lap("features")
-    elif features:
-        _write_sparse_features(writer, y, spec, seed, density, chunk, device, progress)
+    if features:
+        if density is None:
+            _write_dense_features(writer, y, spec, seed, chunk, device, progress)
+        else:
+            _write_sparse_features(writer, y, spec, seed, density, chunk, device, progress)
         lap("features")
     return {
         "device": str(device),
