@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aires.progress import progress_bar
 
@@ -27,6 +28,8 @@ __all__ = ["NormalisedRows", "RawCSR", "degrees"]
 # Entries normalised at once: temporaries of at most 16 MiB stay under glibc's mmap threshold,
 # so freed ones are reused instead of being page-faulted in afresh (minor faults dominated).
 _PIECE = 1 << 21
+#: Pieces normalised on a device at once (each holds some 60 bytes per entry there).
+_DEVICE_PIECES = 4
 
 
 class RawCSR:
@@ -145,15 +148,23 @@ class NormalisedRows:
     :attr:`indices` and :attr:`data` are the views the tiler slices. Each thread normalises a
     tile into buffers it keeps (so a tile costs no fresh page faults), in pieces of
     :data:`_PIECE` entries, and serves the tiler's next requests for that tile from them.
+    With a ``device`` (a GPU) each piece is normalised there, the same bytes: on the H200
+    machine numpy took 21 ns an entry on one thread and the tiler's threads stopped scaling at
+    8, so preparation tiled papers100M x0.3 at 1.75 times the disk's write time.
     """
 
     def __init__(
-        self, csr: RawCSR, indptr: np.ndarray, dinv: np.ndarray, has_loop: np.ndarray
+        self, csr: RawCSR, indptr: np.ndarray, dinv: np.ndarray, has_loop: np.ndarray,
+        device: torch.device | None = None,
     ) -> None:
         self._csr = csr
         self._indptr = indptr
         self._dinv = dinv
         self._has_loop = has_loop
+        self._device = device
+        if device is not None:
+            self._dinv_on = torch.from_numpy(dinv).to(device)
+            self._on_device = threading.Semaphore(_DEVICE_PIECES)
         self._local = threading.local()
         self.indices = _Column(self, 0, np.dtype(np.int64), int(indptr[-1]))
         self.data = _Column(self, 1, np.dtype(np.float32), int(indptr[-1]))
@@ -177,7 +188,10 @@ class NormalisedRows:
             b = int(np.searchsorted(indptr, indptr[a] + _PIECE, side="right")) - 1
             b = min(r1, max(b, a + 1))
             s, e = int(indptr[a]) - base, int(indptr[b]) - base
-            self._rows(a, b, local.cols[s:e], local.values[s:e])
+            if self._device is None:
+                self._rows(a, b, local.cols[s:e], local.values[s:e])
+            else:
+                self._rows_on_device(a, b, local.cols[s:e], local.values[s:e])
             a = b
         local.span = (lo, hi)
         local.block = (local.cols[lo - base : hi - base], local.values[lo - base : hi - base])
@@ -205,6 +219,28 @@ class NormalisedRows:
         cols_out[:] = np.insert(cols, at, diagonal)
         own = np.repeat(self._dinv[r0:r1], np.diff(self._indptr[r0 : r1 + 1]))
         np.multiply(own, self._dinv[cols_out], out=values_out)
+
+    def _rows_on_device(
+        self, r0: int, r1: int, cols_out: np.ndarray, values_out: np.ndarray
+    ) -> None:
+        """:meth:`_rows` on the device: the entries and the diagonal sorted by ``row * N + col``
+        (rows ascend, columns within a row too), the same float32 products."""
+        ptr = self._csr.indptr(r0, r1 + 1)
+        cols = self._csr.indices(int(ptr[0]), int(ptr[-1]))
+        n, dev = self._csr.num_nodes, self._device
+        with self._on_device:
+            c = torch.from_numpy(cols).to(dev)
+            rows = torch.repeat_interleave(torch.arange(r0, r1, device=dev),
+                                           torch.from_numpy(np.diff(ptr)).to(dev))
+            if self._has_loop[r0:r1].any():
+                keep = c != rows
+                c, rows = c[keep], rows[keep]
+            diagonal = torch.arange(r0, r1, device=dev)
+            key = torch.cat([rows * n + c, diagonal * (n + 1)]).sort().values
+            rows, c = key // n, key % n
+            values = self._dinv_on[rows] * self._dinv_on[c]
+            cols_out[:] = c.cpu().numpy()
+            values_out[:] = values.cpu().numpy()
 
 
 class _Column:

@@ -110,6 +110,30 @@ def test_hub_row_and_self_loops_against_scipy(
     assert (tmp_path / "graph" / "adj_indices.npy").is_file()  # a saved graph is left alone
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_normalising_on_a_device_gives_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """Rows normalised on a device (sorting each piece's entries and diagonal by key) equal
+    numpy's (inserting the diagonal), bit for bit, in slices that split rows and pieces, with
+    self loops and a hub row."""
+    monkeypatch.setattr(normalise_module, "_PIECE", 3000)
+    save_graph(hub_graph(loops=40), tmp_path / "graph")
+    csr = normalise_module.RawCSR(tmp_path / "graph")
+    degree, has_loop = normalise_module.degrees(csr, 1 << 12, 2, False)
+    indptr = np.concatenate([[0], np.cumsum(degree)])
+    dinv = torch.from_numpy(degree.astype(np.float32)).pow(-0.5).numpy()
+    host = normalise_module.NormalisedRows(csr, indptr, dinv, has_loop)
+    on = normalise_module.NormalisedRows(csr, indptr, dinv, has_loop, torch.device(device))
+    bounds = np.unique(np.r_[0, np.random.default_rng(1).integers(0, indptr[-1], 12),
+                             indptr[-1]])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        want, got = host.entries(int(lo), int(hi)), on.entries(int(lo), int(hi))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+    csr.close()
+
+
 def test_ogb_layout_directory_gives_gcn_norm_bit_for_bit(arxiv_root: Path, tmp_path: Path) -> None:
     pytest.importorskip("ogb", reason="needs the ogb package (pip install aires[ogb])")
     source = arxiv_root / "ogbn_arxiv"
