@@ -604,7 +604,7 @@ def _write_features(
     rows = rows or _graph_rows(graph_dir)
     step = max(1, _DEFAULT_CHUNK // f)
     for r0 in progress_bar(range(0, n, step), desc="features", disable=not progress):
-        block = torch.from_numpy(np.array(rows(r0, r0 + step), dtype=np.float32))
+        block = torch.from_numpy(np.asarray(rows(r0, r0 + step), dtype=np.float32))
         if feature_dtype == "bf16":
             out[r0 : r0 + step] = block.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
         else:
