@@ -34,6 +34,7 @@ from aires.tiling._symmetry import entry_hashes, tile_hashes_on
 from aires.tiling.plan import DEFAULT_ALIGNMENT, DEFAULT_TILE_BYTES, TilePlan, plan_tiles
 from aires.tiling.reader import DEFAULT_THREADS, IoMode, KvikioReader, PosixReader, io_mode
 from aires.tiling.tile import TileCSR, TileInfo, scipy_values
+from aires.writeback import pwrite_all
 
 __all__ = ["TileCorruptError", "TileStore", "build_store"]
 
@@ -581,7 +582,8 @@ def _write_tiles(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Write every tile of ``plan`` to a new ``data_path`` with ``threads`` workers, fsync it.
 
-    Tiles go to their planned offsets with ``os.pwrite``, so worker threads need no ordering;
+    Tiles go to their planned offsets with ``os.pwrite``, so worker threads need no ordering,
+    and each tile's writeback starts once it is written (:mod:`aires.writeback`);
     at most ``2 * workers`` tiles are queued and each worker reuses one scratch buffer.
 
     Returns:
@@ -611,14 +613,7 @@ def _write_tiles(
                     plan.value_dtype, hash_device)
         elif hash_entries:
             hashes[i] = _tile_entry_hashes(buf, src, plan, i)
-        done, offset = 0, int(plan.offset[i])
-        try:
-            while done < len(tile):
-                done += os.pwrite(fd, tile[done:], offset + done)
-        except OSError as error:
-            raise OSError(
-                error.errno, f"writing tile {i} to {data_path} failed: {error.strerror}"
-            ) from error
+        pwrite_all(fd, tile, int(plan.offset[i]), f"tile {i} to {data_path}")
         return len(tile)
 
     try:
