@@ -70,8 +70,12 @@ def hub_graph(n: int = 3000, hub_degree: int = 2500, seed: int = 0, loops: int =
     )
 
 
-@pytest.mark.parametrize("chunk_size", [1, 1 << 24])
-def test_synthetic_graph_gives_gcn_norm_bit_for_bit(tmp_path: Path, chunk_size: int) -> None:
+# The second: feature blocks of 7 rows (16 float32 features), so the last one is partial.
+@pytest.mark.parametrize(("chunk_size", "feature_block"), [(1 << 24, 64 << 20), (1, 7 * 64)])
+def test_synthetic_graph_gives_gcn_norm_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_size: int, feature_block: int
+) -> None:
+    monkeypatch.setattr(prepare_module, "_FEATURE_BLOCK", feature_block)
     prepared = prepare(Synthetic("tiny", 1.0, 3), root=tmp_path / "prep", tile_bytes="8KiB",
                        chunk_size=chunk_size, progress=False)
     graph = synthetic("tiny", scale=1.0, seed=3, cache_dir=tmp_path / "ref", progress=False)
@@ -160,7 +164,10 @@ def test_features_are_aligned_and_stored_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_half_features(tmp_path: Path, name: str, dtype: torch.dtype) -> None:
+def test_half_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(prepare_module, "_FEATURE_BLOCK", 3 * 5 * 2)  # blocks of 3 rows
     graph = hub_graph(n=500, hub_degree=10)
     save_graph(graph, tmp_path / "graph")
     prepared = prepare(tmp_path / "graph", root=tmp_path / "prep", feature_dtype=name,
