@@ -183,9 +183,9 @@ def _run_train(args: argparse.Namespace) -> int:
         f"{summary['dataset']}: test accuracy {summary['test_accuracy']:.4f} "
         f"(val {summary['val_accuracy']:.4f}, final loss {summary['history'][-1]['loss']:.4f}); "
         f"{summary['epoch_seconds'] * 1e3:.2f} ms per epoch on {summary['device']}"
-        f"{_processes(summary['processes'])} after a {summary['setup_seconds']:.2f} s first epoch"
+        f"{_processes(summary['processes'])} after {summary['setup_seconds']:.2f} s of set-up"
         + ("" if summary["ready_seconds"] is None else
-           f" (begun {summary['ready_seconds']:.2f} s after the process started)")
+           f" (the first epoch began {summary['ready_seconds']:.2f} s after the process started)")
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
