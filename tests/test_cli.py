@@ -48,7 +48,7 @@ def test_train_tiny_synthetic(graphs: Path, capsys: pytest.CaptureFixture[str]) 
     assert len(record["history"]) == 3 and 0 <= record["test_accuracy"] <= 1
     assert record["args"]["tile_bytes"] == 16 * 1024
     # The set-up's steps, part of the time to the first epoch.
-    assert set(record["setup_steps_s"]) == {"plan", "engine", "features"}
+    assert set(record["setup_steps_s"]) == {"plan", "arenas", "adjacency", "features"}
     assert 0 < sum(record["setup_steps_s"].values()) < record["ready_seconds"]
 
 

@@ -283,8 +283,8 @@ class GCN(nn.Module):
 
     @property
     def setup_seconds(self) -> dict[str, float]:
-        """Seconds of each step of the last set-up (``plan``, ``engine``, ``features``; see
-        :class:`_State`), or ``{}`` before the first."""
+        """Seconds of each step of the last set-up (``plan``, ``arenas``, ``adjacency``,
+        ``features``; see :class:`_State`), or ``{}`` before the first."""
         return {} if self._state is None else dict(self._state.setup)
 
     def close(self) -> None:
@@ -742,12 +742,13 @@ class _State:
             scheduler_options=model.scheduler_options,
             exchange=exchange,
         )
-        setup["engine"] = time.perf_counter() - clock - setup["plan"]
+        setup.update(engine.setup)
+        filled = time.perf_counter()
         first = 0 if exchange is None or "x" in plan.whole else exchange.start
         if not sparse:
             _fill(engine.tensors["x"], x, plan.block_rows, dtype, first)
             engine.arenas.sync()
-        setup["features"] = time.perf_counter() - clock - setup["plan"] - setup["engine"]
+        setup["features"] = time.perf_counter() - filled
         return cls(key, program, plan, engine, plan.rows, dtype, cuda, scratch, exchange,
                    setup=setup, exchange_rate=rate)
 
