@@ -386,7 +386,13 @@ def plan_epoch(
     holds = [frozenset(), frozenset({"x"})] if can_hold else [frozenset()]
     if whole_x is not None:
         holds = [frozenset({"x"}) if whole_x and can_hold else frozenset()]
+    best_seconds = math.inf
+    steps, all_widths = epoch_steps(program), _with_gradients(program.widths)
     for w in widths:
+        # Every plan of this width pays its passes' compute: none can beat the best so far
+        # when that alone takes longer (narrow panels; the planner's time goes to them).
+        if _compute_seconds(nnz, *_passes(steps, all_widths, w), bandwidths) >= best_seconds:
+            continue
         for share in ADJACENCY_SHARES:
             for keep, whole in itertools.product(
                 (False, True) if keepable(program) else (False,), holds
@@ -397,9 +403,9 @@ def plan_epoch(
                     if not keep:  # keeping is optional: the minimum recomputes
                         minimum = small.need if minimum is None else min(minimum, small.need)
                     continue
-                if best is None or (_seconds(plan, nnz, bandwidths)
-                                    < _seconds(best, nnz, bandwidths)):
-                    best = plan
+                seconds = _seconds(plan, nnz, bandwidths)
+                if seconds < best_seconds:
+                    best, best_seconds = plan, seconds
     if best is None:
         raise ValueError(
             f"gpu_budget={gpu_budget} bytes ({format_bytes(gpu_budget)}) is below the minimum "
@@ -413,10 +419,35 @@ def _seconds(plan: Plan, nnz: int, bandwidths: Bandwidths) -> float:
     panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time) plus its
     row blocks' fixed costs (small blocks save device memory but pay launches per block) plus
     the activations its backward pass recomputes (keeping them saves that but holds them)."""
-    compute = nnz * (plan.pass_columns + PASS_COLUMNS * plan.passes) / bandwidths.spmm
+    compute = _compute_seconds(nnz, plan.passes, plan.pass_columns, bandwidths)
     recompute = plan.recompute_floats / RECOMPUTE_FLOATS_PER_SECOND
     return (bandwidths.seconds(plan.predicted) + compute + plan.blocks * BLOCK_SECONDS
             + recompute)
+
+
+def _compute_seconds(nnz: int, passes: int, pass_columns: int, bandwidths: Bandwidths) -> float:
+    """The aggregation passes' compute: each gathers its columns per nonzero and pays
+    :data:`PASS_COLUMNS` more."""
+    return nnz * (pass_columns + PASS_COLUMNS * passes) / bandwidths.spmm
+
+
+def _with_gradients(widths: dict[str, int]) -> dict[str, int]:
+    """The columns of every tensor and of its gradient (``d`` + its name)."""
+    return {**widths, **{"d" + n: c for n, c in widths.items()}}
+
+
+def _passes(
+    steps: list[tuple[str, list[tuple[str, str]], int]], widths: dict[str, int], w: int
+) -> tuple[int, int]:
+    """The aggregation passes of an epoch's ``steps`` with panels of ``w`` columns, and the
+    columns they compute: a sparse source (outside ``widths``) is one SpGEMM pass."""
+    passes = pass_columns = 0
+    for kind, acc, _ in steps:
+        if kind.startswith("aggregate"):
+            source = acc[0][0]
+            passes += math.ceil(widths[source] / w) if source in widths else 1
+            pass_columns += widths.get(source, 0)
+    return passes, pass_columns
 
 
 class _TooSmall(Exception):
@@ -454,7 +485,7 @@ def _plan(
     keeps = keepable(program)
     kept = frozenset(s.target for s in keeps) if keep else frozenset()
     steps = epoch_steps(program, kept)
-    widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
+    widths = _with_gradients(program.widths)
     reads: dict[str, int] = {}
     writes: dict[str, int] = {}
     span: dict[str, list[int]] = {}
@@ -467,14 +498,9 @@ def _plan(
             span[name] = [min(lo, k), max(hi, k)]
     span["x"] = [0, len(steps) - 1]
     agg_steps = [k for k, (kind, _, _) in enumerate(steps) if kind.startswith("aggregate")]
-    passes = pass_columns = exchanged_columns = 0
-    for kind, acc, _ in steps:
-        if kind.startswith("aggregate"):
-            # A sparse source (outside ``widths``) is one SpGEMM pass over all its columns.
-            source = acc[0][0]
-            passes += math.ceil(widths[source] / w) if source in widths else 1
-            pass_columns += widths.get(source, 0)
-            exchanged_columns += 0 if source in whole else widths.get(source, 0)
+    passes, pass_columns = _passes(steps, widths, w)
+    exchanged_columns = sum(widths.get(acc[0][0], 0) for kind, acc, _ in steps
+                            if kind.startswith("aggregate") and acc[0][0] not in whole)
     tensor_rows = {name: source_rows if name in whole else rows for name in widths}
 
     # Row-local working set: the passes' blocks share one room, sized for the widest pass

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from aires.nn import GCN, Bandwidths, build_program, plan_epoch
-from aires.nn.plan import _row_floats, epoch_steps
+from aires.nn.plan import _row_floats, _seconds, epoch_steps
 
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
 
 def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 1,
-          bandwidths: Bandwidths | None = None):
+          bandwidths: Bandwidths | None = None, panel_cols: int | None = None):
     """Products' plan at ``budget`` (with ``ranks``: one rank's, its share of the rows)."""
     model = GCN(100, 256, 47, device="cpu")
     program = build_program(model.dims, model.orders(ROWS, NNZ, None), dropout)
@@ -24,7 +24,7 @@ def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 
         gpu_budget=budget, host_budget=host,
         param_bytes=sum(p.numel() * 4 for p in model.parameters()), cuda=True,
         nnz=NNZ // ranks, direct_disk=True, source_rows=ROWS if ranks > 1 else None,
-        bandwidths=bandwidths,
+        bandwidths=bandwidths, panel_cols=panel_cols,
     )
     return program, plan
 
@@ -44,6 +44,21 @@ def test_plans_fit_their_budget_with_blocks_of_thousands_of_rows(gib: int) -> No
         io = sum(widths[n] for n in names)
         assert rows * _row_floats(io, width) * 4 <= plan.rows_bytes, (names, rows)
         assert rows >= plan.block_rows  # the widest pass sizes the room; others fit more
+
+
+@pytest.mark.parametrize("gib", [16, 2, 1])
+def test_widths_skipped_for_their_compute_alone_never_held_the_best_plan(gib: int) -> None:
+    program, best = _plan(gib << 30)
+    widest = max(a.cols for a in program.aggregates)
+    every = []
+    for w in sorted({-(-widest // k) for k in range(1, widest + 1)}):
+        try:
+            every.append(_plan(gib << 30, panel_cols=w)[1])
+        except ValueError:  # below this width's minimum working set
+            continue
+    seconds = [_seconds(plan, NNZ, Bandwidths()) for plan in every]
+    assert _seconds(best, NNZ, Bandwidths()) == min(seconds)
+    assert best.panel_cols == every[seconds.index(min(seconds))].panel_cols
 
 
 def test_the_narrow_loss_pass_takes_larger_blocks() -> None:
