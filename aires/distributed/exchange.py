@@ -73,25 +73,29 @@ class Exchange:
     def local_rows(self) -> int:
         return self.stop - self.start
 
-    def complete(self, panel: torch.Tensor) -> int:
+    def complete(self, panel: torch.Tensor,
+                 ranges: list[tuple[int, int]] | None = None) -> int:
         """Fill the other ranks' rows of ``panel`` (``(N, w)``, this rank's rows already in
-        place) from their owners; returns the bytes this rank received."""
+        place) from their owners; returns the bytes this rank received. ``ranges``: each
+        rank's rows of ``panel`` when they are not its rows of the graph."""
+        ranges = self.ranges if ranges is None else ranges
         works = [
-            dist.broadcast(panel[a:b], src=q, async_op=True)
-            for q, (a, b) in enumerate(self.ranges)
+            dist.broadcast(panel[a:b], src=q, async_op=True) for q, (a, b) in enumerate(ranges)
         ]
         for work in works:
             work.wait()
-        return (self.rows - self.local_rows) * panel.shape[1] * panel.element_size()
+        return self._received(ranges, panel)
 
-    def complete_host(self, out: torch.Tensor) -> int:
+    def complete_host(self, out: torch.Tensor,
+                      ranges: list[tuple[int, int]] | None = None) -> int:
         """:meth:`complete` for a host tensor (the logits): directly over ``gloo``, through a
         device buffer of at most :data:`HOST_CHUNK_BYTES` over ``nccl``."""
         if self.device.type == "cpu":
-            return self.complete(out)
-        row_bytes = max(out[0].numel() * out.element_size(), 1)
+            return self.complete(out, ranges)
+        ranges = self.ranges if ranges is None else ranges
+        row_bytes = max(out[0].numel() * out.element_size(), 1) if len(out) else 1
         step = max(1, HOST_CHUNK_BYTES // row_bytes)
-        for q, (a, b) in enumerate(self.ranges):
+        for q, (a, b) in enumerate(ranges):
             for r0 in range(a, b, step):
                 r1 = min(r0 + step, b)
                 buf = out[r0:r1].to(self.device) if q == self.rank else torch.empty(
@@ -99,7 +103,12 @@ class Exchange:
                 dist.broadcast(buf, src=q)
                 if q != self.rank:
                     out[r0:r1].copy_(buf)
-        return (self.rows - self.local_rows) * row_bytes
+        return self._received(ranges, out)
+
+    def _received(self, ranges: list[tuple[int, int]], out: torch.Tensor) -> int:
+        """Bytes of ``out``'s rows that the other ranks own under ``ranges``."""
+        rows = sum(b - a for q, (a, b) in enumerate(ranges) if q != self.rank)
+        return rows * out[0].numel() * out.element_size() if len(out) else 0
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks, in place."""

@@ -35,6 +35,8 @@ CONFIGS = {
     "float32": ({"num_layers": 2, "tile_bytes": "4KiB"}, torch.float32, False),
 }
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+#: Rows whose logits alone are asked for: on both ranks' sides of the split, and not all.
+PICKED = torch.tensor([0, 1, 17, 150, 199, 200, 201, 333, 399])
 
 
 def inputs(name: str):
@@ -71,6 +73,7 @@ def run(name: str, state: dict[str, torch.Tensor], distributed: bool, device: st
         "whole": plan.whole,
         "x_tiers": plan.tensors["x"].tiers,
         "logits": model.eval()(x, ei),
+        "picked": model(x, ei, rows=PICKED),
     }
     model.close()
     return out
@@ -122,6 +125,15 @@ def test_logits_are_the_whole_graphs_on_every_rank(runs, name: str) -> None:
     for rank in ranks:
         assert torch.allclose(rank[name]["logits"], single[name]["logits"], rtol=rtol * 10,
                               atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_of_chosen_rows_are_gathered_from_their_ranks(runs, name: str) -> None:
+    single, ranks = runs
+    rtol = RTOL[CONFIGS[name][1]]
+    for rank in ranks:
+        assert torch.allclose(rank[name]["picked"], single[name]["logits"][PICKED],
+                              rtol=rtol * 10, atol=rtol * 1e-2)
 
 
 def test_budgets_force_every_tier_on_every_rank(runs) -> None:

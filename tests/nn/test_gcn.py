@@ -248,6 +248,32 @@ def test_logits_match_pyg() -> None:
     model.close()
 
 
+def test_logits_of_chosen_rows_are_those_rows_of_all_the_logits() -> None:
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, num_layers=2, device="cpu", **TIERED).double().eval()
+    every = model(x, ei)
+    for rows in (torch.tensor([0, 3, 4, 90, len(x) - 1]), torch.arange(1, len(x), 7),
+                 torch.tensor([], dtype=torch.int64), torch.tensor([5], dtype=torch.int32)):
+        assert torch.equal(model(x, ei, rows=rows), every[rows.long()])
+    model.close()
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    (torch.tensor([3, 1]), "ascend without repeats; position 1 holds 1 after 3"),
+    (torch.tensor([2, 2]), "ascend without repeats; position 1 holds 2 after 2"),
+    (torch.tensor([-1, 4]), "rows holds -1, outside the graph's"),
+    (torch.tensor([4, 10_000]), "rows holds 10000, outside the graph's"),
+    (torch.tensor([0.0, 1.0]), "1-D integer tensor"),
+    (torch.tensor([[0, 1]]), "1-D integer tensor"),
+])
+def test_bad_rows_are_refused_by_name(rows: torch.Tensor, message: str) -> None:
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, device="cpu").double().eval()
+    with pytest.raises(ValueError, match=message):
+        model(x, ei, rows=rows)
+    model.close()
+
+
 def test_budget_below_the_minimum_names_it() -> None:
     ei, x, y, mask = problem()
     model = GCN(12, 16, 5, device="cpu", gpu_budget=4096, tile_bytes="8KiB")
