@@ -297,9 +297,35 @@ def test_a_prepared_graph_trains_in_place_like_the_graph_it_came_from(tmp_path: 
     assert [log.loss for log in prepared.history] == pytest.approx(
         [log.loss for log in in_memory.history], rel=1e-5
     )
+    # Scored from the split rows' logits alone, against all the logits of the in-memory run.
+    for field in ("train_accuracy", "val_accuracy"):
+        assert [getattr(log, field) for log in prepared.history] == pytest.approx(
+            [getattr(log, field) for log in in_memory.history])
     assert prepared.test_accuracy == pytest.approx(in_memory.test_accuracy)
     with pytest.raises(ValueError, match="used as prepared"):
         train(open_prepared(path), normalize_features=True, **kwargs)
+
+
+def test_a_prepared_graph_is_scored_from_its_split_rows_as_from_all_logits(
+    tmp_path: Path,
+) -> None:
+    """A graph whose splits leave most rows out (as papers100M's do): the accuracies from the
+    split rows' logits equal those ``evaluate`` takes from all of them."""
+    from aires.data import save_graph
+    from aires.data.prepare import open_prepared, prepare
+    from tests.data.test_prepare import hub_graph
+
+    graph = hub_graph(n=500, hub_degree=10)  # splits of 300 rows; labels -1 (none) to 3
+    graph.y[graph.train_idx] = graph.y[graph.train_idx].clamp(min=0)  # trained on: labelled
+    save_graph(graph, tmp_path / "graph")
+    path = prepare(tmp_path / "graph", root=tmp_path / "prep", progress=False).path
+    kwargs = {"epochs": 3, "device": "cpu", "progress": False, "seed": 0, "hidden": 8}
+    prepared = train(open_prepared(path), **kwargs)
+    in_memory = train(graph, normalize_features=False, **kwargs)
+    for field in ("loss", "train_accuracy", "val_accuracy"):
+        assert [getattr(log, field) for log in prepared.history] == pytest.approx(
+            [getattr(log, field) for log in in_memory.history], rel=1e-5)
+    assert prepared.test_accuracy == pytest.approx(in_memory.test_accuracy)
 
 
 # --------------------------------------------------------------------------- several processes
