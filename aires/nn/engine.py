@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,39 +98,34 @@ class Engine:
         self.dtype = dtype
         self.cuda = device.type == "cuda"
         self.traffic = Traffic()
+        clock = time.perf_counter()
+        # The host arena is locked page by page (not by PyTorch's caching host allocator, which
+        # rounds a block up to a power of two): the pinned bytes are those the budget counted.
+        self.arenas = Arenas.allocate(device, plan.arena_bytes, plan.host_arena_bytes,
+                                      plan.disk_bytes, directory,
+                                      lambda n: pinned_empty(n, device))
+        arenas = time.perf_counter() - clock
         slot = max((int(t.nbytes) for t in store.tiles), default=0)
         direct = not self.cuda or store.io_mode != "posix"
-        # The arenas are allocated beside the adjacency's placement: both spend their time in
-        # page faults, page locking and reads, which release the GIL.
-        with ThreadPoolExecutor(1, thread_name_prefix="aires-arenas") as pool:
-            arenas = pool.submit(_allocate, plan, device, directory)
-            clock = time.perf_counter()
-            try:
-                self.scheduler = Scheduler(
-                    store,
-                    gpu_budget=plan.adjacency_gpu,
-                    host_budget=plan.adjacency_host + (0 if direct else slot),
-                    device=device,
-                    disk_workers=1,
-                    # The plan counts each tile on its own tier's path: no tile takes the other.
-                    dual=False,
-                    reserve_bytes=reserve,
-                    **(scheduler_options or {}),
-                )
-            except BaseException:
-                if arenas.exception() is None:  # waits for them
-                    arenas.result()[0].close()
-                raise
-            adjacency = time.perf_counter() - clock
-            try:
-                self.arenas, allocated = arenas.result()
-            except BaseException:
-                self.scheduler.close()
-                raise
+        try:
+            self.scheduler = Scheduler(
+                store,
+                gpu_budget=plan.adjacency_gpu,
+                host_budget=plan.adjacency_host + (0 if direct else slot),
+                device=device,
+                disk_workers=1,
+                # The plan counts each tile on its own tier's path: no tile takes the other.
+                dual=False,
+                reserve_bytes=reserve,
+                **(scheduler_options or {}),
+            )
+        except BaseException:
+            self.arenas.close()
+            raise
         self.scheduler.history = []
-        #: Seconds of the set-up's steps, which run side by side: the arenas (the host one
-        #: locked page by page) and the adjacency's scheduler (its tiles read into their tiers).
-        self.setup = {"arenas": allocated, "adjacency": adjacency}
+        #: Seconds of the set-up's steps: the arenas (the host one locked page by page) and the
+        #: adjacency's scheduler (which places its tiles at its first call, in the first epoch).
+        self.setup = {"arenas": arenas, "adjacency": time.perf_counter() - clock - arenas}
         self.tensors: dict[str, PanelTensor | SparseRows] = {
             name: PanelTensor(
                 name,
@@ -375,18 +369,6 @@ class Engine:
         self.scheduler.close()
         self.arenas.close()
         self._staging = None
-
-
-def _allocate(plan: Plan, device: torch.device, directory: Path) -> tuple[Arenas, float]:
-    """The plan's arenas, allocated on ``device`` (from a thread of their own), and the
-    seconds that took. The host arena is locked page by page (not by PyTorch's caching host
-    allocator, which rounds a block up to a power of two): the pinned bytes are those the
-    budget counted."""
-    start = time.perf_counter()
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        arenas = Arenas.allocate(device, plan.arena_bytes, plan.host_arena_bytes,
-                                 plan.disk_bytes, directory, lambda n: pinned_empty(n, device))
-    return arenas, time.perf_counter() - start
 
 
 def _flush(t: PanelTensor, p: int, r0: int, rows: int, bounce: torch.Tensor, event: Any) -> None:
