@@ -30,8 +30,9 @@ writes in the epoch, ``|Â|_h`` / ``|Â|_d`` the adjacency bytes held in pinned 
 
 Device panels cost nothing. The planner fills the device, then pinned memory, greedily by bytes
 saved per byte held (``k_T`` for a panel, ``p`` for the adjacency), trying every panel width
-and both fill orders (tensors first, adjacency first), and keeps the plan with the least
-predicted transfer time at the given bandwidths. Every run reports this prediction beside the
+(but those whose passes' compute alone exceeds the best plan's time) and both fill orders
+(tensors first, adjacency first), and keeps the plan with the least predicted time at the given
+bandwidths. Every run reports this prediction beside the
 bytes it measured (:class:`~aires.blocks.Traffic`).
 
 A rank of a distributed epoch holds its own rows of every tensor, but may hold the input ``x``
