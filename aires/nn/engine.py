@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Engine"]
 
 BlockFn = Callable[[int, int, list[torch.Tensor]], list[torch.Tensor]]
+PanelMask = Callable[[torch.Tensor, int, int], None]
 
 
 @dataclass
@@ -155,15 +156,19 @@ class Engine:
 
     # ----------------------------------------------------------------- aggregation
 
-    def aggregate(self, source: str, target: str) -> None:
-        """``target = Â · source``, one pass over ``Â`` per column panel."""
+    def aggregate(self, source: str, target: str, mask: PanelMask | None = None) -> None:
+        """``target = Â · source``, one pass over ``Â`` per column panel. ``mask(panel, c0,
+        c1)``: applied in place to each panel of ``source`` (columns ``[c0, c1)``, every row
+        of the graph) once it is on the device, in the input-panel buffer (a dropout)."""
         src = self.tensors[source]
         if isinstance(src, SparseRows):
             self._spgemm(src, target)
             return
         dst = self.tensors[target]
         for p in range(len(src.panels)):
-            x = self._panel_on_device(src, p)
+            x = self._panel_on_device(src, p, own=mask is not None)
+            if mask is not None:
+                mask(x, *src.panels[p])
             tier = dst.tiers[p]
             if tier == "gpu":
                 self.scheduler.spmm(x, into=dst.device_panel(p))
@@ -194,9 +199,12 @@ class Engine:
         self.scheduler.history = []
         return len(calls)
 
-    def _panel_on_device(self, src: PanelTensor, p: int) -> torch.Tensor:
+    def _panel_on_device(self, src: PanelTensor, p: int, own: bool = False) -> torch.Tensor:
+        """Panel ``p`` of ``src`` on the device, all the graph's rows: its arena view, or (when
+        it lives elsewhere, is completed by an exchange, or ``own``: to be changed in place)
+        the input-panel buffer."""
         ex = None if src.name in self.plan.whole else self.exchange
-        if src.tiers[p] == "gpu" and ex is None:
+        if src.tiers[p] == "gpu" and ex is None and not own:
             return src.device_panel(p)
         rows, start = (src.rows, 0) if ex is None else (ex.rows, ex.start)
         offset = self.plan.panel_offsets[src.name]

@@ -42,7 +42,7 @@ from aires.checks import check_positive_int, parse_size
 from aires.data._splitmix import stream_key, uniform
 from aires.distributed import Exchange, RowRangeStore, rank_zero_first
 from aires.gcn_conv import choose_order, tile_adjacency
-from aires.nn.engine import Engine
+from aires.nn.engine import Engine, PanelMask
 from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, Rows, build_program
 from aires.scheduler import resolve_device, spmm_reserve
@@ -62,13 +62,23 @@ TILES_PER_RANK = 8
 FILL_WORKERS = 8
 
 
-def dropout_mask(r0: int, rows: int, cols: int, p: float, key: int, device: torch.device) -> Tensor:
+#: Device bytes an element of a panel takes while its dropout mask is drawn (the counters, their
+#: hash and the multipliers), for sizing the row chunks masked at once.
+MASK_BYTES = 48
+
+
+def dropout_mask(
+    r0: int, rows: int, cols: int, p: float, key: int, device: torch.device,
+    columns: tuple[int, int] | None = None,
+) -> Tensor:
     """The dropout multipliers (0 or ``1/(1-p)``) of rows ``[r0, r0 + rows)`` of a ``cols``-wide
-    tensor: a pure function of the element's position and ``key``, so a row block's mask is
-    the same whatever the blocking, on any device, when recomputed in the backward pass."""
+    tensor (of its ``columns`` ``[c0, c1)`` only, when given): a pure function of the element's
+    position and ``key``, so a block's mask is the same whatever the blocking, row blocks or
+    column panels, on any device, when recomputed in the backward pass."""
+    c0, c1 = (0, cols) if columns is None else columns
     counter = (
         torch.arange(r0, r0 + rows, device=device, dtype=torch.int64)[:, None] * cols
-        + torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+        + torch.arange(c0, c1, device=device, dtype=torch.int64)[None, :]
     )
     return (uniform(counter, key) >= p).to(torch.float32) / (1.0 - p)
 
@@ -407,6 +417,22 @@ class GCN(nn.Module):
         keep = (uniform(counter, key) >= self.dropout).to(h.dtype) / (1.0 - self.dropout)
         return torch.sparse_csr_tensor(crow, col, h.values() * keep, h.shape)
 
+    def _panel_dropout(self, state: _State, stage: Aggregate, step: int) -> PanelMask:
+        """The dropout of ``stage``'s source applied to one of its panels on the device (every
+        row of the graph), the same mask a row-local stage draws; in row chunks that take no
+        more device memory than the plan's row blocks, which are idle in an aggregation."""
+        key = stream_key(self.seed, f"dropout:{step}:{stage.dropout}")
+        cols = stage.cols
+        chunk = max(1, state.plan.rows_bytes // (MASK_BYTES * state.plan.panel_cols))
+
+        def mask(panel: Tensor, c0: int, c1: int) -> None:
+            for r0 in range(0, panel.shape[0], chunk):
+                block = panel[r0 : r0 + chunk]
+                block.mul_(dropout_mask(r0, block.shape[0], cols, self.dropout, key,
+                                        panel.device, (c0, c1)).to(panel.dtype))
+
+        return mask
+
     def _forward(
         self,
         state: _State,
@@ -421,7 +447,9 @@ class GCN(nn.Module):
         params = self._leaves() if leaves is None else leaves
         for stage in state.program.stages[:-1]:
             if isinstance(stage, Aggregate):
-                engine.aggregate(stage.source, stage.target)
+                masked = stage.dropout is not None and training and self.dropout > 0
+                engine.aggregate(stage.source, stage.target,
+                                 self._panel_dropout(state, stage, step) if masked else None)
             elif leaves is not None and stage.target in state.plan.kept:
                 self._kept_pass(state, stage, leaves, training, step)
             else:

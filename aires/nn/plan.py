@@ -551,13 +551,17 @@ def _plan(
     items.sort(key=lambda i: (-i.saves, i.last - i.first, -i.nbytes, i.name, i.panel))
     adjacency_total = sum(tile_nbytes)
 
+    masked = {a.source for a in program.aggregates if a.dropout is not None}
+
     def needs_panel(on_gpu: set[tuple[str, int]]) -> list[tuple[int, str]]:
-        """The aggregation steps (and their sources) whose source is not all on the device:
-        each needs the input-panel buffer during its step alone."""
+        """The aggregation steps (and their sources) whose source is not all on the device, or
+        is masked by a dropout as it is loaded: each needs the input-panel buffer during its
+        step alone."""
         out = []
         for k in agg_steps:
             src = steps[k][1][0][0]
-            if (gathered and src not in whole) or any(
+            if (gathered and src not in whole) or (
+                steps[k][0] == "aggregate" and src in masked) or any(
                 (i.name, i.panel) not in on_gpu for i in items if i.name == src
             ):
                 out.append((k, src))

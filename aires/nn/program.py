@@ -10,6 +10,10 @@ cross-entropy loss over the training rows, is cut into two kinds of stage:
   row block at a time, and its backward is the same chain recomputed per block under autograd
   (or, where the plan has the room, the graph its forward pass kept).
 
+The input ``X`` is never copied into a ``Rows`` stage's output for its dropout alone: where the
+first layer aggregates first, its mask is applied to each panel of ``X`` on the device, as the
+aggregation loads it (``Aggregate.dropout``).
+
 Each layer takes the product order ``(Â Z) W`` or ``Â (Z W)`` given for it, so the aggregations
 run on whichever of ``F_in`` and ``F_out`` is narrower. Only the inputs of ``Rows`` stages (the
 aggregations' outputs, and ``X``) are kept for the backward pass: a ``Rows`` stage's wide
@@ -56,11 +60,14 @@ class Rows:
 
 @dataclass(frozen=True)
 class Aggregate:
-    """``target = Â · source``, ``cols`` columns."""
+    """``target = Â · source``, ``cols`` columns; ``dropout``: the dropout site (layer) applied
+    to each panel of ``source`` as it is put on the device (the input ``x``, which no
+    row-local stage reads first), or ``None``."""
 
     source: str
     target: str
     cols: int
+    dropout: int | None = None
 
 
 Stage = Rows | Aggregate
@@ -113,9 +120,9 @@ def build_program(dims: list[int], orders: list[str], dropout: float) -> Program
         widths[target] = out_cols
         source, width, ops = target, out_cols, []
 
-    def aggregate(target: str) -> None:
+    def aggregate(target: str, site: int | None = None) -> None:
         nonlocal source
-        stages.append(Aggregate(source, target, width))
+        stages.append(Aggregate(source, target, width, site))
         widths[target] = width
         source = target
 
@@ -123,9 +130,14 @@ def build_program(dims: list[int], orders: list[str], dropout: float) -> Program
         if dropout > 0:
             ops.append(Op("dropout", layer))
         if orders[layer] == "aggregate_first":
-            if ops:
-                close(f"t{layer}", width)
-            aggregate(f"s{layer}")
+            if source == "x" and ops:
+                # x's dropout is applied to its panels as they are loaded: a row-local pass
+                # would read all of x and write all of it back, as t0, for a mask.
+                aggregate(f"s{layer}", site=layer)
+            else:
+                if ops:
+                    close(f"t{layer}", width)
+                aggregate(f"s{layer}")
             ops = [Op("linear", layer), Op("bias", layer)]
             width = dims[layer + 1]
         else:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch_geometric.nn import GCNConv
 
 from aires.data._splitmix import stream_key
+import aires.nn.gcn as gcn_module
 from aires.nn import GCN, dropout_mask
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.tiling import TileStore
@@ -201,6 +202,26 @@ def test_dropout_masks_survive_blocking_and_tiers(device: str) -> None:
     model = GCN(12, 16, 5, num_layers=2, dropout=0.5, device=device, seed=7,
                 **options(device, True, x, ei)).to(dtype)
     assert_trains_as_pyg(model, x, ei, y, mask, device, seed=7)
+    model.close()
+
+
+@pytest.mark.parametrize(("budgets", "tier"), [
+    ({}, "gpu"), (dict(TIERED, host_budget=1 << 20), "host"), (TIERED, "disk"),
+])
+def test_the_inputs_dropout_is_drawn_on_its_panels_as_pyg_draws_it(
+    monkeypatch: pytest.MonkeyPatch, budgets: dict, tier: str
+) -> None:
+    """No row-local pass copies x for its dropout: the first aggregation masks each panel of
+    x as it loads it (from every tier, in chunks of a few rows here), with PyG's masks."""
+    monkeypatch.setattr(gcn_module, "MASK_BYTES", 6000)  # chunks of 5 or 6 rows
+    ei, x, y, mask = problem()
+    torch.manual_seed(3)
+    model = GCN(12, 16, 5, num_layers=3, dropout=0.5, device="cpu", seed=7,
+                order="aggregate_first", **budgets).double()
+    plan = model.plan(x, ei)
+    assert set(plan.tensors["x"].tiers) == {tier} and "t0" not in plan.tensors
+    assert 1 < plan.rows_bytes // (gcn_module.MASK_BYTES * plan.panel_cols) < len(x)
+    assert_trains_as_pyg(model, x, ei, y, mask, "cpu", seed=7)
     model.close()
 
 
