@@ -213,14 +213,18 @@ class PanelTensor:
         self.traffic.add("h2d", nbytes)
         dst.copy_(src, non_blocking=True)
 
-    def read_panel(self, p: int, dst: torch.Tensor, bounce: torch.Tensor | None) -> None:
-        """The whole of panel ``p`` into the device tensor ``dst`` on the current stream.
+    def read_rows(
+        self, p: int, r0: int, r1: int, dst: torch.Tensor, bounce: torch.Tensor | None
+    ) -> None:
+        """Rows ``[r0, r1)`` of panel ``p``, any number of them, into the device tensor ``dst``
+        on the current stream.
 
         A ``"disk"`` panel is read in pieces through the two halves of ``bounce``, each half
-        reused once the copy out of it has completed, so the disk and the copy overlap.
+        reused once the copy out of it has completed, so the disk and the copy overlap; the
+        call returns once the last copy out of ``bounce`` is done, so the next may reuse it.
         """
         if self.tiers[p] != "disk":
-            self.read(p, 0, self.rows, dst, None)
+            self.read(p, r0, r1, dst, None)
             return
         assert bounce is not None, "a disk panel is read through a bounce buffer"
         halves = 2 if self._cuda else 1
@@ -228,15 +232,18 @@ class PanelTensor:
         step = max(1, half // self.panel_bytes(p, 1))
         step = step // PAGE_ROWS * PAGE_ROWS or step  # whole pages: direct reads
         done: list[torch.cuda.Event | None] = [None] * halves
-        for k, r0 in enumerate(range(0, self.rows, step)):
+        for k, a in enumerate(range(r0, r1, step)):
             h = k % halves
             if done[h] is not None:
                 done[h].synchronize()
-            r1 = min(r0 + step, self.rows)
-            self.read(p, r0, r1, dst[r0:r1], bounce[h * half : (h + 1) * half])
+            b = min(a + step, r1)
+            self.read(p, a, b, dst[a - r0 : b - r0], bounce[h * half : (h + 1) * half])
             if self._cuda:
                 done[h] = torch.cuda.Event()
                 done[h].record()
+        for event in done:
+            if event is not None:
+                event.synchronize()
 
     # ----------------------------------------------------------------- row blocks out
 

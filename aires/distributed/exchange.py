@@ -6,8 +6,9 @@ Every row-local stage is local to a rank. What crosses ranks:
   backward ``Âᵀ · G`` are the same product: for each column panel of the source, every rank
   contributes its rows and receives everyone else's (:meth:`Exchange.complete`), then
   multiplies its own tiles against the whole panel to get its own rows of the output. The
-  ranges are unequal, so the panel is completed by one broadcast per owner, in place, with no
-  padding. A rank receives ``(N - n_rank) * w * item`` bytes per panel, about
+  ranges are unequal, so the panel is completed by broadcasts from each owner, in place, with
+  no padding, a piece at a time as the owner copies its rows in (the exchange runs over NVLink
+  beside the copies over PCIe). A rank receives ``(N - n_rank) * w * item`` bytes per panel, about
   ``(P - 1) / P`` of the panel when the ranges are balanced.
 - **The loss**, a sum over ranks of each rank's labelled rows (divided by the global count).
 - **The weight gradients**, each rank's sum over its rows, summed over ranks.
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from aires.distributed.partition import row_ranges
 
-__all__ = ["HOST_CHUNK_BYTES", "PROBE_BYTES", "Exchange", "rank_zero_first"]
+__all__ = ["HOST_CHUNK_BYTES", "PIECE_BYTES", "PROBE_BYTES", "Exchange", "rank_zero_first"]
 
 T = TypeVar("T")
 
@@ -38,6 +39,11 @@ HOST_CHUNK_BYTES = 64 << 20
 #: enough to be bandwidth-bound over NVLink (256 MiB took 0.8 ms between two H200s), on a CPU
 #: enough to exercise ``gloo``.
 PROBE_BYTES = {"cuda": 256 << 20, "cpu": 4 << 20}
+#: Bytes of a panel's rows a rank sends in one broadcast when it loads them piece by piece
+#: (:meth:`Exchange.complete`'s ``load``): small enough that the last piece's exchange, the
+#: only one not beside a copy, is short (256 MiB: 0.8 ms over NVLink), large enough that each
+#: broadcast is bandwidth-bound.
+PIECE_BYTES = 256 << 20
 
 
 class Exchange:
@@ -73,15 +79,35 @@ class Exchange:
     def local_rows(self) -> int:
         return self.stop - self.start
 
-    def complete(self, panel: torch.Tensor,
-                 ranges: list[tuple[int, int]] | None = None) -> int:
-        """Fill the other ranks' rows of ``panel`` (``(N, w)``, this rank's rows already in
-        place) from their owners; returns the bytes this rank received. ``ranges``: each
-        rank's rows of ``panel`` when they are not its rows of the graph."""
+    def complete(
+        self,
+        panel: torch.Tensor,
+        ranges: list[tuple[int, int]] | None = None,
+        load: Callable[[int, int], None] | None = None,
+        piece_bytes: int = PIECE_BYTES,
+    ) -> int:
+        """Fill the other ranks' rows of ``panel`` (``(N, w)``) from their owners; returns the
+        bytes this rank received. ``ranges``: each rank's rows of ``panel`` when they are not
+        its rows of the graph.
+
+        ``load(r0, r1)``: puts this rank's rows ``[r0, r1)`` of ``panel`` in place (queued on
+        the current stream). Each rank's rows are then sent in pieces of about ``piece_bytes``
+        (at least two), each piece as soon as it is loaded, so the exchange runs beside the
+        next piece's copy instead of after the whole panel's. ``None``: the rows are in place.
+        """
         ranges = self.ranges if ranges is None else ranges
-        works = [
-            dist.broadcast(panel[a:b], src=q, async_op=True) for q, (a, b) in enumerate(ranges)
-        ]
+        pieces = 1
+        if load is not None:
+            pieces = max(2, -(-panel.numel() * panel.element_size() // piece_bytes))
+        works = []
+        for k in range(pieces):
+            for q, (a, b) in enumerate(ranges):
+                lo, hi = a + (b - a) * k // pieces, a + (b - a) * (k + 1) // pieces
+                if lo == hi:
+                    continue
+                if q == self.rank and load is not None:
+                    load(lo, hi)
+                works.append(dist.broadcast(panel[lo:hi], src=q, async_op=True))
         for work in works:
             work.wait()
         return self._received(ranges, panel)

@@ -14,7 +14,8 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   output panel straight into its tier (the arena, or pinned memory by the scheduler's own
   write-back stream; NVMe panels through a pinned staging panel). A rank of a distributed
   epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
-  filled in (the ``exchange`` hook) before its own tiles stream against it, unless it holds
+  filled in (the ``exchange`` hook, each piece of its rows sent while the next is copied in)
+  before its own tiles stream against it, unless it holds
   the source whole (``Plan.whole``: the input ``x``, which every rank is given).
 
 Everything runs without autograd except a row pass's graph: a backward row pass recomputes a
@@ -210,13 +211,19 @@ class Engine:
         offset = self.plan.panel_offsets[src.name]
         panel = self.arenas.device[offset : offset + src.panel_bytes(p, rows)]
         full = panel.view(self.dtype).view(rows, -1)
-        x = full[start : start + src.rows]
-        if src.tiers[p] == "gpu":
-            x.copy_(src.device_panel(p))
+
+        def load(r0: int, r1: int) -> None:
+            """This process's rows ``[r0, r1)`` of the panel (rows of ``full``) into place."""
+            a, b = r0 - start, r1 - start
+            if src.tiers[p] == "gpu":
+                full[r0:r1].copy_(src.device_panel(p)[a:b])
+            else:
+                src.read_rows(p, a, b, full[r0:r1], self._staging)
+
+        if ex is None:
+            load(0, src.rows)
         else:
-            src.read_panel(p, x, self._staging)
-        if ex is not None:
-            self.traffic.add("exchange", ex.complete(full))
+            self.traffic.add("exchange", ex.complete(full, load=load))
         return full
 
     # ----------------------------------------------------------------- row-local passes
