@@ -12,12 +12,11 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   put on the device (its arena view, or one copy into the shared input-panel buffer) and the
   adjacency's :class:`~aires.scheduler.Scheduler` streams ``Â``'s tiles against it, writing the
   output panel straight into its tier (the arena, or pinned memory by the scheduler's own
-  write-back stream; NVMe panels through a pinned staging panel). While one panel's pass
-  runs, the first rows of the next pinned panel are copied into the row passes' bytes, idle
-  then. A rank of a distributed epoch puts its rows of the panel into an all-rows buffer and
-  has the other ranks' rows filled in (the ``exchange`` hook, each piece of its rows sent
-  while the next is copied in) before its own tiles stream against it, unless it holds the
-  source whole (``Plan.whole``: the input ``x``, which every rank is given).
+  write-back stream; NVMe panels through a pinned staging panel). A rank of a distributed
+  epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
+  filled in (the ``exchange`` hook, each piece of its rows sent while the next is copied in)
+  before its own tiles stream against it, unless it holds
+  the source whole (``Plan.whole``: the input ``x``, which every rank is given).
 
 Everything runs without autograd except a row pass's graph: a backward row pass recomputes a
 block's graph and back-propagates it at once, or, for a stage the plan keeps, back-propagates
@@ -167,13 +166,10 @@ class Engine:
             self._spgemm(src, target)
             return
         dst = self.tensors[target]
-        ahead = None
         for p in range(len(src.panels)):
-            x = self._panel_on_device(src, p, own=mask is not None, ahead=ahead)
-            ahead = None  # its rows are in the panel: its bytes are the mask's
+            x = self._panel_on_device(src, p, own=mask is not None)
             if mask is not None:
                 mask(x, *src.panels[p])
-            ahead = self._prefetch(src, p + 1)
             tier = dst.tiers[p]
             if tier == "gpu":
                 self.scheduler.spmm(x, into=dst.device_panel(p))
@@ -204,35 +200,10 @@ class Engine:
         self.scheduler.history = []
         return len(calls)
 
-    def _prefetch(self, src: PanelTensor, p: int) -> tuple[torch.Tensor, Any] | None:
-        """The first rows of panel ``p`` of a pinned ``src``, copied on the copy stream into a
-        buffer of the row passes' bytes (idle during an aggregation) while the pass over the
-        previous panel runs, which holds the input-panel buffer until it ends; and the event
-        that marks the copy done. On products at 2 GiB those bytes hold 85% of a panel of
-        ``x``, whose two panels were otherwise loaded each after the other's pass (9 ms each,
-        the first aggregation's wait). ``None``: nothing to prefetch."""
-        if (not self.cuda or p >= len(src.panels) or src.tiers[p] != "host"
-                or (self.exchange is not None and src.name not in self.plan.whole)):
-            return None
-        rows = min(src.rows, self.plan.rows_bytes // src.panel_bytes(p, 1))
-        if rows == 0:
-            return None
-        head = torch.empty((rows, src.width(p)), dtype=self.dtype, device=self.device)
-        # ``head``'s bytes may be a mask's just freed on the compute stream: after its kernels.
-        self._copy.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy):
-            src.read(p, 0, rows, head, None)
-            done = torch.cuda.Event()
-            done.record(self._copy)
-        return head, done
-
-    def _panel_on_device(
-        self, src: PanelTensor, p: int, own: bool = False,
-        ahead: tuple[torch.Tensor, Any] | None = None,
-    ) -> torch.Tensor:
+    def _panel_on_device(self, src: PanelTensor, p: int, own: bool = False) -> torch.Tensor:
         """Panel ``p`` of ``src`` on the device, all the graph's rows: its arena view, or (when
         it lives elsewhere, is completed by an exchange, or ``own``: to be changed in place)
-        the input-panel buffer; ``ahead``: its first rows, already copied (:meth:`_prefetch`)."""
+        the input-panel buffer."""
         ex = None if src.name in self.plan.whole else self.exchange
         if src.tiers[p] == "gpu" and ex is None and not own:
             return src.device_panel(p)
@@ -250,13 +221,7 @@ class Engine:
                 src.read_rows(p, a, b, full[r0:r1], self._staging)
 
         if ex is None:
-            done = 0
-            if ahead is not None:
-                head, copied = ahead
-                torch.cuda.current_stream(self.device).wait_event(copied)
-                done = len(head)
-                full[:done].copy_(head)
-            load(done, src.rows)
+            load(0, src.rows)
         else:
             self.traffic.add("exchange", ex.complete(full, load=load))
         return full
