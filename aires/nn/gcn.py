@@ -118,6 +118,9 @@ class EpochStats:
         plan: the plan's one-line summary.
         exchange_bandwidth: bytes per second of the exchange between ranks, measured at set-up
             (:meth:`~aires.distributed.Exchange.bandwidth`) and planned with; 0 for one process.
+        predicted_seconds: the plan's time model, seconds of each pass of a training epoch (in
+            ``stages``' order, at the planning bandwidths; :attr:`~aires.nn.plan.Plan.
+            step_seconds`).
     """
 
     seconds: float = 0.0
@@ -131,6 +134,7 @@ class EpochStats:
     stages: list[tuple[str, float]] = field(default_factory=list)
     plan: str = ""
     exchange_bandwidth: float = 0.0
+    predicted_seconds: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -597,6 +601,7 @@ class GCN(nn.Module):
             stages=state.stage_seconds(),
             plan=state.plan.summary(),
             exchange_bandwidth=state.exchange_rate,
+            predicted_seconds=list(state.plan.step_seconds),
         )
 
 

@@ -32,8 +32,10 @@ Device panels cost nothing. The planner fills the device, then pinned memory, gr
 saved per byte held (``k_T`` for a panel, ``p`` for the adjacency), trying every panel width
 (but those whose passes' compute alone exceeds the best plan's time) and both fill orders
 (tensors first, adjacency first), and keeps the plan with the least predicted time at the given
-bandwidths. Every run reports this prediction beside the
-bytes it measured (:class:`~aires.blocks.Traffic`).
+bandwidths (:func:`_step_seconds`: the steps in series, each as long as the longest of its
+overlapping copies and compute, and an aggregation's passes each after its input panel's
+load). Every run reports the bytes beside those it measured (:class:`~aires.blocks.Traffic`),
+and each step's predicted seconds beside those it took.
 
 A rank of a distributed epoch holds its own rows of every tensor, but may hold the input ``x``
 (which every rank is given whole) for all rows: its aggregation then needs no exchange, at the
@@ -70,12 +72,13 @@ ROWS_SHARE = 0.2
 TEMPS_PER_WIDTH = 5
 #: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
 ALIGN = 4096
-#: The fixed cost of one aggregation pass per nonzero, in columns of SpMM work. Measured on the
-#: H200 at 2 GiB on products (126M nonzeros): 4 passes of 50 columns took 172 ms an epoch and 8
-#: passes of 25 columns 216 ms with 0.4 GB less copied, about 12.7 ms a pass beyond its columns
-#: (``bench/results/model-products-h200.json`` and ``model-products-h200-after-merges.log``);
-#: in core the reading of the nonzeros alone is worth about 128 (``choose_order``).
-PASS_COLUMNS = 256
+#: The fixed cost of one aggregation pass per nonzero, in columns of SpMM work (reading the
+#: nonzero, the tile calls). Measured in core on the H200 on products (126M nonzeros, every
+#: tensor on the device at 16 GiB): a pass of 100 columns took 14.1 ms and one of 47 columns
+#: 10.9 ms (``bench/results/model-products-h200x2.json``, ``stages``), about ``nnz * (w + 134)``
+#: at 2.1e12 a second. Out of core a pass also waits for its input panel, which the time model
+#: counts on its own (:func:`_step_seconds`).
+PASS_COLUMNS = 134
 #: Shares of the device room tried for the adjacency's resident tiles before tensors fill it.
 ADJACENCY_SHARES = (0.0, 0.5, 1.0)
 #: Candidates for the device arena tried with the arena packed anew when they do not fit
@@ -83,47 +86,46 @@ ADJACENCY_SHARES = (0.0, 0.5, 1.0)
 MAX_REPACKS = 32
 #: The fewest rows a row-local block may have (the minimum working set's share).
 MIN_BLOCK_ROWS = 64
-#: The fixed cost of one row block of a row-local pass: its kernel launches and, in backward
-#: and loss passes, one run of the autograd engine. Measured on the H200 at 2 GiB on products:
-#: the loss pass, which copies 8.3 ms worth of bytes, took 28.5 ms in 43 blocks and 16.5 ms in
-#: 14 (``bench/results/model-products-h200.json``, ``stages``): about 0.4 ms a block. Plans
-#: with blocks of a few rows lose to plans with narrower panels.
+#: The host's cost of one row block of a backward or loss pass: its kernel launches and one run
+#: of the autograd engine, which the device's compute waits for but the copies do not.
+#: Measured on the H200 on products (``bench/results/model-products-h200x2.json``, ``stages``):
+#: the backward pass of the hidden stage took 29.4 ms in 44 blocks at 2 GiB and 60.7 ms in 104
+#: at 1 GiB, beside 16.8 ms of compute, about 0.3 and 0.4 ms a block. Plans with blocks of a
+#: few rows lose to plans with narrower panels.
 BLOCK_SECONDS = 0.3e-3
+#: The same for a forward pass, which launches its kernels only: its 45 blocks at 2 GiB and 104
+#: at 1 GiB took no longer than their copies (18.3 and 19.3 ms for 17.8 ms of bytes).
+FORWARD_BLOCK_SECONDS = 0.1e-3
 #: Row-block buffers in flight (one being loaded, one computed and written back).
 BUFFERS = 2
-#: Activation floats per second a row-local stage's forward pass recomputes, for ranking
-#: keeping against recomputing: measured on the H200 on products (2.45M rows, hidden 256), the
-#: hidden stage's forward pass took 6.9 ms (``bench/results/profile-products-16GiB-h200x2.log``).
-RECOMPUTE_FLOATS_PER_SECOND = 90e9
+#: Activation floats per second a row-local stage's forward pass computes: measured on the H200
+#: on products (2.45M rows, hidden 256), the hidden stage's forward pass took 6.9 ms
+#: (``bench/results/profile-products-16GiB-h200x2.log``).
+ROW_FLOATS_PER_SECOND = 90e9
+#: A backward pass's compute in forward passes of its stage: from kept activations, and where it
+#: recomputes them first. Measured there: 9.9 ms at 16 GiB (kept) and 17.6 ms at 8 GiB
+#: (``model-products-h200x2.json``, ``stages``).
+KEPT_BACKWARD, RECOMPUTED_BACKWARD = 1.4, 2.4
 
 
 @dataclass(frozen=True)
 class Bandwidths:
-    """Rates for ranking plans (priors: the H200's pinned copies and cold disk reads, and the
-    H100's in-core SpMM, DESIGN.md).
+    """Rates for ranking plans (priors: the H200's pinned copies, cold disk reads and in-core
+    SpMM, DESIGN.md and :data:`PASS_COLUMNS`).
 
     ``spmm`` is in units of ``nnz * (w + PASS_COLUMNS)`` per second: a pass with ``w`` columns
-    gathers ``w`` values per nonzero and pays a fixed cost per nonzero (reading it, the tile
-    calls, loading the input panel and draining the output), worth :data:`PASS_COLUMNS`
-    columns; 66.6M nonzeros at ``w = 128`` took 6.8 ms in core.
+    gathers ``w`` values per nonzero and pays a fixed cost per nonzero worth
+    :data:`PASS_COLUMNS` columns. ``exchange``: a prior for NCCL
+    between two GPUs over PCIe; a distributed model plans with the rate it measures
+    (:meth:`Exchange.bandwidth <aires.distributed.Exchange.bandwidth>`).
     """
 
     h2d: float = 50e9
     d2h: float = 50e9
     disk_read: float = 1.5e9
     disk_write: float = 1.5e9
-    spmm: float = 2.5e12
+    spmm: float = 2.1e12
     exchange: float = 20e9
-
-    def seconds(self, traffic: Traffic) -> float:
-        """The transfer floor: both PCIe directions at once, the disk and the exchange
-        between ranks on top (``exchange``: a prior for NCCL between two GPUs over PCIe; a
-        distributed model plans with the rate it measures, :meth:`Exchange.bandwidth
-        <aires.distributed.Exchange.bandwidth>`)."""
-        return max(traffic.h2d / self.h2d, traffic.d2h / self.d2h) + (
-            traffic.disk_read / self.disk_read + traffic.disk_write / self.disk_write
-            + traffic.exchange / self.exchange
-        )
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,6 @@ class Plan:
         adjacency_host: pinned budget handed to it: the bytes of its tiles in pinned memory.
         adjacency_resident, adjacency_disk: its bytes on the device and on NVMe.
         passes: aggregation passes per epoch (forward and backward).
-        blocks: row blocks per epoch, over all row-local passes.
         pass_columns: columns those passes compute, in all.
         predicted: the traffic model's bytes per epoch.
         gpu_bytes: what the plan holds on the device at most (arena, adjacency, row blocks,
@@ -188,6 +189,8 @@ class Plan:
             aggregation reads it then, see :func:`plan_epoch`).
         exchanged_columns: the columns of the aggregation passes whose input panels a rank
             of a distributed epoch completes from the others (all but those of ``whole``).
+        seconds: the time model's epoch at the planning bandwidths, the sum of
+            ``step_seconds``, one per step of :func:`epoch_steps` (see :func:`_step_seconds`).
     """
 
     rows: int
@@ -207,7 +210,6 @@ class Plan:
     adjacency_disk: int
     passes: int
     pass_columns: int
-    blocks: int
     predicted: Traffic
     gpu_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
@@ -216,6 +218,8 @@ class Plan:
     recompute_floats: int = 0
     whole: frozenset[str] = frozenset()
     exchanged_columns: int = 0
+    seconds: float = 0.0
+    step_seconds: tuple[float, ...] = ()
 
     def rows_for(self, names: list[str]) -> int:
         """Rows per block of the row-local pass over ``names`` (its sources, then its targets):
@@ -374,7 +378,7 @@ def plan_epoch(
         widths = [min(panel_cols, widest)]
     problem = _Problem(program, rows, item, tile_nbytes, adjacency_reserve, gpu_budget,
                        host_budget, param_bytes, cuda, direct_disk,
-                       rows if source_rows is None else source_rows)
+                       rows if source_rows is None else source_rows, nnz, bandwidths)
     best: Plan | None = None
     minimum = None
     # Only a dense x that is aggregated as it is can be held whole (a sparse one is outside
@@ -404,9 +408,8 @@ def plan_epoch(
                     if not keep:  # keeping is optional: the minimum recomputes
                         minimum = small.need if minimum is None else min(minimum, small.need)
                     continue
-                seconds = _seconds(plan, nnz, bandwidths)
-                if seconds < best_seconds:
-                    best, best_seconds = plan, seconds
+                if plan.seconds < best_seconds:
+                    best, best_seconds = plan, plan.seconds
     if best is None:
         raise ValueError(
             f"gpu_budget={gpu_budget} bytes ({format_bytes(gpu_budget)}) is below the minimum "
@@ -415,21 +418,104 @@ def plan_epoch(
     return best
 
 
-def _seconds(plan: Plan, nnz: int, bandwidths: Bandwidths) -> float:
-    """A plan's predicted epoch: its transfers plus its aggregation passes' compute (a narrow
-    panel saves device memory but pays a pass over all of ``Â``'s nonzeros each time) plus its
-    row blocks' fixed costs (small blocks save device memory but pay launches per block) plus
-    the activations its backward pass recomputes (keeping them saves that but holds them)."""
-    compute = _compute_seconds(nnz, plan.passes, plan.pass_columns, bandwidths)
-    recompute = plan.recompute_floats / RECOMPUTE_FLOATS_PER_SECOND
-    return (bandwidths.seconds(plan.predicted) + compute + plan.blocks * BLOCK_SECONDS
-            + recompute)
-
-
 def _compute_seconds(nnz: int, passes: int, pass_columns: int, bandwidths: Bandwidths) -> float:
     """The aggregation passes' compute: each gathers its columns per nonzero and pays
     :data:`PASS_COLUMNS` more."""
     return nnz * (pass_columns + PASS_COLUMNS * passes) / bandwidths.spmm
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """What the time model needs of a plan beside its tensors' tiers: the panel width, the
+    rows (and those a rank receives per exchanged column), the row passes' blocks, the bytes
+    of ``Â`` each pass streams from pinned memory and from NVMe, and the bandwidths."""
+
+    w: int
+    item: int
+    rows: int
+    received_rows: int
+    whole: frozenset[str]
+    pass_rows: dict[tuple[str, ...], int]
+    block_rows: int
+    adjacency_host: int
+    adjacency_disk: int
+    nnz: int
+    bandwidths: Bandwidths
+
+
+def _step_seconds(
+    steps: list[tuple[str, list[tuple[str, str]], int]],
+    tensors: dict[str, TensorPlan],
+    r: _Rates,
+) -> tuple[float, ...]:
+    """The time model: seconds of each step of an epoch, in :func:`epoch_steps`' order.
+
+    Within a step the copies to and from the device, the NVMe reads and writes, the exchange
+    and the compute overlap, so a stream of them takes its longest; the steps themselves run
+    one after another. A row-local step streams its row blocks: the longer of its copies and
+    its compute with its blocks' host costs. An aggregation runs one pass per panel of its
+    source; a panel off the device is loaded (and completed from the other ranks) before its
+    pass, since any tile may read any of its rows, and the pass then streams ``Â``'s tiles that
+    are off the device and writes its output panel while it computes. That wait is what keeps
+    a plan whose tensors move fewer bytes from being the faster one: on products at 2 GiB the
+    two 490 MB panels of ``x`` each waited for its load (42 ms of a 131 ms epoch).
+    """
+    bw = r.bandwidths
+    adjacency = max((r.adjacency_host + r.adjacency_disk) / bw.h2d,
+                    r.adjacency_disk / bw.disk_read)
+    out = []
+    for kind, acc, width in steps:
+        if not kind.startswith("aggregate"):
+            copies = [0.0, 0.0]  # seconds of the reads and of the writes
+            for name, mode in acc:
+                t = tensors.get(name)  # None: a sparse x's rows, outside the model's bytes
+                for p, tier in enumerate(() if t is None else t.tiers):
+                    if tier != "gpu":
+                        copies[mode == "w"] += _panel_seconds(t, p, r, writes=mode == "w")
+            # A backward step recomputes its forward pass unless its graph was kept (then it
+            # does not read the stage's input) before it back-propagates.
+            forwards = (1.0 if kind in ("rows", "loss") else KEPT_BACKWARD
+                        if acc[0][0].startswith("d") else RECOMPUTED_BACKWARD)
+            names = tuple(name for name, _ in acc)
+            blocks = math.ceil(r.rows / r.pass_rows.get(names, r.block_rows))
+            host = FORWARD_BLOCK_SECONDS if kind == "rows" else BLOCK_SECONDS
+            out.append(max(*copies, r.rows * width * forwards / ROW_FLOATS_PER_SECOND
+                           + blocks * host))
+            continue
+        source, target = acc[0][0], acc[1][0]
+        src, dst = tensors.get(source), tensors.get(target)
+        if src is None:  # a sparse source: one SpGEMM pass, its bytes outside the model
+            out.append(r.nnz * PASS_COLUMNS / bw.spmm)
+            continue
+        seconds = 0.0
+        for p, tier in enumerate(src.tiers):
+            cols = _panel_cols(src.cols, r.w, p)
+            load = 0.0 if tier == "gpu" else _panel_seconds(src, p, r, writes=False)
+            if source not in r.whole:
+                load = max(load, r.received_rows * cols * r.item / bw.exchange)
+            write = 0.0
+            if dst is not None and dst.tiers[p] != "gpu":
+                write = _panel_seconds(dst, p, r, writes=True)
+            compute = r.nnz * (cols + PASS_COLUMNS) / bw.spmm
+            seconds += load + max(adjacency, write, compute)
+        out.append(seconds)
+    return tuple(out)
+
+
+def _panel_seconds(t: TensorPlan, p: int, r: _Rates, *, writes: bool) -> float:
+    """Seconds to copy panel ``p`` of ``t`` (not on the device) in or out: PCIe, and NVMe
+    beside it for a panel there."""
+    nbytes = t.rows * _panel_cols(t.cols, r.w, p) * r.item
+    bw = r.bandwidths
+    pcie = nbytes / (bw.d2h if writes else bw.h2d)
+    if t.tiers[p] != "disk":
+        return pcie
+    return max(pcie, nbytes / (bw.disk_write if writes else bw.disk_read))
+
+
+def _panel_cols(cols: int, w: int, p: int) -> int:
+    """Columns of panel ``p`` of a tensor with ``cols`` columns in panels of ``w``."""
+    return min(w, cols - p * w)
 
 
 def _with_gradients(widths: dict[str, int]) -> dict[str, int]:
@@ -471,6 +557,8 @@ class _Problem:
     cuda: bool
     direct_disk: bool
     source_rows: int
+    nnz: int
+    bandwidths: Bandwidths
 
 
 def _plan(
@@ -480,7 +568,7 @@ def _plan(
     every :func:`keepable` stage's activations kept (``keep``) or recomputed, and the tensors
     ``whole`` held for all the graph's rows (see ``Plan.whole``)."""
     (program, rows, item, tile_nbytes, adjacency_reserve, gpu_budget, host_budget,
-     param_bytes, cuda, direct_disk, source_rows) = (
+     param_bytes, cuda, direct_disk, source_rows, nnz, bandwidths) = (
         getattr(problem, f.name) for f in dataclasses.fields(problem)
     )
     keeps = keepable(program)
@@ -536,7 +624,6 @@ def _plan(
         backward = next(names for names in row_passes
                         if names[0] == "d" + stage.target)
         pass_rows[forward] = pass_rows[backward] = min(pass_rows[forward], pass_rows[backward])
-    blocks = sum(math.ceil(rows / r) for r in pass_rows.values())
 
     items: list[_Item] = []
     for name, cols in widths.items():
@@ -694,6 +781,9 @@ def _plan(
     traffic.h2d += passes * (adjacency_host + adjacency_disk)
     traffic.disk_read += passes * adjacency_disk
     traffic.exchange = (source_rows - rows) * exchanged_columns * item
+    step_seconds = _step_seconds(
+        steps, tensors, _Rates(w, item, rows, source_rows - rows, whole, pass_rows, block_rows,
+                               adjacency_host, adjacency_disk, nnz, bandwidths))
     pinned = host_arena + adjacency_host + (staging if any_disk else 0)
     breakdown = {
         "parameters": fixed_params,
@@ -710,7 +800,6 @@ def _plan(
         block_rows=block_rows,
         rows_bytes=rows_bytes,
         pass_rows=pass_rows,
-        blocks=blocks,
         tensors=tensors,
         arena_bytes=arena_bytes,
         host_arena_bytes=host_arena,
@@ -730,6 +819,8 @@ def _plan(
         recompute_floats=sum(rows * _width(s) for s in keeps if s.target not in kept),
         whole=whole,
         exchanged_columns=exchanged_columns,
+        seconds=sum(step_seconds),
+        step_seconds=step_seconds,
     )
 
 

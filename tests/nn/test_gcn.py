@@ -24,6 +24,7 @@ from torch_geometric.nn import GCNConv
 from aires.data._splitmix import stream_key
 import aires.nn.gcn as gcn_module
 from aires.nn import GCN, dropout_mask
+from aires.nn.plan import epoch_steps
 from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.tiling import TileStore
 
@@ -191,6 +192,22 @@ def test_measured_bytes_equal_the_traffic_model(device: str) -> None:
     model.loss(x, ei, y, mask).backward()
     assert model.stats.measured == model.stats.predicted
     assert model.stats.measured["disk_read"] > 0 and model.stats.measured["disk_write"] > 0
+    model.close()
+
+
+def test_every_pass_of_an_epoch_has_its_predicted_time() -> None:
+    """The time model's steps are the passes an epoch runs, in order, so each measured stage
+    stands beside its prediction."""
+    ei, x, y, mask = problem()
+    model = GCN(12, 16, 5, num_layers=3, dropout=0.5, device="cpu", **TIERED).double()
+    model.loss(x, ei, y, mask).backward()
+    stages = [label for label, _ in model.stats.stages if label != "end"]
+    steps = [kind for kind, _, _ in epoch_steps(model._state.program, model.plan(x, ei).kept)]
+    assert len(model.stats.predicted_seconds) == len(steps) == len(stages)
+    assert all(s > 0 for s in model.stats.predicted_seconds)
+    for kind, label in zip(steps, stages, strict=True):
+        assert label.split(" ")[0] == kind.split("_")[0]
+        assert ("backward" in label) == kind.endswith("backward")
     model.close()
 
 

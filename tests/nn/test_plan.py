@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from aires.nn import GCN, Bandwidths, build_program, plan_epoch
-from aires.nn.plan import _row_floats, _seconds, epoch_steps
+from aires.nn.plan import PASS_COLUMNS, _row_floats, epoch_steps
 
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
@@ -56,8 +56,8 @@ def test_widths_skipped_for_their_compute_alone_never_held_the_best_plan(gib: in
             every.append(_plan(gib << 30, panel_cols=w)[1])
         except ValueError:  # below this width's minimum working set
             continue
-    seconds = [_seconds(plan, NNZ, Bandwidths()) for plan in every]
-    assert _seconds(best, NNZ, Bandwidths()) == min(seconds)
+    seconds = [plan.seconds for plan in every]
+    assert best.seconds == min(seconds)
     assert best.panel_cols == every[seconds.index(min(seconds))].panel_cols
 
 
@@ -120,3 +120,45 @@ def test_over_nvlink_a_rank_receives_x_rather_than_read_all_of_it_over_pcie() ->
     assert plan.predicted.exchange > pcie.predicted.exchange
     _, roomy = _plan(16 << 30, dropout=0.0, ranks=2, bandwidths=nvlink)
     assert roomy.whole == {"x"} and roomy.predicted.h2d == 0
+
+
+def test_the_epoch_is_its_steps_in_series() -> None:
+    """One predicted time per step of the epoch, summed; a row-local step takes at least its
+    copies (each direction at the planning bandwidth), whatever its compute."""
+    program, plan = _plan(2 << 30, dropout=0.0)
+    steps = epoch_steps(program, plan.kept)
+    assert len(plan.step_seconds) == len(steps)
+    assert plan.seconds == pytest.approx(sum(plan.step_seconds))
+    bw = Bandwidths()
+    for (kind, acc, _), seconds in zip(steps, plan.step_seconds, strict=True):
+        if kind.startswith("aggregate"):
+            continue
+        for mode, rate in (("r", bw.h2d), ("w", bw.d2h)):
+            nbytes = sum(plan.tensors[n].rows * (min(c0 + plan.panel_cols, plan.tensors[n].cols)
+                                                 - c0) * 4
+                         for n, m in acc if m == mode
+                         for p, c0 in enumerate(range(0, plan.tensors[n].cols, plan.panel_cols))
+                         if plan.tensors[n].tiers[p] != "gpu")
+            assert seconds >= nbytes / rate
+
+
+def test_an_aggregation_waits_for_its_panels_off_the_device() -> None:
+    """Where ``x``, ``Â`` and the output are on the device (16 GiB) the first aggregation is its
+    compute alone; with ``x`` pinned (2 GiB) each pass first waits for its panel's copy."""
+    bw = Bandwidths()
+    _, roomy = _plan(16 << 30, dropout=0.0)
+    assert roomy.tensors["x"].tiers == ("gpu",) and roomy.adjacency_host == 0
+    assert roomy.step_seconds[0] == pytest.approx(NNZ * (100 + PASS_COLUMNS) / bw.spmm)
+    _, tight = _plan(2 << 30, dropout=0.0, panel_cols=50)
+    assert tight.tensors["x"].tiers == ("host", "host")
+    compute = NNZ * (2 * 50 + 2 * PASS_COLUMNS) / bw.spmm
+    assert tight.step_seconds[0] >= ROWS * 100 * 4 / bw.h2d + compute
+
+
+def test_narrow_panels_are_predicted_slower_as_they_ran() -> None:
+    """On the H200 at 2 GiB, 8 passes of 25 columns took 216 ms an epoch and 4 passes of 50
+    columns 172 ms (``bench/results/model-products-h200-after-merges.log`` and
+    ``model-products-h200.json``): the model ranks them the same way."""
+    _, narrow = _plan(2 << 30, dropout=0.0, panel_cols=25)
+    _, wide = _plan(2 << 30, dropout=0.0, panel_cols=50)
+    assert narrow.seconds > wide.seconds
