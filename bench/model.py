@@ -408,7 +408,8 @@ def _print_row(r: dict[str, Any]) -> None:
         return
     s = r["stats"]
     print(
-        f"{r['budget_text']:>8}: epoch {r['epoch_s'] * 1e3:8.1f} ms, floor ratio "
+        f"{r['budget_text']:>8}: epoch {r['epoch_s'] * 1e3:8.1f} ms (the planner's model "
+        f"{sum(s.get('predicted_seconds', [])) * 1e3:.1f} ms at its prior rates), floor ratio "
         f"{r.get('floor_ratio') or 0:.2f}, peak alloc {format_bytes(r.get('peak_allocated', 0))}, "
         f"device used {format_bytes(s['peak_device_used'])}, measured "
         f"{ {k: format_bytes(v) for k, v in s['measured'].items()} }, predicted "
