@@ -15,8 +15,8 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   write-back stream; NVMe panels through a pinned staging panel). A rank of a distributed
   epoch puts its rows of the panel into an all-rows buffer and has the other ranks' rows
   filled in (the ``exchange`` hook, each piece of its rows sent while the next is copied in)
-  before its own tiles stream against it, unless it holds
-  the source whole (``Plan.whole``: the input ``x``, which every rank is given).
+  before its own tiles stream against it, unless it holds the source whole (``Plan.whole``:
+  the input ``x``, which every rank is given).
 
 Everything runs without autograd except a row pass's graph: a backward row pass recomputes a
 block's graph and back-propagates it at once, or, for a stage the plan keeps, back-propagates

@@ -119,8 +119,8 @@ class EpochStats:
         exchange_bandwidth: bytes per second of the exchange between ranks, measured at set-up
             (:meth:`~aires.distributed.Exchange.bandwidth`) and planned with; 0 for one process.
         predicted_seconds: the plan's time model, seconds of each pass of a training epoch (in
-            ``stages``' order, at the planning bandwidths; :attr:`~aires.nn.plan.Plan.
-            step_seconds`).
+            ``stages``' order, at the planning bandwidths;
+            :attr:`~aires.nn.plan.Plan.step_seconds`).
     """
 
     seconds: float = 0.0
