@@ -700,8 +700,9 @@ class _State:
     #: The kept stages' graphs of the last training forward pass, by target, then by the first
     #: row of the block: ``(output, input)`` (see :meth:`GCN._kept_pass`).
     saved: dict[str, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
-    #: Seconds of each set-up step: opening Â's store and planning, the engine (arenas, and
-    #: placing Â's tiles, each read and checked), filling ``X``'s panels.
+    #: Seconds of each set-up step: opening Â's store and planning (``plan``), the arenas
+    #: (``arenas``), the adjacency's scheduler (``adjacency``; it places Â's tiles at its first
+    #: call), filling ``X``'s panels (``features``).
     setup: dict[str, float] = field(default_factory=dict)
     #: Bytes per second of the exchange, measured at set-up and planned with (0: one process).
     exchange_rate: float = 0.0

@@ -485,7 +485,7 @@ def _step_seconds(
         source, target = acc[0][0], acc[1][0]
         src, dst = tensors.get(source), tensors.get(target)
         if src is None:  # a sparse source: one SpGEMM pass, its bytes outside the model
-            out.append(r.nnz * PASS_COLUMNS / bw.spmm)
+            out.append(_compute_seconds(r.nnz, 1, 0, bw))
             continue
         seconds = 0.0
         for p, tier in enumerate(src.tiers):
@@ -496,8 +496,7 @@ def _step_seconds(
             write = 0.0
             if dst is not None and dst.tiers[p] != "gpu":
                 write = _panel_seconds(dst, p, r, writes=True)
-            compute = r.nnz * (cols + PASS_COLUMNS) / bw.spmm
-            seconds += load + max(adjacency, write, compute)
+            seconds += load + max(adjacency, write, _compute_seconds(r.nnz, 1, cols, bw))
         out.append(seconds)
     return tuple(out)
 

@@ -14,7 +14,8 @@ when the ranks hold it whole (``exchange_model_bytes``), and the ceilings that b
 
 - the exchange's: the broadcast bandwidth between the ranks that the model measured at set-up
   and planned with (``broadcast_GBps``), and the seconds an epoch's exchange takes at it
-  (``exchange_floor_s``; the exchange is not overlapped with compute);
+  (``exchange_floor_s``; each piece of a panel is exchanged while the next is copied in, so
+  of this time the epoch waits only for each panel's last piece);
 - the copies': pinned host to device, and back, on every rank at once (``concurrent_copy_GBps``,
   per rank: ``h2d``, ``d2h``; on a GPU only), where the ranks share the host's memory and links,
   and the seconds the busiest rank's bytes take at them, its two directions overlapped
