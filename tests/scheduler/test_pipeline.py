@@ -480,6 +480,41 @@ def test_a_call_prefetches_the_next_calls_first_host_tiles(
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_resident_tiles_are_spread_between_host_tiles(
+    store: TileStore, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each host tile's compute frees its ring slot without waiting behind every resident
+    tile: the resident ones come in even shares after each host tile, plus one share first
+    while the first copy is in flight when nothing was prefetched."""
+    a = hub_matrix()
+    resident = 7
+    reserve = reserve_of(store, F, "host", device)
+    gpu, host_bytes = tier_budgets(store, resident=resident, host=len(store) - resident,
+                                   reserve=reserve, device=device)
+    sched = Scheduler(store, gpu_budget=gpu, host_budget=host_bytes, device=device, dual=False)
+    phases: list[str] = []
+    original = Scheduler._compute
+
+    def spy(self: Scheduler, tile: int, buf: torch.Tensor, ready: Any, *args: Any) -> Any:
+        phases.append(args[2])
+        return original(self, tile, buf, ready, *args)
+
+    monkeypatch.setattr(Scheduler, "_compute", spy)
+    x = dense_x(a.shape[1], device=device)
+    for prefetched in (False, True):
+        phases.clear()
+        y = sched.spmm(x, out="host")  # whole tiles: no row parts
+        np.testing.assert_allclose(y.numpy(), a @ x.cpu().numpy(), rtol=1e-12, atol=1e-12)
+        assert sched.stats.tiles_prefetched == (sched.placement.n_slots - 1 if prefetched else 0)
+        hosts = len(store) - resident
+        assert (len(sched.placement.resident), phases.count("stream")) == (resident, hosts)
+        shares = hosts + (0 if prefetched else 1)
+        done = [phases[: i].count("resident") for i, p in enumerate(phases) if p == "stream"]
+        first = 0 if prefetched else 1
+        assert done == [round((k + first) * resident / shares) for k in range(hosts)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_spgemm_takes_prefetched_tiles_too(store: TileStore, device: str) -> None:
     a = hub_matrix()
     x = sparse_x(a.shape[1], device=device)
