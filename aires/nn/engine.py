@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["Engine"]
 
 BlockFn = Callable[[int, int, list[torch.Tensor]], list[torch.Tensor]]
+SideFn = Callable[[int, int], list[torch.Tensor]]
 PanelMask = Callable[[torch.Tensor, int, int], None]
 
 
@@ -57,6 +58,7 @@ class _Buffers:
     inputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     bounce_in: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     bounce_out: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    side: list[torch.Tensor] = field(default_factory=list)
     loaded: Any = None
     consumed: Any = None
     written: Any = None
@@ -229,7 +231,13 @@ class Engine:
     # ----------------------------------------------------------------- row-local passes
 
     def rows_pass(
-        self, sources: list[str], targets: list[str], fn: BlockFn, *, stable: bool = False
+        self,
+        sources: list[str],
+        targets: list[str],
+        fn: BlockFn,
+        *,
+        stable: bool = False,
+        side: SideFn | None = None,
     ) -> None:
         """``targets = fn(sources)`` one row block at a time (see the module notes).
 
@@ -237,6 +245,10 @@ class Engine:
         ``(r1 - r0, cols)`` block per target. ``stable``: ``fn`` keeps its blocks past the pass
         (as autograd's saved tensors), so each is handed over as a copy of its own: a device
         panel's bytes are reused by tensors that live later, a load buffer by the next blocks.
+        ``side(r0, r1)``: host tensors (pinned on a GPU) the block needs beside its rows, copied
+        to the device with them and handed to ``fn`` after them. A copy ``fn`` queued itself
+        would wait behind the next block's load on the copy engine, and so would ``fn``: the
+        loss pass on products at 2 GiB took its 15 blocks' copies and computes in series.
         """
         ins = [self.tensors[s] for s in sources]
         outs = [self.tensors[t] for t in targets]
@@ -245,16 +257,18 @@ class Engine:
         if not self.cuda:
             for r0, r1 in blocks:
                 inputs = [self._read_cpu(t, r0, r1) for t in ins]
-                results = fn(r0, r1, [b.clone() for b in inputs] if stable else inputs)
+                if stable:
+                    inputs = [b.clone() for b in inputs]
+                results = fn(r0, r1, inputs + (side(r0, r1) if side else []))
                 for t, block in zip(outs, results, strict=True):
                     self._write_cpu(t, r0, block)
             return
         sets = [self._new_buffers(ins, outs, step) for _ in range(2)]
         current = torch.cuda.current_stream(self.device)
-        self._load(ins, blocks[0], sets[0])
+        self._load(ins, blocks[0], sets[0], side)
         for b, (r0, r1) in enumerate(blocks):
             if b + 1 < len(blocks):
-                self._load(ins, blocks[b + 1], sets[(b + 1) % 2])
+                self._load(ins, blocks[b + 1], sets[(b + 1) % 2], side)
             s = sets[b % 2]
             current.wait_event(s.loaded)
             inputs = [self._assemble(i, t, r0, r1, s) for i, t in enumerate(ins)]
@@ -262,7 +276,10 @@ class Engine:
                 inputs = [b.clone() for b in inputs]
             if s.written is not None:
                 current.wait_event(s.written)
-            results = fn(r0, r1, inputs)
+            for t in s.side:
+                t.record_stream(current)  # allocated on the copy stream
+            results = fn(r0, r1, inputs + s.side)
+            s.side = []
             s.consumed = torch.cuda.Event()
             s.consumed.record(current)
             self._store(outs, r0, results, s, current)
@@ -289,7 +306,9 @@ class Engine:
                                                    pin_memory=True)
         return s
 
-    def _load(self, ins: list[PanelTensor], block: tuple[int, int], s: _Buffers) -> None:
+    def _load(
+        self, ins: list[PanelTensor], block: tuple[int, int], s: _Buffers, side: SideFn | None
+    ) -> None:
         r0, r1 = block
         with torch.cuda.stream(self._copy):
             if s.consumed is not None:
@@ -298,6 +317,8 @@ class Engine:
                 s.loaded.synchronize()  # the last copy out of the bounce buffers is done
             for (i, p), buf in s.inputs.items():
                 ins[i].read(p, r0, r1, buf[: r1 - r0], s.bounce_in.get((i, p)))
+            if side is not None:
+                s.side = [t.to(self.device, non_blocking=True) for t in side(r0, r1)]
             s.loaded = torch.cuda.Event()
             s.loaded.record(self._copy)
 

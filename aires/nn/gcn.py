@@ -503,15 +503,18 @@ class GCN(nn.Module):
         step, training, first, count = self._step, self.training, state.first, staged.count
         bounds = torch.tensor([0, 0], dtype=torch.int64)
 
-        def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
-            nonlocal total
-            h = inputs[0].detach()
-            grad = torch.zeros_like(h) if needs else None
+        def side(r0: int, r1: int) -> list[Tensor]:
+            """The block's rows in the loss and their labels (copied in with its rows)."""
             bounds[0], bounds[1] = first + r0, first + r1
             a, b = torch.searchsorted(staged.rows, bounds).tolist()
-            if a < b:
-                rows = staged.rows[a:b].to(self.device, non_blocking=True) - (first + r0)
-                target = staged.labels[a:b].to(self.device, non_blocking=True)
+            return [staged.rows[a:b], staged.labels[a:b]]
+
+        def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
+            nonlocal total
+            h, rows, target = inputs[0].detach(), inputs[1], inputs[2]
+            grad = torch.zeros_like(h) if needs else None
+            if rows.numel():
+                rows = rows - (first + r0)
                 with torch.enable_grad():
                     picked = h.index_select(0, rows).requires_grad_(needs)
                     logits = self._run_ops(last.ops, picked, first + r0, training, step, leaves)
@@ -524,7 +527,7 @@ class GCN(nn.Module):
             return [grad] if needs else []
 
         targets = ["d" + last.source] if needs else []
-        state.engine.rows_pass([last.source], targets, block)
+        state.engine.rows_pass([last.source], targets, block, side=side)
         if state.exchange is not None:
             state.exchange.sum_(total)
         state.mark(f"loss {last.source}")
