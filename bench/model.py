@@ -218,7 +218,8 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _profile(step: Any, path: Path) -> None:
-    """One more epoch under ``torch.profiler``: the ops by total device time, into ``path``."""
+    """One more epoch under ``torch.profiler``: the ops by total device time, into ``path``,
+    and its timeline (copies and kernels per stream) as a Chrome trace beside it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -227,6 +228,7 @@ def _profile(step: Any, path: Path) -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     table += "\n\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
     path.write_text(table)
+    prof.export_chrome_trace(str(path.with_suffix(".trace.json")))
 
 
 def run_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
