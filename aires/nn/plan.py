@@ -75,9 +75,9 @@ ALIGN = 4096
 #: The fixed cost of one aggregation pass per nonzero, in columns of SpMM work (reading the
 #: nonzero, the tile calls). Measured in core on the H200 on products (126M nonzeros, every
 #: tensor on the device at 16 GiB): a pass of 100 columns took 14.1 ms and one of 47 columns
-#: 10.9 ms (``bench/results/model-products-h200x2.json``, ``stages``), about ``nnz * (w + 134)``
-#: at 2.1e12 a second. Out of core a pass also waits for its input panel, which the time model
-#: counts on its own (:func:`_step_seconds`).
+#: 10.9 ms (``bench/results/model-products-ac10428-h200x2.json``, ``stages``), about
+#: ``nnz * (w + 134)`` at 2.1e12 a second. Out of core a pass also waits for its input panel,
+#: which the time model counts on its own (:func:`_step_seconds`).
 PASS_COLUMNS = 134
 #: Shares of the device room tried for the adjacency's resident tiles before tensors fill it.
 ADJACENCY_SHARES = (0.0, 0.5, 1.0)
@@ -88,10 +88,12 @@ MAX_REPACKS = 32
 MIN_BLOCK_ROWS = 64
 #: The host's cost of one row block of a backward or loss pass: its kernel launches and one run
 #: of the autograd engine, which the device's compute waits for but the copies do not.
-#: Measured on the H200 on products (``bench/results/model-products-h200x2.json``, ``stages``):
-#: the backward pass of the hidden stage took 29.4 ms in 44 blocks at 2 GiB and 60.7 ms in 104
-#: at 1 GiB, beside 16.8 ms of compute, about 0.3 and 0.4 ms a block. Plans with blocks of a
-#: few rows lose to plans with narrower panels.
+#: Measured on the H200 on products (``bench/results/model-products-ac10428-h200x2.json``,
+#: ``stages``): the backward pass of the hidden stage took 29.4 ms in 44 blocks at 2 GiB and
+#: 60.7 ms in 104 at 1 GiB, beside 16.8 ms of compute, about 0.3 and 0.4 ms a block. Plans
+#: with blocks of a few rows lose to plans with narrower panels. The host sets it: the same
+#: 2 GiB pass took 23.6 to 37.4 ms on the H200 machines lent on 2026-11-30
+#: (``model-products-side-h200x2.json``, ``model-products-h200x2.json``).
 BLOCK_SECONDS = 0.3e-3
 #: The same for a forward pass, which launches its kernels only: its 45 blocks at 2 GiB and 104
 #: at 1 GiB took no longer than their copies (18.3 and 19.3 ms for 17.8 ms of bytes).
@@ -104,7 +106,7 @@ BUFFERS = 2
 ROW_FLOATS_PER_SECOND = 90e9
 #: A backward pass's compute in forward passes of its stage: from kept activations, and where it
 #: recomputes them first. Measured there: 9.9 ms at 16 GiB (kept) and 17.6 ms at 8 GiB
-#: (``model-products-h200x2.json``, ``stages``).
+#: (``model-products-ac10428-h200x2.json``, ``stages``).
 KEPT_BACKWARD, RECOMPUTED_BACKWARD = 1.4, 2.4
 
 
