@@ -18,9 +18,10 @@ Two kinds of pass, each over tensors kept by :class:`~aires.blocks.PanelTensor`:
   before its own tiles stream against it, unless it holds the source whole (``Plan.whole``:
   the input ``x``, which every rank is given).
 
-Everything runs without autograd except a row pass's graph: a backward row pass recomputes a
-block's graph and back-propagates it at once, or, for a stage the plan keeps, back-propagates
-the graph its forward pass recorded (:meth:`Engine.rows_pass`'s ``stable`` blocks).
+Nothing runs under autograd: a backward row pass recomputes a block's chain of ops and
+back-propagates it by hand at once (:mod:`aires.nn.chain`), or, for a stage the plan keeps,
+back-propagates the tape its forward pass recorded (:meth:`Engine.rows_pass`'s ``stable``
+blocks).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ class Engine:
 
         ``fn(r0, r1, blocks)`` gets each source's rows ``[r0, r1)`` on the device and returns one
         ``(r1 - r0, cols)`` block per target. ``stable``: ``fn`` keeps its blocks past the pass
-        (as autograd's saved tensors), so each is handed over as a copy of its own: a device
+        (in a kept stage's tape), so each is handed over as a copy of its own: a device
         panel's bytes are reused by tensors that live later, a load buffer by the next blocks.
         ``side(r0, r1)``: host tensors (pinned on a GPU) the block needs beside its rows, copied
         to the device with them and handed to ``fn`` after them. A copy ``fn`` queued itself

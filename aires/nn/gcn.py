@@ -42,6 +42,7 @@ from aires.checks import check_positive_int, parse_size
 from aires.data._splitmix import stream_key, uniform
 from aires.distributed import Exchange, RowRangeStore, rank_zero_first
 from aires.gcn_conv import choose_order, tile_adjacency
+from aires.nn import chain
 from aires.nn.engine import Engine, PanelMask
 from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, Rows, build_program
@@ -383,35 +384,26 @@ class GCN(nn.Module):
         training: bool,
         step: int,
         params: list[tuple[Tensor, Tensor]],
+        tape: chain.Tape | None = None,
     ) -> Tensor:
-        """One ``Rows`` stage on a row block starting at row ``r0`` of the whole graph."""
-        k = 0
-        while k < len(ops):
-            op = ops[k]
-            if op.kind == "dropout":
-                if training and self.dropout > 0:
-                    h = self._dropout(h, r0, op.layer, step)
-            elif op.kind == "linear":
-                weight, bias = params[op.layer]
-                if h.layout != torch.strided:
-                    h = torch.sparse.mm(h, weight.t())
-                elif k + 1 < len(ops) and ops[k + 1] == Op("bias", op.layer):
-                    h = F.linear(h, weight, bias)  # one fused kernel and one autograd node
-                    k += 1
-                else:
-                    h = F.linear(h, weight)
-            elif op.kind == "bias":
-                h = h + params[op.layer][1]
-            else:
-                h = F.relu(h)
-            k += 1
-        return h
+        """One ``Rows`` stage on a row block starting at row ``r0`` of the whole graph
+        (:func:`aires.nn.chain.run`; ``tape`` records it for :func:`~aires.nn.chain.backprop`)."""
+        dropout = None
+        if training and self.dropout > 0:
 
-    def _dropout(self, h: Tensor, r0: int, site: int, step: int) -> Tensor:
+            def dropout(block: Tensor, site: int) -> tuple[Tensor, Tensor | None]:
+                return self._dropout(block, r0, site, step)
+
+        return chain.run(ops, h, params, dropout, tape)
+
+    def _dropout(self, h: Tensor, r0: int, site: int, step: int) -> tuple[Tensor, Tensor | None]:
+        """``h`` with dropout site ``site``'s mask applied, and the mask (``None`` for sparse
+        rows)."""
         key = stream_key(self.seed, f"dropout:{step}:{site}")
         if h.layout == torch.strided:
             mask = dropout_mask(r0, h.shape[0], h.shape[1], self.dropout, key, h.device)
-            return h * mask.to(h.dtype)
+            mask = mask.to(h.dtype)
+            return h * mask, mask
         # Sparse rows: the dense mask at the stored entries (zeros stay zero either way).
         crow, col = h.crow_indices(), h.col_indices()
         rows = torch.repeat_interleave(
@@ -419,7 +411,7 @@ class GCN(nn.Module):
         )
         counter = (rows + r0) * h.shape[1] + col
         keep = (uniform(counter, key) >= self.dropout).to(h.dtype) / (1.0 - self.dropout)
-        return torch.sparse_csr_tensor(crow, col, h.values() * keep, h.shape)
+        return torch.sparse_csr_tensor(crow, col, h.values() * keep, h.shape), None
 
     def _panel_dropout(self, state: _State, stage: Aggregate, step: int) -> PanelMask:
         """The dropout of ``stage``'s source applied to one of its panels on the device (every
@@ -472,18 +464,15 @@ class GCN(nn.Module):
         training: bool,
         step: int,
     ) -> None:
-        """A ``Rows`` stage's forward pass that keeps each block's graph (autograd's saved
-        tensors, on the device) in ``state.saved`` for :meth:`_backward`, which then
+        """A ``Rows`` stage's forward pass that keeps each block's tape (what its derivative
+        reads, on the device) in ``state.saved`` for :meth:`_backward`, which then
         back-propagates it instead of recomputing the block."""
-        needs, first = stage.source in state.program.needs_grad, state.first
+        first = state.first
         saved = state.saved[stage.target] = {}
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
-            with torch.enable_grad():
-                h = inputs[0].detach().requires_grad_(needs)
-                out = self._run_ops(stage.ops, h, first + r0, training, step, leaves)
-            saved[r0] = (out, h)
-            return [out.detach()]
+            tape = saved[r0] = chain.Tape()
+            return [self._run_ops(stage.ops, inputs[0], first + r0, training, step, leaves, tape)]
 
         state.engine.rows_pass([stage.source], [stage.target], block, stable=True)
 
@@ -511,19 +500,21 @@ class GCN(nn.Module):
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
             nonlocal total
-            h, rows, target = inputs[0].detach(), inputs[1], inputs[2]
+            h, rows, target = inputs
             grad = torch.zeros_like(h) if needs else None
             if rows.numel():
                 rows = rows - (first + r0)
-                with torch.enable_grad():
-                    picked = h.index_select(0, rows).requires_grad_(needs)
-                    logits = self._run_ops(last.ops, picked, first + r0, training, step, leaves)
-                    part = F.cross_entropy(logits, target, reduction="sum") / count
-                    total = total + part.detach().double()
-                    if part.requires_grad:
-                        part.backward()
+                tape = chain.Tape()
+                logits = self._run_ops(last.ops, h.index_select(0, rows), first + r0, training,
+                                       step, leaves, tape)
+                # The summed cross-entropy and its gradient, softmax minus the one-hot labels.
+                log_p = F.log_softmax(logits, dim=1)
+                total = total - log_p.gather(1, target[:, None]).sum().double() / count
+                d_logits = log_p.exp_()
+                d_logits[torch.arange(len(target), device=target.device), target] -= 1.0
+                d_picked = chain.backprop(tape, d_logits.div_(count), leaves, needs)
                 if needs:
-                    grad.index_copy_(0, rows, picked.grad)
+                    grad.index_copy_(0, rows, d_picked)
             return [grad] if needs else []
 
         targets = ["d" + last.source] if needs else []
@@ -548,10 +539,8 @@ class GCN(nn.Module):
 
                 def block(r0: int, r1: int, inputs: list[Tensor], saved=saved,
                           needs=needs) -> list[Tensor]:
-                    out, h = saved.pop(r0)
-                    with torch.enable_grad():
-                        out.backward(inputs[0])
-                    return [h.grad] if needs else []
+                    d_source = chain.backprop(saved.pop(r0), inputs[0], leaves, needs)
+                    return [d_source] if needs else []
 
                 targets = ["d" + stage.source] if needs else []
                 engine.rows_pass(["d" + stage.target], targets, block)
@@ -560,13 +549,10 @@ class GCN(nn.Module):
 
                 def block(r0: int, r1: int, inputs: list[Tensor], ops=stage.ops,
                           needs=needs) -> list[Tensor]:
-                    with torch.enable_grad():
-                        h = inputs[0]
-                        if needs:
-                            h = h.detach().requires_grad_(True)
-                        out = self._run_ops(ops, h, first + r0, training, step, leaves)
-                        out.backward(inputs[1])
-                    return [h.grad] if needs else []
+                    tape = chain.Tape()
+                    self._run_ops(ops, inputs[0], first + r0, training, step, leaves, tape)
+                    d_source = chain.backprop(tape, inputs[1], leaves, needs)
+                    return [d_source] if needs else []
 
                 targets = ["d" + stage.source] if needs else []
                 engine.rows_pass([stage.source, "d" + stage.target], targets, block)
@@ -624,10 +610,8 @@ class _EpochLoss(torch.autograd.Function):
         start = model._begin(state)
         state.epoch += 1
         ctx.epoch = state.epoch
-        leaves = [
-            (w.detach().requires_grad_(True), b.detach().requires_grad_(True))
-            for w, b in model._leaves()
-        ]
+        # The parameters' values, whose .grad the passes accumulate (aires.nn.chain).
+        leaves = [(w.detach(), b.detach()) for w, b in model._leaves()]
         with torch.no_grad():
             model._forward(state, training=model.training, step=model._step, leaves=leaves)
             loss = model._loss_and_backward_pass(state, staged, leaves)
@@ -700,9 +684,9 @@ class _State:
     peak_used: int = 0
     marks: list[tuple[str, Any]] = field(default_factory=list)
     epoch: int = 0  # forward passes run; a loss's backward must follow its own
-    #: The kept stages' graphs of the last training forward pass, by target, then by the first
-    #: row of the block: ``(output, input)`` (see :meth:`GCN._kept_pass`).
-    saved: dict[str, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    #: The kept stages' tapes of the last training forward pass, by target, then by the first
+    #: row of the block (see :meth:`GCN._kept_pass`).
+    saved: dict[str, dict[int, chain.Tape]] = field(default_factory=dict)
     #: Seconds of each set-up step: opening Â's store and planning (``plan``), the arenas
     #: (``arenas``), the adjacency's scheduler (``adjacency``; it places Â's tiles at its first
     #: call), filling ``X``'s panels (``features``).

@@ -13,7 +13,7 @@ adjacency's tile table and the two budgets, and decides:
 - the rows of one block of each row-local pass: the widest pass's blocks take a share of the
   budget (or what the rest leaves), and narrower passes fit more rows in the same bytes;
 - whether the row-local stages keep their activations on the device for the backward pass
-  (autograd's saved tensors, as an in-core loop keeps them) or recompute them block by block:
+  (what their derivatives read, as an in-core loop keeps them) or recompute them block by block:
   keeping saves a forward pass of every such stage but holds its widest activation for the
   whole graph, so it wins where the budget has that room to spare (the in-core regime).
 
@@ -61,14 +61,14 @@ from aires.scheduler.transfer import PAGE
 __all__ = ["Bandwidths", "TensorPlan", "Plan", "plan_epoch", "epoch_steps", "MARGIN"]
 
 #: Device bytes kept out of every plan on a GPU: the CUDA caching allocator rounds blocks up
-#: (to 2 MiB segments for large ones) and the row-local stages' autograd temporaries vary a
+#: (to 2 MiB segments for large ones) and the row-local stages' temporaries vary a
 #: little with the block, so a plan that used the budget to the byte would run out of memory.
 MARGIN = 64 << 20
 #: Share of the device budget, less the margin, a row-local stage's working set may take
 #: (blocks of rows and their temporaries). Larger blocks mean fewer kernel launches per pass.
 ROWS_SHARE = 0.2
 #: Floats per row a row-local stage keeps on the device per unit of its widest layer, for the
-#: recomputed activations, their gradients and autograd's saved tensors.
+#: recomputed activations, their gradients and what their derivatives read.
 TEMPS_PER_WIDTH = 5
 #: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
 ALIGN = 4096
@@ -86,8 +86,9 @@ ADJACENCY_SHARES = (0.0, 0.5, 1.0)
 MAX_REPACKS = 32
 #: The fewest rows a row-local block may have (the minimum working set's share).
 MIN_BLOCK_ROWS = 64
-#: The host's cost of one row block of a backward or loss pass: its kernel launches and one run
-#: of the autograd engine, which the device's compute waits for but the copies do not.
+#: The host's cost of one row block of a backward or loss pass: its kernel launches and their
+#: host work (an autograd graph a block until ``aires.nn.chain``, when these were measured),
+#: which the device's compute waits for but the copies do not.
 #: Measured on the H200 on products (``bench/results/model-products-ac10428-h200x2.json``,
 #: ``stages``): the backward pass of the hidden stage took 29.4 ms in 44 blocks at 2 GiB and
 #: 60.7 ms in 104 at 1 GiB, beside 16.8 ms of compute, about 0.3 and 0.4 ms a block. Plans
@@ -290,10 +291,10 @@ def keepable(program: Program) -> list[Rows]:
 
 
 def _kept_floats(stage: Rows, widths: dict[str, int]) -> int:
-    """Floats per row a kept stage holds for its backward pass: autograd's saved tensors (its
-    widest activation, a ReLU's output or a linear's input; a dropout's mask and masked
-    output), a copy of the stage's input (``Engine.rows_pass``'s ``stable`` blocks) and its
-    output (the tensor ``backward`` is called on)."""
+    """Floats per row a kept stage holds for its backward pass: its tape (its widest
+    activation, a ReLU's output or a linear's input; a dropout's mask and masked output), a
+    copy of the stage's input (``Engine.rows_pass``'s ``stable`` blocks), and its output
+    block while the block is written out."""
     dropouts = sum(op.kind == "dropout" for op in stage.ops)
     return _width(stage) * (1 + 2 * dropouts) + widths[stage.source] + stage.out_cols
 
@@ -312,7 +313,7 @@ def _whole_pages(block_rows: int) -> int:
 def _row_floats(io_cols: int, width: int) -> int:
     """Device floats per row of a row-local pass: :data:`BUFFERS` blocks of its inputs and
     outputs (and their contiguous copies), and the recomputed activations, their gradients and
-    autograd's saved tensors."""
+    what their derivatives read."""
     return BUFFERS * 2 * io_cols + TEMPS_PER_WIDTH * width
 
 
@@ -620,7 +621,7 @@ def _plan(
         for names, p in row_passes.items()
     }
     for stage in keeps if keep else ():
-        # A kept stage's backward blocks are its forward blocks: each has its saved tensors.
+        # A kept stage's backward blocks are its forward blocks: each has its tape.
         forward = (stage.source, stage.target)
         backward = next(names for names in row_passes
                         if names[0] == "d" + stage.target)

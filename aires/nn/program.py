@@ -7,8 +7,9 @@ cross-entropy loss over the training rows, is cut into two kinds of stage:
   tiles (``aires.scheduler``) against one column panel of ``source`` at a time.
 - :class:`Rows`: a chain of row-local operations (dropout, ``@ W``, ``+ b``, ReLU, and finally the
   loss). Any row block of its output depends only on the same rows of its input, so it runs one
-  row block at a time, and its backward is the same chain recomputed per block under autograd
-  (or, where the plan has the room, the graph its forward pass kept).
+  row block at a time, and its backward is the same chain recomputed per block and differentiated
+  by hand (:mod:`aires.nn.chain`; or, where the plan has the room, the tape its forward pass
+  kept).
 
 The input ``X`` is never copied into a ``Rows`` stage's output for its dropout alone: where the
 first layer aggregates first, its mask is applied to each panel of ``X`` on the device, as the
