@@ -297,16 +297,14 @@ class GCN(nn.Module):
                 if wanted is None:
                     out[first + r0 : first + r1].copy_(logits)
                 else:
-                    k0, k1 = (int(k) for k in torch.searchsorted(
-                        wanted, torch.tensor([first + r0, first + r1])))
+                    k0, k1 = _share(wanted, first + r0, first + r1)
                     out[k0:k1].copy_(logits[on_device[k0:k1] - (first + r0)])
                 return []
 
             engine.rows_pass([last.source], [], block)
             if state.exchange is not None:
                 ranges = None if wanted is None else [
-                    (int(k0), int(k1)) for k0, k1 in torch.searchsorted(
-                        wanted, torch.tensor(state.exchange.ranges)).tolist()]
+                    _share(wanted, a, b) for a, b in state.exchange.ranges]
                 engine.traffic.add("exchange", state.exchange.complete_host(out, ranges))
             self._end(state, start)
         return out
@@ -490,12 +488,10 @@ class GCN(nn.Module):
         needs = last.source in state.program.needs_grad
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         step, training, first, count = self._step, self.training, state.first, staged.count
-        bounds = torch.tensor([0, 0], dtype=torch.int64)
 
         def side(r0: int, r1: int) -> list[Tensor]:
             """The block's rows in the loss and their labels (copied in with its rows)."""
-            bounds[0], bounds[1] = first + r0, first + r1
-            a, b = torch.searchsorted(staged.rows, bounds).tolist()
+            a, b = _share(staged.rows, first + r0, first + r1)
             return [staged.rows[a:b], staged.labels[a:b]]
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
@@ -825,6 +821,13 @@ def _shape(x: Any) -> tuple[int, int]:
         raise ValueError(f"x must be a 2-D (N, F) tensor or array, got {type(x).__name__} "
                          f"of shape {shape}")
     return int(shape[0]), int(shape[1])
+
+
+def _share(rows: Tensor, r0: int, r1: int) -> tuple[int, int]:
+    """The positions ``[a, b)`` of the ascending host tensor ``rows`` that hold rows of
+    ``[r0, r1)``: a row block's share of a set of rows."""
+    a, b = torch.searchsorted(rows, torch.tensor([r0, r1], dtype=rows.dtype)).tolist()
+    return a, b
 
 
 def _wanted_rows(rows: Tensor, n: int) -> Tensor:
