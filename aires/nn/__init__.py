@@ -5,7 +5,8 @@ live in row-blocked column panels across the GPU, pinned host memory and NVMe
 (:mod:`aires.blocks`), with the aggregations streamed by :mod:`aires.scheduler`.
 """
 
-from aires.nn.gcn import GCN, EpochStats, dropout_mask
+from aires.nn.dropout import dropout_mask
+from aires.nn.gcn import GCN, EpochStats
 from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import Program, build_program
 

@@ -43,6 +43,7 @@ from aires.data._splitmix import stream_key, uniform
 from aires.distributed import Exchange, RowRangeStore, rank_zero_first
 from aires.gcn_conv import choose_order, tile_adjacency
 from aires.nn import chain
+from aires.nn.dropout import MASK_BYTES, dropout_mask
 from aires.nn.engine import Engine, PanelMask
 from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, Rows, build_program
@@ -52,7 +53,7 @@ from aires.scheduler.stats import max_memory_allocated, reset_peak_memory_stats
 from aires.tiling import TileStore
 from aires.tiling.plan import DEFAULT_ALIGNMENT
 
-__all__ = ["GCN", "EpochStats", "dropout_mask"]
+__all__ = ["GCN", "EpochStats"]
 
 #: Tiles per rank a distributed model asks of the store it tiles itself (without
 #: ``tile_bytes``): the ranks' rows are cut on tile boundaries, so the nonzeros of two ranks
@@ -63,25 +64,8 @@ TILES_PER_RANK = 8
 FILL_WORKERS = 8
 
 
-#: Device bytes an element of a panel takes while its dropout mask is drawn (the counters, their
-#: hash and the multipliers), for sizing the row chunks masked at once.
-MASK_BYTES = 48
-
-
-def dropout_mask(
-    r0: int, rows: int, cols: int, p: float, key: int, device: torch.device,
-    columns: tuple[int, int] | None = None,
-) -> Tensor:
-    """The dropout multipliers (0 or ``1/(1-p)``) of rows ``[r0, r0 + rows)`` of a ``cols``-wide
-    tensor (of its ``columns`` ``[c0, c1)`` only, when given): a pure function of the element's
-    position and ``key``, so a block's mask is the same whatever the blocking, row blocks or
-    column panels, on any device, when recomputed in the backward pass."""
-    c0, c1 = (0, cols) if columns is None else columns
-    counter = (
-        torch.arange(r0, r0 + rows, device=device, dtype=torch.int64)[:, None] * cols
-        + torch.arange(c0, c1, device=device, dtype=torch.int64)[None, :]
-    )
-    return (uniform(counter, key) >= p).to(torch.float32) / (1.0 - p)
+#: ``torch.nn._reduction``'s code for ``reduction="sum"``, as ``aten.nll_loss_backward`` takes it.
+SUM_REDUCTION = 2
 
 
 class _Layer(nn.Module):
@@ -383,16 +367,18 @@ class GCN(nn.Module):
         step: int,
         params: list[tuple[Tensor, Tensor]],
         tape: chain.Tape | None = None,
-    ) -> Tensor:
+        output: bool = True,
+    ) -> Tensor | None:
         """One ``Rows`` stage on a row block starting at row ``r0`` of the whole graph
-        (:func:`aires.nn.chain.run`; ``tape`` records it for :func:`~aires.nn.chain.backprop`)."""
+        (:func:`aires.nn.chain.run`; ``tape`` records it for :func:`~aires.nn.chain.backprop`,
+        and ``output=False`` wants the tape only)."""
         dropout = None
         if training and self.dropout > 0:
 
             def dropout(block: Tensor, site: int) -> tuple[Tensor, Tensor | None]:
                 return self._dropout(block, r0, site, step)
 
-        return chain.run(ops, h, params, dropout, tape)
+        return chain.run(ops, h, params, dropout, tape, output=output)
 
     def _dropout(self, h: Tensor, r0: int, site: int, step: int) -> tuple[Tensor, Tensor | None]:
         """``h`` with dropout site ``site``'s mask applied, and the mask (``None`` for sparse
@@ -488,6 +474,7 @@ class GCN(nn.Module):
         needs = last.source in state.program.needs_grad
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         step, training, first, count = self._step, self.training, state.first, staged.count
+        d_mean = torch.full((), 1.0 / count, dtype=state.dtype, device=self.device)
 
         def side(r0: int, r1: int) -> list[Tensor]:
             """The block's rows in the loss and their labels (copied in with its rows)."""
@@ -495,7 +482,6 @@ class GCN(nn.Module):
             return [staged.rows[a:b], staged.labels[a:b]]
 
         def block(r0: int, r1: int, inputs: list[Tensor]) -> list[Tensor]:
-            nonlocal total
             h, rows, target = inputs
             grad = torch.zeros_like(h) if needs else None
             if rows.numel():
@@ -503,18 +489,24 @@ class GCN(nn.Module):
                 tape = chain.Tape()
                 logits = self._run_ops(last.ops, h.index_select(0, rows), first + r0, training,
                                        step, leaves, tape)
-                # The summed cross-entropy and its gradient, softmax minus the one-hot labels.
+                assert logits is not None
+                # The summed cross-entropy and its derivative, by the kernels autograd runs for
+                # ``F.cross_entropy`` (the block launched 17 ops before, and on products at
+                # 2 GiB their host time, not the copies, set the pass's time).
                 log_p = F.log_softmax(logits, dim=1)
-                total = total - log_p.gather(1, target[:, None]).sum().double() / count
-                d_logits = log_p.exp_()
-                d_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-                d_picked = chain.backprop(tape, d_logits.div_(count), leaves, needs)
+                total.add_(F.nll_loss(log_p, target, reduction="sum"))
+                d_log_p = torch.ops.aten.nll_loss_backward(  # (a sum has no total weight)
+                    d_mean, log_p, target, None, SUM_REDUCTION, -100, d_mean)
+                d_logits = torch.ops.aten._log_softmax_backward_data(d_log_p, log_p, 1,
+                                                                      log_p.dtype)
+                d_picked = chain.backprop(tape, d_logits, leaves, needs)
                 if needs:
                     grad.index_copy_(0, rows, d_picked)
             return [grad] if needs else []
 
         targets = ["d" + last.source] if needs else []
         state.engine.rows_pass([last.source], targets, block, side=side)
+        total.div_(count)
         if state.exchange is not None:
             state.exchange.sum_(total)
         state.mark(f"loss {last.source}")
@@ -546,7 +538,8 @@ class GCN(nn.Module):
                 def block(r0: int, r1: int, inputs: list[Tensor], ops=stage.ops,
                           needs=needs) -> list[Tensor]:
                     tape = chain.Tape()
-                    self._run_ops(ops, inputs[0], first + r0, training, step, leaves, tape)
+                    self._run_ops(ops, inputs[0], first + r0, training, step, leaves, tape,
+                                  output=False)
                     d_source = chain.backprop(tape, inputs[1], leaves, needs)
                     return [d_source] if needs else []
 

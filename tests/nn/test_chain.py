@@ -31,15 +31,23 @@ def _dropout(h: torch.Tensor, site: int) -> tuple[torch.Tensor, torch.Tensor | N
     return h * mask, mask
 
 
+@pytest.mark.parametrize("output", [True, False])
 @pytest.mark.parametrize("needs_input", [True, False])
 @pytest.mark.parametrize("name", list(CHAINS))
-def test_backprop_matches_autograd(name: str, needs_input: bool) -> None:
+def test_backprop_matches_autograd(name: str, needs_input: bool, output: bool) -> None:
+    """``output=False`` (a backward pass's recompute) records the same tape, and returns
+    nothing."""
     ops = CHAINS[name]
     width = 7 if name == "bias-only" else 5
     h = torch.randn(11, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     params = _params(0)
     tape = chain.Tape()
-    out = chain.run(ops, h, params, _dropout, tape)
+    out = chain.run(ops, h, params, _dropout)
+    got = chain.run(ops, h, params, _dropout, tape, output=output)
+    if output:
+        torch.testing.assert_close(got, out, rtol=0, atol=0)
+    else:
+        assert got is None
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     # Earlier gradients to add to, as the blocks of a pass do.
     for w, b in params:
@@ -74,3 +82,8 @@ def test_a_sparse_first_linear_gets_its_weight_gradient() -> None:
     for (w, b), (rw, rb) in zip(params, leaves, strict=True):
         torch.testing.assert_close(w.grad, rw.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(b.grad, rb.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tape_only_run_needs_a_tape() -> None:
+    with pytest.raises(ValueError, match="records a tape"):
+        chain.run(CHAINS["hidden"], torch.zeros(2, 5), _params(0), None, output=False)
