@@ -70,6 +70,11 @@ ROWS_SHARE = 0.2
 #: Floats per row a row-local stage keeps on the device per unit of its widest layer, for the
 #: recomputed activations, their gradients and what their derivatives read.
 TEMPS_PER_WIDTH = 5
+#: The same for a forward pass of a stage without dropout: a linear's output and the ReLU's
+#: (its input and output blocks are in its buffers). Larger blocks mean fewer of them, and a
+#: block's host time, not its bytes, set products' forward pass at 2 GiB (14 to 16 ms for
+#: 9 ms of copies in 45 blocks).
+FORWARD_TEMPS_PER_WIDTH = 2
 #: Alignment of the tensors in the device arena (any dtype's, and whole cache lines).
 ALIGN = 4096
 #: The fixed cost of one aggregation pass per nonzero, in columns of SpMM work (reading the
@@ -310,11 +315,23 @@ def _whole_pages(block_rows: int) -> int:
     return block_rows // PAGE_ROWS * PAGE_ROWS or block_rows
 
 
-def _row_floats(io_cols: int, width: int) -> int:
+def _row_floats(io_cols: int, width: int, temps: int = TEMPS_PER_WIDTH) -> int:
     """Device floats per row of a row-local pass: :data:`BUFFERS` blocks of its inputs and
-    outputs (and their contiguous copies), and the recomputed activations, their gradients and
-    what their derivatives read."""
-    return BUFFERS * 2 * io_cols + TEMPS_PER_WIDTH * width
+    outputs (and their contiguous copies), and ``temps`` activations as wide as its widest
+    (:func:`pass_temps`)."""
+    return BUFFERS * 2 * io_cols + temps * width
+
+
+def pass_temps(program: Program, kind: str, acc: list[tuple[str, str]]) -> int:
+    """Activations per row (in widths) a row-local step of :func:`epoch_steps` holds besides
+    its buffers: :data:`FORWARD_TEMPS_PER_WIDTH` for the forward pass of a stage without
+    dropout, :data:`TEMPS_PER_WIDTH` otherwise (a backward pass, the loss, a dropout's mask
+    and masked output)."""
+    if kind == "rows":
+        stage = next(s for s in program.stages if isinstance(s, Rows) and s.target == acc[1][0])
+        if not any(op.kind == "dropout" for op in stage.ops):
+            return FORWARD_TEMPS_PER_WIDTH
+    return TEMPS_PER_WIDTH
 
 
 @dataclass
@@ -597,9 +614,10 @@ def _plan(
     # Row-local working set: the passes' blocks share one room, sized for the widest pass
     # (``io``: the columns it moves in and out per row) at ``ROWS_SHARE`` of the budget or
     # what is left beside the minimum for everything else, whichever is less.
-    row_passes = {tuple(name for name, _ in acc): (sum(widths.get(n, 0) for n, _ in acc), width)
+    row_passes = {tuple(name for name, _ in acc): (sum(widths.get(n, 0) for n, _ in acc), width,
+                                                   pass_temps(program, kind, acc))
                   for kind, acc, width in steps if not kind.startswith("aggregate")}
-    row_floats = max(_row_floats(io, width) for io, width in row_passes.values())
+    row_floats = max(_row_floats(*p) for p in row_passes.values())
     fixed_params = 4 * param_bytes
     slot = max(tile_nbytes, default=0)
     adjacency_min = (MIN_SLOTS + 1) * slot + adjacency_reserve(w)

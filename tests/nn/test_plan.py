@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from aires.nn import GCN, Bandwidths, build_program, plan_epoch
-from aires.nn.plan import PASS_COLUMNS, _row_floats, epoch_steps
+from aires.nn.plan import PASS_COLUMNS, _row_floats, epoch_steps, pass_temps
 
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
@@ -29,21 +29,27 @@ def _plan(budget: int, host: int = 64 << 30, dropout: float = 0.5, ranks: int = 
     return program, plan
 
 
+@pytest.mark.parametrize("dropout", [0.5, 0.0])
 @pytest.mark.parametrize("gib", [16, 4, 2, 1])
-def test_plans_fit_their_budget_with_blocks_of_thousands_of_rows(gib: int) -> None:
-    program, plan = _plan(gib << 30)
+def test_plans_fit_their_budget_with_blocks_of_thousands_of_rows(gib: int, dropout: float) -> None:
+    program, plan = _plan(gib << 30, dropout=dropout)
     assert plan.gpu_bytes <= gib << 30
     # A block of 64 rows makes 38,000 blocks a pass (what the 1 GiB run once did).
     assert plan.block_rows >= 10_000, plan.block_rows
     widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
-    for kind, acc, width in epoch_steps(program):
+    for kind, acc, width in epoch_steps(program, plan.kept):
         if kind.startswith("aggregate"):
             continue
         names = tuple(name for name, _ in acc)
         rows = plan.rows_for(list(names))
         io = sum(widths[n] for n in names)
-        assert rows * _row_floats(io, width) * 4 <= plan.rows_bytes, (names, rows)
+        temps = pass_temps(program, kind, acc)
+        assert rows * _row_floats(io, width, temps) * 4 <= plan.rows_bytes, (names, rows)
         assert rows >= plan.block_rows  # the widest pass sizes the room; others fit more
+        if kind == "rows" and not dropout:  # a forward pass without dropout: larger blocks
+            assert temps < pass_temps(program, "rows_backward", acc)
+            # (unless the stage is kept: its backward pass reads its forward blocks' tapes)
+            assert rows > plan.block_rows or acc[1][0] in plan.kept
 
 
 @pytest.mark.parametrize("gib", [16, 2, 1])
