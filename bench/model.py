@@ -65,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host-budget", default=None, help="pinned host bytes (default: half the RAM)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout of every layer (the in-core ceiling runs without it, so its "
+                        "losses then differ)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tile-bytes", default="32MiB")
@@ -156,6 +159,7 @@ def run_budget(spec: dict[str, Any]) -> dict[str, Any]:
     model = GCN(
         x.shape[1], spec["hidden"], classes, num_layers=spec["layers"], device=device,
         gpu_budget=budget, host_budget=spec["host_budget"], scratch_dir=spec["scratch"],
+        dropout=spec.get("dropout", 0.0),
     )
     # The weights every aires-bench method starts from, so the losses compare with in-core's.
     dims = [x.shape[1]] + [spec["hidden"]] * (spec["layers"] - 1) + [classes]
@@ -369,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     found, dataset = _prepare(args)
     host = None if args.host_budget is None else parse_size(args.host_budget, "host_budget",
                                                               allow_zero=True)
-    spec = {**found, "device": device, "hidden": args.hidden,
+    spec = {**found, "device": device, "hidden": args.hidden, "dropout": args.dropout,
             "layers": args.layers, "epochs": args.epochs, "warmup": args.warmup,
             "host_budget": host, "incore": not args.no_incore, "profile": args.profile,
             "scratch": args.scratch_dir,
@@ -400,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": versions(),
         "git_commit": git_commit(),
         "dataset": dataset,
-        "model": {"hidden": args.hidden, "layers": args.layers},
+        "model": {"hidden": args.hidden, "layers": args.layers, "dropout": args.dropout},
         "ceilings": ceilings,
         "budgets": rows,
     }
