@@ -92,10 +92,28 @@ def _fused(
     # The scale as torch computes it: ``1 / (1 - p)`` with ``1 - p`` rounded to float32 first.
     scale = np.float32(1.0) / np.float32(1.0 - p)
     stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(stream.device_index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with cupy.cuda.Device(stream.device_index), _cupy_stream(cupy, stream.cuda_stream):
         kernel(np.int64(r0), np.int64(cols), np.int64(c0), np.int64(c1 - c0), np.int64(key),
                np.float32(p), scale, cupy.asarray(out))
     return out
+
+
+class _StreamHandle:
+    """A raw CUDA stream, presented by the CUDA stream protocol."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_stream(cupy: Any, handle: int) -> Any:
+    """CuPy's view of the stream ``handle`` (torch's current one), to launch on."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:  # CuPy 13
+        return cupy.cuda.ExternalStream(handle)
+    return from_external(_StreamHandle(handle))
 
 
 @cache
