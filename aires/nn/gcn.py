@@ -491,7 +491,7 @@ class GCN(nn.Module):
                                        step, leaves, tape)
                 assert logits is not None
                 # The summed cross-entropy and its derivative, by the kernels autograd runs for
-                # ``F.cross_entropy`` (the block launched 17 ops before, and on products at
+                # ``F.cross_entropy`` (the block launched 19 ops before, and on products at
                 # 2 GiB their host time, not the copies, set the pass's time).
                 log_p = F.log_softmax(logits, dim=1)
                 total.add_(F.nll_loss(log_p, target, reduction="sum"))
