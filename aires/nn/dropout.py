@@ -24,7 +24,7 @@ from torch import Tensor
 
 from aires.data._splitmix import uniform
 
-__all__ = ["MASK_BYTES", "dropout_mask"]
+__all__ = ["MASK_BYTES", "csr_dropout_mask", "dropout_mask"]
 
 #: Device bytes an element takes while the torch path draws its mask (the counters, their hash
 #: and the multipliers), for sizing the row chunks masked at once.
@@ -67,7 +67,7 @@ def _torch_mask(
             torch.arange(r0 + a, r0 + b, device=device, dtype=torch.int64)[:, None] * cols
             + torch.arange(c0, c1, device=device, dtype=torch.int64)[None, :]
         )
-        return (uniform(counter, key) >= p).to(torch.float32) / (1.0 - p)
+        return _multipliers(counter, p, key, torch.float32)
 
     if device.type != "cuda":
         return part(0, rows)
@@ -77,6 +77,23 @@ def _torch_mask(
         b = min(a + step, rows)
         out[a:b] = part(a, b)
     return out
+
+
+def csr_dropout_mask(
+    r0: int, crow: Tensor, col: Tensor, cols: int, p: float, key: int, dtype: torch.dtype
+) -> Tensor:
+    """The multipliers of the stored entries of a CSR row block (rows from ``r0`` of a
+    ``cols``-wide tensor, ``crow`` and ``col`` its indices): the draws of :func:`dropout_mask`
+    at those positions, scaled in ``dtype``."""
+    rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device),
+                                   crow[1:] - crow[:-1])
+    return _multipliers((rows + r0) * cols + col, p, key, dtype)
+
+
+def _multipliers(counter: Tensor, p: float, key: int, dtype: torch.dtype) -> Tensor:
+    """0 or ``1/(1-p)`` in ``dtype`` for each counter: kept where its uniform is at least
+    ``p``."""
+    return (uniform(counter, key) >= p).to(dtype) / (1.0 - p)
 
 
 def _fused(

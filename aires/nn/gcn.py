@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aires.checks import check_positive_int, parse_size
-from aires.data._splitmix import stream_key, uniform
+from aires.data._splitmix import stream_key
 from aires.distributed import Exchange, RowRangeStore, rank_zero_first
 from aires.gcn_conv import choose_order, tile_adjacency
 from aires.nn import chain
-from aires.nn.dropout import MASK_BYTES, dropout_mask
+from aires.nn.dropout import MASK_BYTES, csr_dropout_mask, dropout_mask
 from aires.nn.engine import Engine, PanelMask
 from aires.nn.plan import Bandwidths, Plan, plan_epoch
 from aires.nn.program import ORDERS, Aggregate, Op, Program, Rows, build_program
@@ -390,11 +390,7 @@ class GCN(nn.Module):
             return h * mask, mask
         # Sparse rows: the dense mask at the stored entries (zeros stay zero either way).
         crow, col = h.crow_indices(), h.col_indices()
-        rows = torch.repeat_interleave(
-            torch.arange(h.shape[0], device=h.device), crow[1:] - crow[:-1]
-        )
-        counter = (rows + r0) * h.shape[1] + col
-        keep = (uniform(counter, key) >= self.dropout).to(h.dtype) / (1.0 - self.dropout)
+        keep = csr_dropout_mask(r0, crow, col, h.shape[1], self.dropout, key, h.dtype)
         return torch.sparse_csr_tensor(crow, col, h.values() * keep, h.shape), None
 
     def _panel_dropout(self, state: _State, stage: Aggregate, step: int) -> PanelMask:

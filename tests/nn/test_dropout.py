@@ -34,6 +34,19 @@ def test_blocks_and_panels_of_a_mask_are_the_whole_masks_pieces() -> None:
     assert not torch.equal(dropout_mask(0, 50, 30, 0.5, KEY + 1, cpu), whole)
 
 
+def test_a_csr_blocks_entries_get_the_dense_masks_draws() -> None:
+    dense = torch.rand(40, 30, generator=torch.Generator().manual_seed(4))
+    dense[dense < 0.7] = 0
+    block = dense.to_sparse_csr()
+    cpu = torch.device("cpu")
+    got = dropout_module.csr_dropout_mask(1_000, block.crow_indices(), block.col_indices(), 30,
+                                          0.4, KEY, torch.float32)
+    rows, cols = dense.nonzero(as_tuple=True)
+    want = dropout_mask(1_000, 40, 30, 0.4, KEY, cpu)[rows, cols]
+    assert len(got) == len(want) > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 CASES = [
     (0, 1000, 256, None, 0.5),
     (2_449_000, 29, 256, None, 0.3),  # counters past 2**24 and the float32 grid

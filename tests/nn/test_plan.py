@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from aires.nn import GCN, Bandwidths, build_program, plan_epoch
-from aires.nn.plan import PASS_COLUMNS, _row_floats, epoch_steps, pass_temps
+from aires.nn.plan import (
+    PASS_COLUMNS,
+    _row_floats,
+    _with_gradients,
+    epoch_steps,
+    pass_temps,
+)
 
 ROWS, NNZ, TILE = 2_449_029, 126_167_309, 32 << 20
 
@@ -36,7 +42,7 @@ def test_plans_fit_their_budget_with_blocks_of_thousands_of_rows(gib: int, dropo
     assert plan.gpu_bytes <= gib << 30
     # A block of 64 rows makes 38,000 blocks a pass (what the 1 GiB run once did).
     assert plan.block_rows >= 10_000, plan.block_rows
-    widths = {**program.widths, **{"d" + n: c for n, c in program.widths.items()}}
+    widths = _with_gradients(program.widths)
     for kind, acc, width in epoch_steps(program, plan.kept):
         if kind.startswith("aggregate"):
             continue
